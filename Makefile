@@ -1,0 +1,33 @@
+# Two commands: `make demo` and `make test`. Both create the virtual environment on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: venv test test-fast demo lint bench clean
+
+venv: $(VENV)/.installed
+
+# Re-install when setup.py changes. torch goes first, pinned, so nothing pulls a CUDA build.
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	bash scripts/demo.sh
+
+lint: venv
+	$(VENV)/bin/ruff check vldm data_prep ray_jobs bench tests
+
+bench: venv
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) outputs *.egg-info

@@ -1,0 +1,10 @@
+from vldm.config.core import ConfigError, build_config, dump_yaml, from_dict, load_yaml, reference, to_dict
+from vldm.config.data import DataConfig
+from vldm.config.model import ModelConfig, TemporalOptions, UNetSpec
+from vldm.config.schema import Config
+from vldm.config.train import DiffusionConfig, OptimConfig, TrainConfig
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "DiffusionConfig", "ModelConfig", "OptimConfig", "TemporalOptions",
+    "TrainConfig", "UNetSpec", "build_config", "dump_yaml", "from_dict", "load_yaml", "reference", "to_dict",
+]

@@ -1,0 +1,23 @@
+"""The one config schema. Every section lives in its own module; this file only composes them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from vldm.config.core import field_
+from vldm.config.data import DataConfig
+from vldm.config.model import ModelConfig
+from vldm.config.train import DiffusionConfig, OptimConfig, TrainConfig
+
+
+@dataclass
+class Config:
+    stage: Literal["image", "temporal"] = field_("temporal", "image: train the whole image UNet on frames; temporal: freeze it, train temporal layers")
+    run_dir: str = field_("outputs/run", "where checkpoints, the resolved config and logs go")
+    seed: int = field_(0, "global seed")
+    model: ModelConfig = field_(default_factory=ModelConfig, help="model")
+    data: DataConfig = field_(default_factory=DataConfig, help="data")
+    diffusion: DiffusionConfig = field_(default_factory=DiffusionConfig, help="diffusion objective")
+    optim: OptimConfig = field_(default_factory=OptimConfig, help="optimiser")
+    train: TrainConfig = field_(default_factory=TrainConfig, help="training loop")
