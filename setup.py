@@ -19,6 +19,7 @@ CORE = [
     "fsspec",
     "pyarrow>=15",
     "tqdm",
+    "accelerate>=1.0",
 ]
 TRAIN = ["deepspeed==0.19.8", "wandb==0.31.0", "moviepy>=2", "ninja"]
 RAY = ["ray[default,data]==2.60.0", "pandas"]

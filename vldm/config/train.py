@@ -14,7 +14,8 @@ class DiffusionConfig:
     beta_schedule: str = field_("scaled_linear", "diffusers beta schedule (scaled_linear is SD's)")
     beta_start: float = field_(0.00085, "first beta")
     beta_end: float = field_(0.012, "last beta")
-    prediction_type: Literal["epsilon", "v_prediction"] = field_("epsilon", "what the UNet predicts")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = field_("auto", "what the UNet predicts; auto = the base model's scheduler config (epsilon if none)")
+    loss_weighting: Literal["none", "min_snr"] = field_("none", "per-timestep loss weighting")
     scheduler_from_model: bool = field_(True, "read the schedule from <model.pretrained>/scheduler when it exists")
     text_dropout: float = field_(0.1, "probability of an empty caption (classifier-free guidance)")
 
