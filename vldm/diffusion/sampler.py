@@ -97,7 +97,7 @@ def decode_latents(vae, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
     b, _, f = latents.shape[:3]
     flat = rearrange(latents, "b c f h w -> (b f) c h w") / vae.config.scaling_factor
     outs = [vae.decode(flat[i:i + chunk].to(vae.dtype)).sample for i in range(0, flat.shape[0], chunk)]
-    return rearrange(torch.cat(outs), "(b f) c h w -> b c f h w", b=b, f=f).clamp(-1, 1).float()
+    return rearrange(torch.cat(outs), "(b f) c h w -> b c f h w", b=b, f=f).clamp(-1, 1).float().contiguous()
 
 
 @torch.no_grad()
@@ -110,4 +110,5 @@ def encode_pixels(vae, pixels: torch.Tensor, chunk: int = 16, sample: bool = Fal
         dist = vae.encode(flat[i:i + chunk]).latent_dist
         outs.append(dist.sample(generator) if sample else dist.mean)
     lat = torch.cat(outs).float() * vae.config.scaling_factor
-    return rearrange(lat, "(b f) c h w -> b c f h w", b=b, f=f)
+    # contiguous: the VAE returns channels-last strides, which crash the UNet's backward on CPU
+    return rearrange(lat, "(b f) c h w -> b c f h w", b=b, f=f).contiguous()

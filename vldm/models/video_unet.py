@@ -291,7 +291,9 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
             image_only_indicator = torch.ones_like(image_only_indicator)
         skip_temporal = bool(image_only_indicator.all())
 
-        x = rearrange(sample, "b c f h w -> (b f) c h w")
+        # contiguous: a channels-last-strided input (what the VAE encoder returns on CPU) makes the
+        # backward of the frozen convs segfault in torch 2.13 CPU builds
+        x = rearrange(sample, "b c f h w -> (b f) c h w").contiguous()
         unet_in = self.unet.config.in_channels
         x, extra = x[:, :unet_in], x[:, unet_in:]
 
