@@ -14,6 +14,7 @@ from vldm.config.train import DiffusionConfig, OptimConfig, TrainConfig
 @dataclass
 class Config:
     stage: Literal["image", "temporal"] = field_("temporal", "image: train the whole image UNet on frames; temporal: freeze it, train temporal layers")
+    task: str = field_("generate", "what the temporal model learns: generate | predict | interpolate | upsample (vldm.tasks)")
     run_dir: str = field_("outputs/run", "where checkpoints, the resolved config and logs go")
     seed: int = field_(0, "global seed")
     model: ModelConfig = field_(default_factory=ModelConfig, help="model")
