@@ -2,9 +2,9 @@ from vldm.config.core import ConfigError, build_config, dump_yaml, from_dict, lo
 from vldm.config.data import DataConfig
 from vldm.config.model import ModelConfig, TemporalOptions, UNetSpec
 from vldm.config.schema import Config
-from vldm.config.train import DiffusionConfig, OptimConfig, TrainConfig
+from vldm.config.train import CheckpointConfig, DeepSpeedConfig, DiffusionConfig, OptimConfig, TrainConfig, WandbConfig
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "DiffusionConfig", "ModelConfig", "OptimConfig", "TemporalOptions",
-    "TrainConfig", "UNetSpec", "build_config", "dump_yaml", "from_dict", "load_yaml", "reference", "to_dict",
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "DiffusionConfig", "ModelConfig", "OptimConfig", "TemporalOptions",
+    "TrainConfig", "UNetSpec", "WandbConfig", "build_config", "dump_yaml", "from_dict", "load_yaml", "reference", "to_dict",
 ]

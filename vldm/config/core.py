@@ -44,6 +44,10 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 
 def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " / ".join(repr(c) for c in get_args(tp))
+    if get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

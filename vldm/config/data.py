@@ -1,19 +1,132 @@
-"""Data section: where training clips come from and how they are cut and batched."""
+"""Data sections: the training loader (`DataConfig`), the sharder (`ShardConfig`) and the synthetic corpus
+(`SyntheticConfig`). Every default of the data pipeline lives here; the CLIs build their options from these.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from vldm.config.core import field_
+from vldm.config.core import ConfigError, field_
+
+
+def parse_size(text: str | int) -> tuple[int, int]:
+    """'256' -> (256, 256); '128x256' -> (128, 256) as (height, width)."""
+    s = str(text).lower().strip()
+    try:
+        h, w = (int(v) for v in s.split("x")) if "x" in s else (int(s), int(s))
+    except ValueError:
+        raise ConfigError(f"size: {text!r} is not S or HxW") from None
+    if h <= 0 or w <= 0:
+        raise ConfigError(f"size: {text!r} must be positive")
+    return h, w
 
 
 @dataclass
 class DataConfig:
-    shards: str = field_("", "WebDataset shards: a directory, glob, brace pattern, or pipe:/fsspec URL; empty = synthetic random latents")
+    shards: str = field_("", "WebDataset shards: a directory, glob, brace pattern, or pipe:/fsspec URL ('::' joins several); empty = synthetic random latents")
     num_frames: int = field_(8, "frames per training clip")
     frame_stride: int = field_(1, "take every n-th frame of a stored clip")
-    size: int = field_(32, "square pixel size fed to the VAE (clips are stored already resized)")
+    size: int = field_(32, "pixel height fed to the VAE, and width unless `width` is set (clips are stored already resized)")
+    width: int = field_(0, "pixel width when it differs from `size` (0 = square)")
     batch_size: int = field_(2, "clips per rank per micro-step")
     num_workers: int = field_(0, "loader worker processes per rank")
     shuffle_buffer: int = field_(64, "samples held for shuffling (0 = no shuffle)")
     use_latents: bool = field_(False, "read precomputed VAE latents from the shards instead of decoding mp4")
+    clip_start: Literal["random", "start", "center"] = field_("random", "where the num_frames x frame_stride window sits in a longer stored clip (random is seeded, so resume is exact)")
+    drop_last: bool = field_(True, "drop each rank's partial last batch of an epoch (keeps batch shapes static)")
+    holdout_shards: int = field_(0, "last n shards (by name) held out: training never reads them, split='holdout' reads only them")
+
+    def validate(self) -> None:
+        for name in ("num_frames", "frame_stride", "size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}: must be >= 1")
+        for name in ("width", "num_workers", "shuffle_buffer", "holdout_shards"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name}: must be >= 0")
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return self.size, self.width or self.size
+
+
+@dataclass
+class ShardConfig:
+    """`data_prep/shard_videos.py INPUT OUTPUT [options]`: videos -> WebDataset shards of clips."""
+
+    input: str = field_(help="a directory of videos (recursive), a manifest (.csv/.jsonl/.parquet with a `path` column, optional `caption`, other columns kept as metadata), a failed.jsonl of an earlier run, or an fsspec URL of either")
+    output: str = field_(help="directory for the shards, _stats.json and failed.jsonl (absolute under `ray job submit`: the job runs in a temp copy of the working dir)")
+    frames: int = field_(16, "frames per clip")
+    fps: float = field_(8.0, "clip frame rate: sources are resampled to it by timestamps (nearest frame)")
+    size: str = field_("256", "S (square) or HxW: resize so the clip covers it, then centre-crop (even numbers: H.264 4:2:0)")
+    clip_stride: int = field_(0, "frames (at --fps) between the starts of consecutive clips of a video; 0 = --frames (back to back, no overlap)")
+    max_clips: int = field_(0, "at most this many clips per video (0 = no limit)")
+    spread: bool = field_(False, "with --max-clips: spread the kept clips evenly over the video instead of taking the first ones")
+    cut_threshold: float = field_(0.0, "scene-cut detection: mean absolute difference (0-1) between consecutive frames above which a cut is assumed; no clip spans a cut (0 = off)")
+    min_fps: float = field_(0.0, "reject sources slower than this frame rate (0 = accept; slower sources repeat frames to reach --fps)")
+    crf: int = field_(20, "x264 constant rate factor of the stored clips (lower = better quality, bigger shards)")
+    preset: str = field_("veryfast", "x264 preset")
+    samples_per_shard: int = field_(1000, "target clips per shard (inputs are assigned to shards up front from a probe of a sample of them)")
+    videos_per_shard: int = field_(0, "inputs per shard; 0 = derived from --samples-per-shard")
+    prefix: str = field_("shard", "shard file names: {prefix}-{shard:06d}.tar")
+    workers: int = field_(0, "shard-writing tasks in flight, one CPU each (0 = every CPU of the Ray cluster)")
+    ray_address: str = field_("", "Ray cluster to use; empty = the `ray job submit` cluster, RAY_ADDRESS or a running local one, else start a private local Ray")
+    video_timeout: float = field_(600.0, "seconds one video may take before it is recorded as failed (timeout)")
+    source_hash: bool = field_(False, "record each source's sha256 in the clip json (reads every input once more); off = size + mtime")
+    extensions: str = field_("mp4,mov,mkv,webm,avi,m4v,mpg,mpeg,ts,flv,wmv,3gp,ogv", "video file extensions picked up when INPUT is a directory")
+    limit: int = field_(0, "use only the first N inputs (0 = all): for trial runs")
+    log_every: float = field_(10.0, "seconds between progress lines")
+    max_retries: int = field_(3, "Ray retries of a shard task whose worker process died (a video that kills its worker twice is recorded as worker_crash)")
+    encode_latents: bool = field_(False, "add VAE latents (and text embeddings) to every sample: latents.npy / text.npy")
+    vae: str = field_("", "local diffusers AutoencoderKL directory (for --encode-latents)")
+    text_encoder: str = field_("", "local transformers text encoder + tokenizer directory (optional, for --encode-latents)")
+    latent_batch: int = field_(16, "frames per VAE forward pass")
+    latent_actors: int = field_(0, "VAE actors (one GPU each when the cluster has GPUs); 0 = number of GPUs, or 1 without GPUs")
+    latent_dtype: Literal["float16", "float32"] = field_("float16", "dtype latents and text embeddings are stored in")
+
+    def validate(self) -> None:
+        if not self.input or not self.output:
+            raise ValueError("INPUT and OUTPUT are required")
+        h, w = parse_size(self.size)
+        if h % 2 or w % 2:
+            raise ConfigError(f"size: {self.size!r}: height and width must be even (H.264 with 4:2:0 chroma)")
+        if self.frames < 1 or self.fps <= 0:
+            raise ConfigError("frames and fps must be positive")
+        if self.clip_stride < 0 or self.max_clips < 0 or self.samples_per_shard < 1 or self.videos_per_shard < 0:
+            raise ConfigError("clip_stride, max_clips, videos_per_shard must be >= 0 and samples_per_shard >= 1")
+        if not 0 <= self.crf <= 51:
+            raise ConfigError("crf: must be in 0..51")
+        if "." in self.prefix or "/" in self.prefix or not self.prefix:
+            raise ConfigError("prefix: must be non-empty, without '.' or '/'")
+        if self.encode_latents and not self.vae:
+            raise ConfigError("encode_latents needs --vae PATH (a local diffusers AutoencoderKL directory)")
+
+
+@dataclass
+class SyntheticConfig:
+    """`data_prep/make_synthetic.py OUTPUT [options]`: the moving-shapes corpus."""
+
+    output: str = field_(help="directory for the videos (name.mp4 + name.json sidecar with caption and trajectory)")
+    count: int = field_(200, "number of videos")
+    size: str = field_("64", "S or HxW of the videos")
+    frames: int = field_(32, "frames per video")
+    fps: float = field_(8.0, "frame rate (29.97 is written as 30000/1001)")
+    seed: int = field_(0, "seed: the same seed gives the same videos, byte for byte")
+    max_shapes: int = field_(2, "1 = one shape per video; 2 = one or two")
+    shape_size: float = field_(0.28, "shape size as a fraction of the short side")
+    min_speed: float = field_(0.02, "slowest speed, as a fraction of the short side per frame")
+    max_speed: float = field_(0.05, "fastest speed, as a fraction of the short side per frame")
+    background: str = field_("black", "background colour name, or 'random' (a dark colour per video)")
+    codec: str = field_("libx264", "encoder (libx264, libx265, libvpx-vp9, mjpeg, ffv1, ...)")
+    crf: int = field_(12, "quality of the source videos (x264/x265/vp9)")
+    container: str = field_("mp4", "file extension / container: mp4, mkv, webm, avi, mov")
+    prefix: str = field_("syn", "file names: {prefix}_{index:05d}.{container}")
+
+    def validate(self) -> None:
+        parse_size(self.size)
+        if self.count < 0 or self.frames < 1 or self.fps <= 0:
+            raise ConfigError("count >= 0, frames >= 1 and fps > 0 required")
+        if self.max_shapes not in (1, 2):
+            raise ConfigError("max_shapes: 1 or 2")
+        if not 0 < self.min_speed <= self.max_speed:
+            raise ConfigError("need 0 < min_speed <= max_speed")

@@ -132,6 +132,7 @@ class PoolConfig:
     batch_size: int = field_(4, "videos per sampling batch inside a shard")
     feature_batch_size: int = field_(4, "clips per feature-extractor forward")
     poll_interval_s: float = field_(30.0, "seconds between scans of the run dir for new checkpoints")
+    idle_exit_s: float = field_(0.0, "without --once: exit after this long with no new checkpoint and no work (0 = poll forever)")
     max_attempts: int = field_(3, "tries per shard before its checkpoint is marked failed (error.json)")
     reference_cache: str = field_("", "directory of cached real-data statistics (empty = ~/.cache/vldm/eval_reference)")
     save_videos: bool = field_(True, "keep every sample mp4 under RUN/eval/<hash>/step_N/videos/")

@@ -71,6 +71,8 @@ class TemporalOptions:
     num_class_labels: int = field_(0, "extra class-label embedding added to the timestep embedding (0 = none)")
     scalar_conds: tuple[str, ...] = field_((), "names of scalar conditions (fps, noise_level) embedded and added to the timestep embedding")
     temporal_cond_channels: int = field_(0, "channels of a (mask, masked latents) condition fed to the temporal layers through a zero-initialised downsampling encoder")
+    temporal_block: Literal["vldm", "animatediff"] = field_("vldm", "temporal attention design: vldm = paper §3.1 transformer; animatediff = AnimateDiff motion-module layout (attention only, needs res_blocks=false), exportable to diffusers' MotionAdapter")
+    motion_num_attention_heads: int = field_(8, "heads of every animatediff-style temporal layer (head dim = channels / heads)")
     gradient_checkpointing: Literal["off", "temporal", "block"] = field_("off", "activation checkpointing: off, temporal layers only, or every block (spatial + temporal)")
     attention_backend: Literal["auto", "sdpa", "flash", "math"] = field_("auto", "attention kernel: auto = flash-attn on CUDA in fp16/bf16 when installed, else torch SDPA")
     attn_max_batch: int = field_(65535, "largest batch*heads per attention kernel call (pytorch issue 142228)")
@@ -80,6 +82,8 @@ class TemporalOptions:
             raise ConfigError(f"model.temporal.kernel_size: must be odd and >= 1, got {self.kernel_size}")
         if self.attn_max_batch < 1:
             raise ConfigError("model.temporal.attn_max_batch: must be >= 1")
+        if self.temporal_block == "animatediff" and self.res_blocks:
+            raise ConfigError("model.temporal.temporal_block=animatediff is attention-only: set res_blocks=false")
 
 
 @dataclass

@@ -8,7 +8,14 @@ from typing import Literal
 from vldm.config.core import field_
 from vldm.config.data import DataConfig
 from vldm.config.model import ModelConfig
-from vldm.config.train import DiffusionConfig, OptimConfig, TrainConfig
+from vldm.config.train import (
+    CheckpointConfig,
+    DeepSpeedConfig,
+    DiffusionConfig,
+    OptimConfig,
+    TrainConfig,
+    WandbConfig,
+)
 
 
 @dataclass
@@ -22,3 +29,6 @@ class Config:
     diffusion: DiffusionConfig = field_(default_factory=DiffusionConfig, help="diffusion objective")
     optim: OptimConfig = field_(default_factory=OptimConfig, help="optimiser")
     train: TrainConfig = field_(default_factory=TrainConfig, help="training loop")
+    checkpoint: CheckpointConfig = field_(default_factory=CheckpointConfig, help="checkpoints and resume")
+    deepspeed: DeepSpeedConfig = field_(default_factory=DeepSpeedConfig, help="DeepSpeed engine (built in code from these fields)")
+    wandb: WandbConfig = field_(default_factory=WandbConfig, help="Weights & Biases logging")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vldm.config.core import build_config, to_dict
@@ -53,7 +54,7 @@ def sample_spec(suite: EvalSuite, index: int, prompt_list: list[str] | None = No
 
 def protocol(suite: EvalSuite) -> dict:
     """The hashed description of what is measured (paths replaced by content hashes)."""
-    from vldm.eval.extractors import weights_sha256
+    from vldm.eval.extractors import verify_weights
     from vldm.eval.videoio import list_videos, listing_digest
 
     d = to_dict(suite)
@@ -74,12 +75,49 @@ def protocol(suite: EvalSuite) -> dict:
         sec = getattr(suite, name)
         if sec.enabled or (name == "clipsim" and suite.video.consistency and suite.video.consistency_features == "clip"):
             entry = d[name]
-            entry["sha256"] = weights_sha256(entry.pop(key))
+            # the content is the protocol, not the path; a pinned sha256 that differs is refused here
+            entry["sha256"] = verify_weights(entry.pop(key), entry["sha256"], f"{name}.{key}")
             out[name] = entry
     if not suite.video.consistency:
         out["video"].pop("consistency_features")
         out["video"].pop("consistency_size")
     return out
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Suite values of 0 ("the run's own") resolved against a run's config; recorded in every result."""
+
+    num_frames: int
+    height: int
+    width: int
+    val_frames: int
+    val_size: int
+    fid_frames: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve(suite: EvalSuite, run_cfg) -> Resolved:
+    """Fill the suite's 0 = "from the run" fields from the run's `Config` and check they fit the metrics."""
+    data = run_cfg.data
+    s, v = suite.sampling, suite.val_loss
+    r = Resolved(
+        num_frames=s.num_frames or data.num_frames, height=s.height or data.size, width=s.width or data.size,
+        val_frames=v.num_frames or data.num_frames, val_size=v.size or data.size,
+        fid_frames=suite.fid.num_frames or s.num_frames or data.num_frames,
+    )
+    if suite.fvd.enabled:
+        need = (suite.fvd.num_frames - 1) * suite.fvd.stride + 1
+        if r.num_frames < need:
+            raise ValueError(f"FVD needs {need} frames per video ({suite.fvd.num_frames} at stride {suite.fvd.stride}); "
+                             f"sampling.num_frames resolves to {r.num_frames}")
+    if (suite.video.flicker or suite.video.consistency) and r.num_frames < 2:
+        raise ValueError("flicker/consistency need videos of at least 2 frames")
+    if suite.fid.enabled and r.fid_frames > r.num_frames:
+        raise ValueError(f"fid.num_frames={r.fid_frames} exceeds the {r.num_frames} sampled frames")
+    return r
 
 
 def protocol_hash(protocol_dict: dict) -> str:

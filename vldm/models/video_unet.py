@@ -131,18 +131,22 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
                     tf.config.in_channels, heads, head_dim, ctx_dim, o.ff_mult, o.frame_embedding, o.dropout, o.merge_init)
 
         n = len(self.unet.down_blocks)
-        for i, blk in enumerate(self.unet.down_blocks):
+        if o.temporal_block == "animatediff":
+            from vldm.models.motion_module import add_motion_modules
+
+            add_motion_modules(self)  # attention-only AnimateDiff layout, exportable to a MotionAdapter
+        for i, blk in enumerate(self.unet.down_blocks if o.temporal_block == "vldm" else []):
             for j, r in enumerate(blk.resnets):
                 res(f"down{i}_res{j}", r.out_channels, i)
             for j, tf in enumerate(getattr(blk, "attentions", [])):
                 attn(f"down{i}_attn{j}", tf)
         mid = self.unet.mid_block
-        if mid is not None:
+        if mid is not None and o.temporal_block == "vldm":
             for j, r in enumerate(mid.resnets):
                 res(f"mid_res{j}", r.out_channels, n - 1)
             for j, tf in enumerate(getattr(mid, "attentions", [])):
                 attn(f"mid_attn{j}", tf)
-        for i, blk in enumerate(self.unet.up_blocks):
+        for i, blk in enumerate(self.unet.up_blocks if o.temporal_block == "vldm" else []):
             for j, r in enumerate(blk.resnets):
                 res(f"up{i}_res{j}", r.out_channels, n - 1 - i)
             for j, tf in enumerate(getattr(blk, "attentions", [])):

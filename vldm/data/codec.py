@@ -1,0 +1,159 @@
+"""PyAV video I/O shared by the sharder, the loader, the latent stage and the synthetic corpus.
+
+Every container is opened through `open_input` and closed by its context manager: PyAV frames and
+packets keep native buffers alive until the container is closed, and long-running loaders that forget
+this leak host RAM (pitfall 4 of the reference).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from fractions import Fraction
+from typing import IO, Any
+
+import av
+import numpy as np
+
+# Demuxers FFmpeg may use on inputs. Playlists (hls, concat), image sequences (image2: '%d' in a name
+# expands to other files) and devices are not listed, so a crafted file cannot make FFmpeg read
+# other files or the network. Audio demuxers are listed so audio-only files are recognised as such.
+SAFE_DEMUXERS = (
+    "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,flv,mpegts,mpeg,mpegvideo,ogg,asf,ivf,h264,hevc,m4v,nut,"
+    "mxf,yuv4mpegpipe,obu,wav,mp3,aac,flac"
+)
+_INPUT_OPTIONS = {"format_whitelist": SAFE_DEMUXERS, "protocol_whitelist": "file"}
+
+
+def fps_fraction(fps: float | Fraction) -> Fraction:
+    """29.97 -> 30000/1001 (the NTSC rates are what people mean), 8.0 -> 8."""
+    f = Fraction(fps).limit_denominator(1001)
+    for ntsc in (Fraction(24000, 1001), Fraction(30000, 1001), Fraction(60000, 1001)):
+        if abs(float(f) - float(ntsc)) < 0.006:
+            return ntsc
+    return f
+
+
+@contextmanager
+def open_input(source: str | bytes | IO[bytes], threads: int = 1) -> Iterator[Any]:
+    """Open a video for reading; closes it (and a file object it opened) however the block exits.
+
+    `source`: a local path (opened with the `file:` protocol, so names such as 'pipe:1.mp4' or
+    'concat:a|b.mp4' are plain names), a URL fsspec can open, raw bytes, or a binary file object.
+    `threads`: decoder threads (1 where parallelism comes from processes; 0 = FFmpeg decides).
+    """
+    fobj = None
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            target: Any = io.BytesIO(source)
+        elif isinstance(source, str) and "://" in source and not source.startswith("file://"):
+            import fsspec
+
+            fobj = fsspec.open(source, "rb").open()
+            target = fobj
+        elif isinstance(source, str):
+            path = source[len("file://"):] if source.startswith("file://") else source
+            target = "file:" + os.path.abspath(path)
+        else:
+            target = source
+        container = av.open(target, "r", options=dict(_INPUT_OPTIONS))
+        try:
+            for s in container.streams.video:
+                s.thread_type = "AUTO" if threads != 1 else "SLICE"
+                s.codec_context.thread_count = threads
+            yield container
+        finally:
+            container.close()
+    finally:
+        if fobj is not None:
+            fobj.close()
+
+
+def encode_frames(frames: np.ndarray, fps: float | Fraction, *, codec: str = "libx264", container: str = "mp4",
+                  crf: int | None = 20, preset: str | None = "veryfast", pix_fmt: str | None = None,
+                  threads: int = 1) -> bytes:
+    """(F, H, W, 3) uint8 RGB -> encoded video file bytes. Deterministic for a given input and settings."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected (F, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    fmt = {"mkv": "matroska", "mov": "mov", "mp4": "mp4", "webm": "webm", "avi": "avi"}.get(container, container)
+    opts: dict[str, str] = {}
+    if codec in ("libx264", "libx265") and crf is not None:
+        opts["crf"] = str(crf)
+    if codec in ("libx264", "libx265") and preset:
+        opts["preset"] = preset
+    if codec == "libx265":
+        opts["x265-params"] = f"log-level=error:pools={threads}:frame-threads=1"
+    if codec == "libvpx-vp9":
+        opts.update({"crf": str(crf if crf is not None else 30), "b": "0", "deadline": "realtime", "cpu-used": "8"})
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as out:
+        stream = out.add_stream(codec, rate=fps_fraction(fps), options=opts)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = pix_fmt or {"mjpeg": "yuvj420p"}.get(codec, "yuv420p")
+        stream.codec_context.thread_count = threads
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def fit_frame(frame: av.VideoFrame, height: int, width: int, rotation: int = 0) -> np.ndarray:
+    """Resize so the (upright) frame covers height x width, centre-crop, return (H, W, 3) uint8 RGB.
+
+    `rotation` is the display rotation in degrees (counter-clockwise, as FFmpeg reports it); the frame
+    is turned upright before cropping, so portrait phone videos stay portrait.
+    """
+    sw, sh = frame.width, frame.height
+    quarter = (round(rotation / 90) % 4) if rotation else 0
+    dw, dh = (sh, sw) if quarter % 2 else (sw, sh)  # displayed size
+    scale = max(width / dw, height / dh)
+    rw, rh = max(width, round(dw * scale)), max(height, round(dh * scale))
+    # AREA averages when shrinking (no aliasing); bicubic when enlarging
+    interp = "AREA" if scale < 1 else "BICUBIC"
+    tw, th = (rh, rw) if quarter % 2 else (rw, rh)
+    if (tw, th) == (sw, sh):
+        img = frame.to_ndarray(format="rgb24")
+    else:
+        img = frame.reformat(width=tw, height=th, format="rgb24", interpolation=interp).to_ndarray()
+    if quarter:
+        img = np.rot90(img, k=quarter)  # counter-clockwise, like the display matrix
+    y0, x0 = (img.shape[0] - height) // 2, (img.shape[1] - width) // 2
+    return np.ascontiguousarray(img[y0 : y0 + height, x0 : x0 + width])
+
+
+def decode_window(source: str | bytes, start: int, num_frames: int, stride: int = 1,
+                  size: tuple[int, int] | None = None, threads: int = 1) -> np.ndarray:
+    """Frames start, start+stride, ... (num_frames of them) of a stored clip -> (F, H, W, 3) uint8.
+
+    Decoding stops after the last wanted frame. `size` (H, W) resizes + centre-crops when the stored
+    clip has another size. Raises ValueError if the clip has fewer frames than asked for.
+    """
+    wanted = start + (num_frames - 1) * stride
+    out: list[np.ndarray] = []
+    with open_input(source, threads=threads) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        for i, frame in enumerate(container.decode(video=0)):
+            if i >= start and (i - start) % stride == 0:
+                if size is None or (frame.height, frame.width) == tuple(size):
+                    out.append(frame.to_ndarray(format="rgb24"))
+                else:
+                    out.append(fit_frame(frame, size[0], size[1]))
+            if i >= wanted:
+                break
+    if len(out) < num_frames:
+        raise ValueError(f"clip has {len(out)} of the {num_frames} frames asked for (start {start}, stride {stride})")
+    return np.stack(out)
+
+
+def decode_all(source: str | bytes, threads: int = 1) -> np.ndarray:
+    """Every frame -> (F, H, W, 3) uint8 (for the latent stage and tests)."""
+    with open_input(source, threads=threads) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError("no frames")
+    return np.stack(frames)

@@ -1,0 +1,157 @@
+"""The embedded default corpus: one or two solid shapes moving at constant velocity on a plain background.
+
+Each video comes with its caption ("a red square moving up and to the left") and the true trajectory
+(centre of every shape in every frame, in pixels) in a sidecar JSON. Everything is a function of
+(seed, index): the same seed gives the same files byte for byte. Shapes bounce off the borders
+(reflection), so their speed is constant; the caption names the initial direction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vldm.config.data import SyntheticConfig, parse_size
+from vldm.data.codec import encode_frames
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
+    "cyan": (40, 210, 220), "magenta": (215, 50, 200), "orange": (245, 140, 30), "white": (240, 240, 240),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {"black": (0, 0, 0), "gray": (90, 90, 90), "navy": (10, 20, 60)}
+SHAPES = ("square", "circle", "triangle")
+# 8 directions, counter-clockwise from "right"; image y grows downwards so "up" is -y
+DIRECTIONS = ("right", "up and to the right", "up", "up and to the left", "left", "down and to the left", "down",
+              "down and to the right")
+_SS = 4  # supersampling per axis: anti-aliased edges, which codecs (and PSNR) like
+
+
+@dataclass
+class Track:
+    shape: str
+    color: str
+    radius: float  # half extent in pixels
+    velocity: tuple[float, float]  # initial (vx, vy) in pixels per frame
+    direction: str
+    positions: np.ndarray  # (F, 2) centre (x, y) per frame
+    bounces: list[int]
+
+    def as_dict(self) -> dict:
+        return {"shape": self.shape, "color": self.color, "rgb": list(PALETTE[self.color]), "radius": round(self.radius, 4),
+                "velocity": [round(v, 6) for v in self.velocity], "direction": self.direction,
+                "trajectory": [[round(float(x), 4), round(float(y), 4)] for x, y in self.positions],
+                "bounces": self.bounces}
+
+
+def simulate(x: float, y: float, vx: float, vy: float, r: float, width: int, height: int, frames: int) -> tuple[np.ndarray, list[int]]:
+    """Constant-velocity motion reflected at the borders: the shape stays fully inside the frame."""
+    pos = np.zeros((frames, 2))
+    bounces = []
+    for i in range(frames):
+        pos[i] = x, y
+        x, y = x + vx, y + vy
+        hit = False
+        if x < r or x > width - r:
+            x = 2 * r - x if x < r else 2 * (width - r) - x
+            vx, hit = -vx, True
+        if y < r or y > height - r:
+            y = 2 * r - y if y < r else 2 * (height - r) - y
+            vy, hit = -vy, True
+        if hit and i + 1 < frames:
+            bounces.append(i + 1)
+    return pos, bounces
+
+
+def _coverage(shape: str, cx: float, cy: float, r: float, height: int, width: int) -> tuple[slice, slice, np.ndarray]:
+    """Anti-aliased coverage (0..1) of a shape inside its pixel bounding box."""
+    y0, y1 = max(0, int(math.floor(cy - r)) - 1), min(height, int(math.ceil(cy + r)) + 1)
+    x0, x1 = max(0, int(math.floor(cx - r)) - 1), min(width, int(math.ceil(cx + r)) + 1)
+    ys = y0 + (np.arange((y1 - y0) * _SS) + 0.5) / _SS
+    xs = x0 + (np.arange((x1 - x0) * _SS) + 0.5) / _SS
+    dy, dx = ys[:, None] - cy, xs[None, :] - cx
+    if shape == "square":
+        inside = (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    elif shape == "circle":
+        inside = dx * dx + dy * dy <= r * r
+    else:  # triangle pointing up: apex (0, -r), base corners (+-r, r)
+        inside = (dy <= r) & (2 * np.abs(dx) <= (dy + r))
+    cov = inside.reshape(y1 - y0, _SS, x1 - x0, _SS).mean(axis=(1, 3))
+    return slice(y0, y1), slice(x0, x1), cov
+
+
+def render(tracks: list[Track], background: tuple[int, int, int], height: int, width: int) -> np.ndarray:
+    """(F, H, W, 3) uint8 frames; later tracks are drawn over earlier ones."""
+    frames = len(tracks[0].positions)
+    out = np.empty((frames, height, width, 3), np.float32)
+    out[:] = np.asarray(background, np.float32)
+    for t in tracks:
+        rgb = np.asarray(PALETTE[t.color], np.float32)
+        for i, (cx, cy) in enumerate(t.positions):
+            sy, sx, cov = _coverage(t.shape, cx, cy, t.radius, height, width)
+            region = out[i, sy, sx]
+            out[i, sy, sx] = region + (rgb - region) * cov[..., None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def caption(tracks: list[Track]) -> str:
+    return " and ".join(f"{'an' if t.color[0] in 'aeiou' else 'a'} {t.color} {t.shape} moving {t.direction}" for t in tracks)
+
+
+def make_video(cfg: SyntheticConfig, index: int) -> tuple[np.ndarray, dict]:
+    """Frames and sidecar of video `index`: a pure function of (cfg, index)."""
+    height, width = parse_size(cfg.size)
+    rng = np.random.default_rng([cfg.seed, index])
+    n = 1 if cfg.max_shapes == 1 else int(rng.integers(1, 3))
+    colors = rng.choice(len(PALETTE), size=n, replace=False)
+    short = min(height, width)
+    if cfg.background == "random":
+        bg_name, bg = "random", tuple(int(v) for v in rng.integers(0, 60, size=3))
+    else:
+        bg_name, bg = cfg.background, BACKGROUNDS[cfg.background]
+    tracks = []
+    for j in range(n):
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        r = cfg.shape_size * short / 2 * float(rng.uniform(0.8, 1.2))
+        d = int(rng.integers(len(DIRECTIONS)))
+        # +-10 degrees of jitter keeps the caption's direction word true
+        angle = math.radians(45 * d + float(rng.uniform(-10, 10)))
+        speed = short * float(rng.uniform(cfg.min_speed, cfg.max_speed))
+        vx, vy = speed * math.cos(angle), -speed * math.sin(angle)
+        x, y = float(rng.uniform(r, width - r)), float(rng.uniform(r, height - r))
+        pos, bounces = simulate(x, y, vx, vy, r, width, height, cfg.frames)
+        tracks.append(Track(shape, list(PALETTE)[int(colors[j])], r, (vx, vy), DIRECTIONS[d], pos, bounces))
+    frames = render(tracks, bg, height, width)
+    side = {"caption": caption(tracks), "index": index, "seed": cfg.seed, "fps": cfg.fps, "frames": cfg.frames,
+            "height": height, "width": width, "background": bg_name, "background_rgb": list(bg),
+            "shapes": [t.as_dict() for t in tracks]}
+    return frames, side
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_corpus(cfg: SyntheticConfig, log_every: int = 0) -> list[Path]:
+    """Write cfg.count videos + sidecars into cfg.output; returns the video paths.
+
+    The sidecar is written first and each file is renamed into place, so a video that exists always
+    has its caption (the sharder may list the directory while this runs)."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(cfg.count):
+        frames, side = make_video(cfg, i)
+        path = out / f"{cfg.prefix}_{i:05d}.{cfg.container}"
+        _atomic_write(path.with_suffix(".json"), json.dumps(side).encode())
+        _atomic_write(path, encode_frames(frames, cfg.fps, codec=cfg.codec, container=cfg.container, crf=cfg.crf))
+        paths.append(path)
+        if log_every and (i + 1) % log_every == 0:
+            print(f"[make_synthetic] {i + 1}/{cfg.count} videos", flush=True)
+    return paths

@@ -1,0 +1,119 @@
+"""Attention-only temporal layers in the AnimateDiff motion-module layout (`temporal_block=animatediff`).
+
+The paper's temporal transformer (§3.1) works on the spatial features directly; diffusers'
+`AnimateDiffTransformer3D` wraps its attention in GroupNorm -> proj_in ... proj_out -> + residual. The
+GroupNorm cannot be undone by any weight choice, so a layer that must export *exactly* to a diffusers
+`MotionAdapter` has to have that layout. This module reproduces it with the same parameter names
+(`norm`, `proj_in`, `transformer_blocks.k.{norm1,attn1,norm2,attn2,norm3,ff}`, `proj_out`) plus our
+merge factor: out = a * x + (1 - a) * (x + delta) = x + (1 - a) * delta, so (1 - a) folds into
+`proj_out` on export (vldm.models.motion_adapter).
+
+Differences from diffusers kept on purpose: attention goes through `vldm.models.attention` (banded
+attention for long sequences, chunking past the 65,535 batch limit), positions may be fractional or
+per video (`frame_indices`), and a = 1 for image batches. Like diffusers (and unlike the original
+AnimateDiff, which normalises per frame) the GroupNorm spans frames.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from diffusers.models.attention import FeedForward
+from einops import rearrange, repeat
+
+from vldm.models.temporal import MergeFactor, TemporalAttention, band_mask, zero_
+
+
+def motion_positions(frame_indices: torch.Tensor, dim: int) -> torch.Tensor:
+    """diffusers' SinusoidalPositionalEmbedding table evaluated at (possibly fractional) positions.
+
+    (..., f) -> (..., f, dim); pe[p, 0::2] = sin(p * w), pe[p, 1::2] = cos(p * w), w = 10000^(-2i/dim).
+    """
+    div = torch.exp(torch.arange(0, dim, 2, device=frame_indices.device).float() * (-math.log(10000.0) / dim))
+    ang = frame_indices.float()[..., None] * div
+    pe = torch.zeros(*frame_indices.shape, dim, device=frame_indices.device)
+    pe[..., 0::2] = torch.sin(ang)
+    pe[..., 1::2] = torch.cos(ang)
+    return pe
+
+
+class MotionBlock(nn.Module):
+    """diffusers' BasicTransformerBlock as AnimateDiff configures it: two self-attentions (positions added
+    to the normalised input of both) and a GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = TemporalAttention(dim, heads, dim // heads, None, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = TemporalAttention(dim, heads, dim // heads, None, dropout)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, dropout=dropout, activation_fn="geglu")
+
+    def forward(self, h: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = h + self.attn1(self.norm1(h) + pos, mask=mask)
+        h = h + self.attn2(self.norm2(h) + pos, mask=mask)
+        return h + self.ff(self.norm3(h))
+
+
+class MotionModule(nn.Module):
+    """One AnimateDiff motion module with a merge factor; takes and returns `(b f) c h w`."""
+
+    def __init__(self, channels: int, heads: int, groups: int, num_layers: int = 1,
+                 dropout: float = 0.0, merge_init: float = 0.0):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"motion module: {channels} channels are not divisible by {heads} heads")
+        self.channels = channels
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList([MotionBlock(channels, heads, dropout) for _ in range(num_layers)])
+        self.proj_out = zero_(nn.Linear(channels, channels))  # identity at initialisation, as AnimateDiff
+        self.merge = MergeFactor(merge_init)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, image_only: torch.Tensor, num_frames: int,
+                frame_indices: torch.Tensor | None = None, attn_band: int | None = None) -> torch.Tensor:
+        del context  # motion modules have no text cross-attention
+        _, _, hh, ww = x.shape
+        h = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
+        h = self.norm(h)  # statistics span the frames of a video (diffusers' behaviour)
+        h = self.proj_in(rearrange(h, "b c f h w -> (b h w) f c"))
+        if frame_indices is None:
+            frame_indices = torch.arange(num_frames, device=x.device)
+        pos = motion_positions(frame_indices, self.channels).to(h.dtype)
+        if pos.ndim == 3:  # per-video positions (b, f, c)
+            pos = repeat(pos, "b f c -> (b n) f c", n=hh * ww)
+        mask = band_mask(num_frames, attn_band, x.device) if attn_band and attn_band < num_frames else None
+        for blk in self.transformer_blocks:
+            h = blk(h, pos, mask)
+        delta = rearrange(self.proj_out(h), "(b h w) f c -> (b f) c h w", h=hh, w=ww)
+        return self.merge(x, x + delta, image_only, num_frames)
+
+
+def motion_module_sites(unet) -> list[tuple[str, int]]:
+    """(temporal layer name, channels) for every place UNetMotionModel puts a motion module.
+
+    Blocks with spatial transformers get one after each transformer (`*_attn{j}`), blocks without
+    after each ResNet (`*_res{j}`), the mid block after its transformer.
+    """
+    sites = []
+    for prefix, blocks in (("down", unet.down_blocks), ("up", unet.up_blocks)):
+        for i, blk in enumerate(blocks):
+            has_attn = getattr(blk, "attentions", None) is not None
+            for j, r in enumerate(blk.resnets):
+                sites.append((f"{prefix}{i}_{'attn' if has_attn else 'res'}{j}", r.out_channels))
+        if prefix == "down" and unet.mid_block is not None:
+            for j, _ in enumerate(getattr(unet.mid_block, "attentions", None) or []):
+                sites.append((f"mid_attn{j}", unet.mid_block.resnets[0].out_channels))
+    return sites
+
+
+def add_motion_modules(model) -> None:
+    """Populate `model.temporal` (a VideoLDMUNet) with motion modules at UNetMotionModel's positions."""
+    o, cfg = model.opts, model.unet.config
+    for name, ch in motion_module_sites(model.unet):
+        model.temporal[name] = MotionModule(ch, o.motion_num_attention_heads, cfg.norm_num_groups,
+                                            dropout=o.dropout, merge_init=o.merge_init)

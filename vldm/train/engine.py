@@ -1,0 +1,105 @@
+"""Parallelism is applied to the model here, from the typed config: a DeepSpeed engine with ZeRO.
+
+The DeepSpeed config is built in code from `cfg.deepspeed`, `cfg.optim`, `cfg.train` and
+`cfg.data.batch_size` (no JSON file to keep in sync). The optimizer is a plain `torch.optim.AdamW`
+over the trainable parameters only: the frozen spatial layers get no optimizer state, no gradient
+buffer and no ZeRO partition, and DeepSpeed's own fused Adam (a 41 s JIT build on CPU) is never built.
+The learning rate is set by the training loop each step (vldm.train.lr), so the engine has no scheduler.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from vldm.config.schema import Config
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    p = cfg.deepspeed.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p
+
+
+def resolve_backend(cfg: Config, device: torch.device) -> str:
+    b = cfg.deepspeed.backend
+    if b == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    return b
+
+
+def model_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
+    """The DeepSpeed config dict, entirely derived from the typed config."""
+    d = cfg.deepspeed
+    micro = cfg.data.batch_size
+    out: dict = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": micro * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {
+            "stage": d.zero_stage,
+            "overlap_comm": d.overlap_comm,
+            "contiguous_gradients": d.contiguous_gradients,
+            "reduce_scatter": d.reduce_scatter,
+            "reduce_bucket_size": d.reduce_bucket_size,
+            "allgather_bucket_size": d.allgather_bucket_size,
+        },
+        # a torch optimizer under ZeRO: DeepSpeed calls that "untested", it is what we want
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        out["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": d.fp16_initial_scale_power}
+    return out
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    kw = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if device.type == "cuda":
+        kw["fused"] = True  # one kernel for all parameters
+    else:
+        kw["foreach"] = True
+    return torch.optim.AdamW(params, **kw)
+
+
+def parallelize(model: nn.Module, cfg: Config, world_size: int, device: torch.device):
+    """Wrap `model` in a DeepSpeed engine; only parameters with requires_grad are optimised.
+
+    Returns the engine; `engine.module` is the model (cast to the training precision), `engine.optimizer`
+    the ZeRO optimizer around the AdamW.
+    """
+    import deepspeed
+
+    precision = resolve_precision(cfg, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise RuntimeError("the model has no trainable parameters")
+    model.to(device)
+    optimizer = build_optimizer(trainable, cfg, device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, world_size, precision),
+                                           dist_init_required=False)
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def grad_norm(engine) -> float:
+    """Global gradient norm of the last step (before clipping); nan when DeepSpeed has none."""
+    n = engine.get_global_grad_norm()
+    if n is None:
+        return float("nan")
+    return float(n.item() if isinstance(n, torch.Tensor) else n)

@@ -1,0 +1,58 @@
+"""Preemption: a signal only sets a flag; the ranks agree on it, save at the same step, and exit 75.
+
+SLURM delivers `--signal=B:USR1@<grace>` to the batch shell, which forwards it to the srun step (see
+slurm/train_temporal.sbatch); srun forwards it to every task. SIGTERM (time limit, scancel, preemption)
+and SIGINT (Ctrl-C on a workstation) are handled the same way. A handler never does work itself: the
+training loop reads the flag once per step and all-reduces it (MAX) with the step's loss, so even a
+rank that did not get the signal stops at the same step, every rank writes its part of the checkpoint,
+and the job exits with REQUEUE_EXIT, which the sbatch script turns into `scontrol requeue`.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again later"; the sbatch script requeues on it
+ABORT_EXIT = 3  # too many consecutive non-finite steps: requeueing would not help
+CONFIG_EXIT = 2  # bad config (argparse uses 2 as well)
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequest:
+    """Set by USR1/TERM/INT, or by the job's own step / wall-time budget."""
+
+    def __init__(self, stop_after_steps: int = 0, stop_after_minutes: float = 0.0, install: bool = True):
+        self.signal_name: str | None = None
+        self.stop_after_steps = stop_after_steps
+        self.deadline = time.monotonic() + stop_after_minutes * 60 if stop_after_minutes > 0 else None
+        self._previous: dict[int, object] = {}
+        if install:
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handler)
+
+    def _handler(self, signum: int, frame) -> None:  # noqa: ARG002 - signal handler signature
+        self.signal_name = signal.Signals(signum).name
+
+    def local(self, steps_this_job: int) -> bool:
+        """This rank's view; the loop all-reduces it so every rank stops at the same step."""
+        if self.signal_name is not None:
+            return True
+        if self.stop_after_steps and steps_this_job >= self.stop_after_steps:
+            return True
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def reason(self, steps_this_job: int) -> str:
+        if self.signal_name:
+            return f"signal {self.signal_name}"
+        if self.stop_after_steps and steps_this_job >= self.stop_after_steps:
+            return f"train.stop_after_steps={self.stop_after_steps}"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "train.stop_after_minutes"
+        return "another rank was signalled"
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
