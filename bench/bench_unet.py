@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -116,15 +115,29 @@ def child_peak(args, name: str, ckpt: bool) -> float:
     return json.loads(out)["peak_mib"]
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
 def run_child(args, ch) -> None:
     models = build_models(ch, args.heads, args.ctx_dim, args.frames, (args.child,))
     model = models[args.child]
     set_ckpt(args.child, model, bool(args.child_ckpt))
     fn = step_fns(models, args.batch, args.frames, args.size, args.ctx_dim, args.ctx_len)[args.child]
     model.train()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # high-water mark after the build (KiB)
+    import gc
+
+    gc.collect()
+    # reset the kernel's RSS high-water mark (VmHWM) so the build's transients do not count
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS") / 1024
     fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_kib("VmHWM") / 1024
     print(json.dumps({"peak_mib": max(0.0, peak - base)}))
 
 

@@ -85,7 +85,7 @@ def list_directory(root: str, extensions: tuple[str, ...]) -> list[str]:
         found = [f for f in fs.find(p) if f.lower().endswith(exts) and not any(part.startswith(".") for part in f.split("/"))]
         return sorted(fs.unstrip_protocol(f) for f in found)
     out = []
-    for dirpath, dirnames, filenames in os.walk(_strip_file(root)):
+    for dirpath, dirnames, filenames in os.walk(os.path.abspath(_strip_file(root))):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         out.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith(".") and f.lower().endswith(exts))
     return sorted(out)
@@ -134,9 +134,11 @@ def read_manifest(path: str) -> list[InputRecord]:
             row.pop(col, None)
         merged = dict(meta) if isinstance(meta, dict) else {}
         merged.update({k: v for k, v in row.items() if v is not None})
-        side_caption, side_meta = (None, {}) if caption is not None else _sidecars(p)
-        records.append(InputRecord(p, None if caption is None else str(caption), {**side_meta, **merged}) if caption is not None
-                       else InputRecord(p, side_caption, {**side_meta, **merged}))
+        if caption is None or caption == "" or caption != caption:  # missing, empty CSV cell or NaN
+            caption, side_meta = _sidecars(p)
+        else:
+            side_meta = {}
+        records.append(InputRecord(p, None if caption is None else str(caption), {**side_meta, **merged}))
     return records
 
 

@@ -6,7 +6,8 @@ which worker draws them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from einops import rearrange

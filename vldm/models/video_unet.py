@@ -85,7 +85,7 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_unet2d(cls, unet2d: UNet2DConditionModel, **options: Any) -> "VideoLDMUNet":
+    def from_unet2d(cls, unet2d: UNet2DConditionModel, **options: Any) -> VideoLDMUNet:
         """Wrap `unet2d` (its weights are used as they are, not copied) with new temporal layers."""
         opts = options.pop("temporal", None)
         if isinstance(opts, TemporalOptions):
@@ -416,7 +416,7 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
             raise ValueError(f"temporal weights {weights} do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
     @classmethod
-    def from_unet2d_and_temporal(cls, unet2d: UNet2DConditionModel, directory: str | Path) -> "VideoLDMUNet":
+    def from_unet2d_and_temporal(cls, unet2d: UNet2DConditionModel, directory: str | Path) -> VideoLDMUNet:
         """Personalised text-to-video (paper §4.2): trained temporal layers onto another image UNet of the same shape."""
         cfg = json.loads((Path(directory) / CONFIG_NAME).read_text())
         model = cls.from_unet2d(unet2d, **cfg["temporal"])

@@ -1,0 +1,375 @@
+"""The paper's conditional models as training tasks: prediction (§3.2), interpolation (§3.3), upsampling (§3.4).
+
+Each task turns a clip of clean latents into the extra forward inputs of `VideoLDMUNet` (see
+`vldm.tasks.base`). The conditioning format is defined here once and used by training and by
+`vldm.sample` alike:
+
+- context condition (prediction, interpolation): `temporal_cond = cat(m * z, m)` over channels, with
+  m (b, 1, f, 1, 1) the binary mask of given frames broadcast over space; fed to the temporal layers
+  through the zero-initialised downsampling encoder (`temporal.temporal_cond_channels = c + 1`);
+- loss: by default only the frames the model must generate count (`loss_frames=generated`): the given
+  frames are replaced by their known values at sampling, so their prediction is never used, and the
+  model's capacity goes to the frames that matter. `loss_frames=all` trains every frame. With S = 0 (the
+  unconditional branch) every frame counts either way.
+
+Options: each task takes keyword options validated against its dataclass below (unknown keys are
+errors), e.g. `get_task("predict", loss_frames="all")`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from einops import rearrange
+
+from vldm.config.core import ConfigError, field_, from_dict
+from vldm.diffusion.loss import diffusion_loss
+from vldm.tasks import register
+from vldm.tasks.base import Task, TaskInputs
+
+# ---------------------------------------------------------------------------- shared conditioning format
+
+
+def context_condition(latents: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(b, c, f, h, w) latents and (b, 1, f, 1, 1) or (b, f) mask -> (b, c + 1, f, h, w) = cat(m * z, m)."""
+    if mask.ndim == 2:
+        mask = mask[:, None, :, None, None]
+    m = mask.to(latents.dtype).expand(-1, 1, -1, latents.shape[3], latents.shape[4])
+    return torch.cat([latents * m, m], dim=1)
+
+
+def first_frames_mask(num_context: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(b,) numbers S of given frames -> (b, f) bool: the first S frames of each clip are given (prediction's context)."""
+    return torch.arange(num_frames, device=num_context.device)[None, :] < num_context[:, None]
+
+
+def key_frame_mask(num_frames: int, factor: int = 4, device=None) -> torch.Tensor:
+    """(f,) bool: key frames sit at every `factor`-th position, 0, factor, 2 factor, ... (interpolation)."""
+    return torch.arange(num_frames, device=device) % factor == 0
+
+
+def interpolated_length(num_key_frames: int, factor: int = 4) -> int:
+    """T key frames -> factor * (T - 1) + 1 frames (paper: 8 -> 29 -> 113 with factor 4)."""
+    return factor * (num_key_frames - 1) + 1
+
+
+def _choice(values: tuple, probs: tuple, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    p = torch.tensor(probs if probs else [1.0] * len(values), dtype=torch.float)
+    idx = torch.multinomial(p / p.sum(), n, replacement=True, generator=generator)
+    return torch.tensor(values)[idx]
+
+
+def _rand(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, generator=generator)
+
+
+def _batch_scalar(batch: dict, key: str, b: int, default: float) -> torch.Tensor:
+    """A per-clip float from the batch (tensor, list or number), else `default`."""
+    v = batch.get(key) if key else None
+    if v is None:
+        return torch.full((b,), float(default))
+    return torch.as_tensor(v, dtype=torch.float).reshape(-1).expand(b).clone()
+
+
+@dataclass
+class LabelOptions:
+    """Class conditioning shared by every task (e.g. day/night and crowdedness for driving, paper §4.1)."""
+
+    num_class_labels: int = field_(0, "class labels of the model (= model.temporal.num_class_labels); 0 = none")
+    label_key: str = field_("class_labels", "batch key holding (b,) integer labels")
+    label_dropout: float = field_(0.1, "probability of replacing a label by the 'no label' class (for guidance)")
+
+
+def _class_inputs(opts: LabelOptions, batch: dict, b: int, device, generator) -> dict:
+    if not opts.num_class_labels:
+        return {}
+    if opts.label_key not in batch:
+        raise KeyError(f"task needs batch[{opts.label_key!r}] (num_class_labels={opts.num_class_labels})")
+    labels = torch.as_tensor(batch[opts.label_key]).long().reshape(b).clone()
+    drop = _rand(b, generator) < opts.label_dropout
+    labels[drop] = opts.num_class_labels  # the extra embedding row means "no label"
+    return {"class_labels": labels.to(device)}
+
+
+def _label_temporal_options(opts: LabelOptions) -> dict:
+    return {"num_class_labels": opts.num_class_labels} if opts.num_class_labels else {}
+
+
+class _OptionsTask(Task):
+    options_cls: type = LabelOptions
+
+    def __init__(self, **options: Any):
+        self.opts = from_dict(self.options_cls, options, prefix=f"task_options[{self.name}]")
+
+
+# ---------------------------------------------------------------------------- prediction (§3.2)
+
+
+@dataclass
+class PredictOptions(LabelOptions):
+    latent_channels: int = field_(4, "latent channels c of the base model: the condition has c + 1 channels")
+    context_frames: tuple[int, ...] = field_((0, 1, 2), "numbers S of given first frames drawn per clip; S = 0 is the unconditional branch for context guidance")
+    context_probs: tuple[float, ...] = field_((), "probabilities of context_frames (empty = uniform)")
+    loss_frames: Literal["generated", "all"] = field_("generated", "frames in the loss: the non-context frames only, or all")
+
+    def validate(self) -> None:
+        if self.context_probs and len(self.context_probs) != len(self.context_frames):
+            raise ConfigError("context_probs: needs one probability per context_frames entry")
+        if any(s < 0 for s in self.context_frames):
+            raise ConfigError("context_frames: must be >= 0")
+
+
+@register
+class PredictTask(_OptionsTask):
+    """Predict the rest of a clip from its first S frames (S ~ context_frames) through temporal_cond."""
+
+    name = "predict"
+    options_cls = PredictOptions
+
+    def required_temporal_options(self) -> dict[str, Any]:
+        return {"temporal_cond_channels": self.opts.latent_channels + 1, **_label_temporal_options(self.opts)}
+
+    def training_inputs(self, latents: torch.Tensor, batch: dict, generator: torch.Generator | None) -> TaskInputs:
+        b, c, f = latents.shape[:3]
+        if c != self.opts.latent_channels:
+            raise ValueError(f"predict task: latents have {c} channels, task_options.latent_channels is {self.opts.latent_channels}")
+        s = _choice(self.opts.context_frames, self.opts.context_probs, b, generator).clamp(max=f - 1)
+        mask = first_frames_mask(s.to(latents.device), f)
+        kwargs = {"temporal_cond": context_condition(latents, mask), **_class_inputs(self.opts, batch, b, latents.device, generator)}
+        loss_mask = None
+        if self.opts.loss_frames == "generated":
+            loss_mask = (~mask).to(latents.dtype)[:, None, :, None, None]
+        return TaskInputs(model_kwargs=kwargs, loss_mask=loss_mask)
+
+
+# ---------------------------------------------------------------------------- interpolation (§3.3)
+
+
+@dataclass
+class InterpolateOptions(LabelOptions):
+    latent_channels: int = field_(4, "latent channels c of the base model: the condition has c + 1 channels")
+    factor: int = field_(4, "frame-rate factor: key frames at every factor-th position, factor - 1 frames predicted between them")
+    window: int = field_(0, "frames per training window, factor * k + 1 (0 = the longest that fits the clip)")
+    stages: tuple[int, ...] = field_((0, 1), "stage labels trained: 1 = the last (finest) stage uses the clip's own frame rate, 0 = the stage before it uses every factor-th frame (needs clips of factor * (window - 1) + 1 frames)")
+    stage_probs: tuple[float, ...] = field_((), "probabilities of stages (empty = uniform)")
+    fps_key: str = field_("fps", "batch key of the clip's frame rate (falls back to `fps`)")
+    fps: float = field_(8.0, "frame rate of training clips when the batch does not carry one")
+    fps_condition: bool = field_(True, "condition on the output frame rate (scalar condition 'fps')")
+    loss_frames: Literal["generated", "all"] = field_("generated", "frames in the loss: the in-between frames only, or all")
+
+    def validate(self) -> None:
+        if self.factor < 2:
+            raise ConfigError("factor: must be >= 2")
+        if self.window and (self.window - 1) % self.factor:
+            raise ConfigError(f"window: must be factor * k + 1, got {self.window}")
+        if not self.stages or any(s not in (0, 1) for s in self.stages):
+            raise ConfigError("stages: a non-empty subset of (0, 1)")
+
+
+@register
+class InterpolateTask(_OptionsTask):
+    """Fill factor - 1 frames between key frames (T -> factor * (T - 1) + 1); one model, two stages
+    told apart by a binary scalar condition 'stage' (the paper's two-stage 1.875 -> 7.5 -> 30 fps)."""
+
+    name = "interpolate"
+    options_cls = InterpolateOptions
+
+    def required_temporal_options(self) -> dict[str, Any]:
+        conds = ("fps", "stage") if self.opts.fps_condition else ("stage",)
+        return {"temporal_cond_channels": self.opts.latent_channels + 1, "scalar_conds": conds,
+                **_label_temporal_options(self.opts)}
+
+    def window_for(self, num_frames: int, stride: int) -> int:
+        o = self.opts
+        if o.window:
+            return o.window
+        longest = (num_frames - 1) // stride + 1
+        return (longest - 1) // o.factor * o.factor + 1
+
+    def training_inputs(self, latents: torch.Tensor, batch: dict, generator: torch.Generator | None) -> TaskInputs:
+        o = self.opts
+        b, _, f = latents.shape[:3]
+        dev = latents.device
+        stage = int(_choice(o.stages, o.stage_probs, 1, generator)[0])
+        stride = 1 if stage == 1 else o.factor
+        n = self.window_for(f, stride)
+        span = (n - 1) * stride + 1
+        if n < o.factor + 1 or span > f:
+            if stage == 0 and 1 in o.stages:  # too short for the coarse stage: train the fine one
+                stage, stride = 1, 1
+                n = self.window_for(f, 1)
+                span = n
+            if n < o.factor + 1 or span > f:
+                raise ValueError(f"interpolate: clips of {f} frames are too short for window {n} at stride {stride}")
+        start = int(torch.randint(0, f - span + 1, (1,), generator=generator)[0])
+        clip = latents[:, :, start:start + span:stride]
+        mask = key_frame_mask(n, o.factor, dev)[None].expand(b, -1)
+        fps = _batch_scalar(batch, o.fps_key, b, o.fps) / stride  # the output frame rate of this stage
+        conds = {"stage": torch.full((b,), float(stage), device=dev)}
+        if o.fps_condition:
+            conds["fps"] = fps.to(dev)
+        kwargs = {"temporal_cond": context_condition(clip, mask), "conditions": conds,
+                  **_class_inputs(o, batch, b, dev, generator)}
+        loss_mask = (~mask).to(latents.dtype)[:, None, :, None, None] if o.loss_frames == "generated" else None
+        return TaskInputs(model_kwargs=kwargs, loss_mask=loss_mask, target_latents=clip.contiguous())
+
+
+# ---------------------------------------------------------------------------- upsampling (§3.4)
+
+# the SD x4 upscaler noises its low-res input with this schedule (LDM "linear" = diffusers scaled_linear)
+LOW_RES_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="scaled_linear")
+
+
+@dataclass
+class UpsampleOptions(LabelOptions):
+    scale: int = field_(4, "upsampling factor between the low-res input and the output pixels")
+    condition_via: Literal["unet", "temporal"] = field_("unet", "unet: the image UNet is an upscaler (in_channels = latent + low-res channels, noise level as its class label, e.g. SD x4); temporal: a plain image UNet gets the low-res frames through zero-initialised extra input channels and the noise level as a scalar condition")
+    lowres_channels: int = field_(3, "channels of the low-res frames (3 = RGB pixels)")
+    pixels_key: str = field_("pixels", "batch key of the clip's pixels (b, 3, f, H, W) in [-1, 1]; the low-res input is made from them")
+    max_noise_level: int = field_(350, "noise augmentation: the level t_g is drawn from [0, max_noise_level] (SD x4: 350)")
+    patch_size: int = field_(0, "train on random patches of this many latent pixels (0 = whole frames); the model is applied convolutionally at sampling")
+
+    def validate(self) -> None:
+        if self.scale < 1 or self.max_noise_level < 0 or self.patch_size < 0:
+            raise ConfigError("scale >= 1, max_noise_level >= 0 and patch_size >= 0 required")
+
+
+def low_res_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**LOW_RES_SCHEDULE)
+
+
+def make_lowres(pixels: torch.Tensor, scale: int, size: tuple[int, int]) -> torch.Tensor:
+    """(b, c, f, H, W) pixels -> low-res frames (area-downsampled by `scale`) brought to `size` (the
+    latent grid of the target): identical for an x4 latent upscaler (VAE factor 4), bicubic-upsampled
+    back for a pixel-space upsampler."""
+    b = pixels.shape[0]
+    x = rearrange(pixels, "b c f h w -> (b f) c h w").float()
+    x = F.interpolate(x, scale_factor=1 / scale, mode="area") if scale > 1 else x
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+    return rearrange(x, "(b f) c h w -> b c f h w", b=b)
+
+
+def noise_augment(lowres: torch.Tensor, noise_level: torch.Tensor, generator: torch.Generator | None = None,
+                  scheduler: DDPMScheduler | None = None) -> torch.Tensor:
+    """Noise the low-res input to level t_g (paper §3.4 noise augmentation); (b,) integer levels."""
+    sched = scheduler or low_res_scheduler()
+    noise = torch.randn(lowres.shape, generator=generator, dtype=torch.float32).to(lowres.device, lowres.dtype)
+    return sched.add_noise(lowres, noise, noise_level.long().to(lowres.device))
+
+
+def noise_level_inputs(condition_via: str, noise_level: torch.Tensor) -> dict:
+    """How t_g reaches the model: the image UNet's own class embedding, or a temporal scalar condition."""
+    if condition_via == "unet":
+        return {"unet_class_labels": noise_level.long()}
+    return {"conditions": {"noise_level": noise_level.float()}}
+
+
+@register
+class UpsampleTask(_OptionsTask):
+    """4x video upsampler: denoise the high-res latents given noise-augmented low-res frames concatenated
+    to the input and the noise level as a condition; trained on patches."""
+
+    name = "upsample"
+    options_cls = UpsampleOptions
+
+    def required_temporal_options(self) -> dict[str, Any]:
+        out = _label_temporal_options(self.opts)
+        if self.opts.condition_via == "temporal":
+            out.update(extra_in_channels=self.opts.lowres_channels, scalar_conds=("noise_level",))
+        return out
+
+    def training_inputs(self, latents: torch.Tensor, batch: dict, generator: torch.Generator | None) -> TaskInputs:
+        o = self.opts
+        b, _, _, h, w = latents.shape
+        if o.pixels_key not in batch:
+            raise KeyError(f"upsample task needs batch[{o.pixels_key!r}] (the clip's pixels) to make the low-res input")
+        lowres = make_lowres(torch.as_tensor(batch[o.pixels_key]).to(latents.device), o.scale, (h, w)).to(latents.dtype)
+        level = torch.randint(0, o.max_noise_level + 1, (b,), generator=generator)
+        lowres = noise_augment(lowres, level, generator)
+        target = latents
+        if o.patch_size and o.patch_size < min(h, w):
+            p = o.patch_size
+            ys = torch.randint(0, h - p + 1, (b,), generator=generator).tolist()
+            xs = torch.randint(0, w - p + 1, (b,), generator=generator).tolist()
+            target = torch.stack([latents[i, :, :, y:y + p, x:x + p] for i, (y, x) in enumerate(zip(ys, xs))])
+            lowres = torch.stack([lowres[i, :, :, y:y + p, x:x + p] for i, (y, x) in enumerate(zip(ys, xs))])
+        kwargs = {**noise_level_inputs(o.condition_via, level.to(latents.device)),
+                  **_class_inputs(o, batch, b, latents.device, generator)}
+        return TaskInputs(model_kwargs=kwargs, extra_channels=lowres.contiguous(), target_latents=target.contiguous())
+
+
+# ---------------------------------------------------------------------------- the objective with task inputs
+
+
+def task_diffusion_loss(
+    model: Callable[..., torch.Tensor],
+    inputs: TaskInputs,
+    latents: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    scheduler,
+    generator: torch.Generator | None = None,
+    weighting: str = "none",
+    snr_gamma: float = 5.0,
+) -> torch.Tensor:
+    """`diffusion_loss` for a task: denoise `inputs.target_latents` (or `latents`), with the extra channels
+    concatenated after the noisy latents, the task's model kwargs, and only `inputs.loss_mask` frames counted.
+
+    The mask is applied by letting masked-out elements predict their target exactly (zero error) and
+    rescaling each clip's mean by f / (frames counted), so the loss is the mean over counted frames.
+    """
+    target = inputs.target_latents if inputs.target_latents is not None else latents
+
+    def model_fn(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x = noisy if inputs.extra_channels is None else torch.cat([noisy, inputs.extra_channels.to(noisy.dtype)], 1)
+        return model(x, t, encoder_hidden_states, **inputs.model_kwargs)
+
+    if inputs.loss_mask is None:
+        return diffusion_loss(model_fn, target, scheduler, generator, weighting, snr_gamma)
+    b, dev = target.shape[0], target.device
+    gen_dev = "cpu" if generator is not None and generator.device.type == "cpu" else dev
+    noise = torch.randn(target.shape, generator=generator, device=gen_dev, dtype=torch.float32).to(dev, target.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=gen_dev).to(dev)
+    if scheduler.config.prediction_type == "v_prediction":
+        goal = scheduler.get_velocity(target, noise, t)
+    else:
+        goal = noise
+    m = inputs.loss_mask.to(dev, target.dtype).expand(-1, 1, -1, 1, 1)
+
+    def masked_fn(noisy: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        pred = model_fn(noisy, tt)
+        return pred * m + goal.detach().to(pred.dtype) * (1 - m)
+
+    per_clip = diffusion_loss(masked_fn, target, scheduler, None, weighting, snr_gamma, timesteps=t, noise=noise, reduce=False)
+    frac = m.flatten(1).mean(1).clamp(min=1e-8)
+    return (per_clip / frac).mean()
+
+
+def task_from_config(name: str, options: dict | None = None) -> Task:
+    """`get_task` with options (what a `task_options:` config section would pass)."""
+    from vldm.tasks import get_task
+
+    return get_task(name, **(options or {}))
+
+
+def merged_temporal_options(temporal: dict, task: Task) -> dict:
+    """Model temporal options with the task's requirements merged in (tuples such as scalar_conds united)."""
+    out = dict(temporal)
+    for k, v in task.required_temporal_options().items():
+        if isinstance(v, tuple) and out.get(k):
+            out[k] = tuple(dict.fromkeys(tuple(out[k]) + v))
+        else:
+            out[k] = v
+    return out
+
+
+__all__ = [
+    "InterpolateOptions", "InterpolateTask", "PredictOptions", "PredictTask", "UpsampleOptions", "UpsampleTask",
+    "context_condition", "first_frames_mask", "interpolated_length", "key_frame_mask", "make_lowres",
+    "merged_temporal_options", "noise_augment", "noise_level_inputs", "task_diffusion_loss",
+]

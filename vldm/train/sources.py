@@ -1,0 +1,104 @@
+"""Where training batches come from: the shard loader (`vldm.data.build_loader`) or a synthetic source.
+
+Both yield dicts {"pixels" (B,C,F,H,W) in [-1,1] or "latents" (B,c,F,h,w), "captions", "keys",
+"meta"} and have state_dict()/load_state_dict(), so the position in the data is part of a checkpoint.
+
+The synthetic source (data.shards empty) makes random textures that translate by a per-clip velocity
+over the frames, captioned with their direction: frames are correlated, so the temporal layers have
+something to learn, and every sample is a pure function of (seed, global sample index). That makes
+the global batch independent of how it is split over ranks (1 rank x 4 clips == 2 ranks x 2 clips) and
+makes resume exact at any world size with the same global batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vldm.config.schema import Config
+
+DIRECTIONS = {"still": (0, 0), "left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
+COLOURS = ("red", "green", "blue", "yellow", "white")
+
+
+def seed_of(*parts: Any) -> int:
+    """A 63-bit seed from any tuple of values (stable across processes, unlike hash())."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+class SyntheticClips:
+    """Deterministic moving-texture clips; sample g (global index) depends only on (seed, g)."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int, channels: int, height: int, width: int,
+                 kind: str = "latents", num_labels: int = 0):
+        self.seed = cfg.seed
+        self.batch_size = cfg.data.batch_size
+        self.num_frames = cfg.data.num_frames
+        self.rank, self.world_size = rank, world_size
+        self.shape = (channels, height, width)
+        self.kind = kind  # "latents" (UNet input) or "pixels" (VAE input, in [-1, 1])
+        self.num_labels = num_labels
+        self.batches = 0  # micro-batches this rank has yielded
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def sample(self, index: int) -> tuple[torch.Tensor, str, dict]:
+        g = torch.Generator().manual_seed(seed_of("synthetic", self.seed, index))
+        c, h, w = self.shape
+        # smooth texture: low-res noise upsampled, so a shift of one pixel is a small, learnable change
+        base = torch.randn(1, c, max(2, h // 4), max(2, w // 4), generator=g)
+        base = F.interpolate(base, size=(h, w), mode="bilinear", align_corners=False)[0]
+        names = list(DIRECTIONS)
+        direction = names[int(torch.randint(len(names), (1,), generator=g))]
+        colour = COLOURS[int(torch.randint(len(COLOURS), (1,), generator=g))]
+        dy, dx = DIRECTIONS[direction]
+        frames = torch.stack([torch.roll(base, shifts=(t * dy, t * dx), dims=(1, 2)) for t in range(self.num_frames)], 1)
+        if self.kind == "pixels":
+            frames = torch.tanh(frames)
+        meta: dict[str, Any] = {"direction": direction}
+        if self.num_labels:
+            meta["label"] = int(torch.randint(self.num_labels, (1,), generator=g))
+        return frames.contiguous(), f"a {colour} texture moving {direction}", meta
+
+    def __next__(self) -> dict:
+        # global sample index: batch-major over the whole job, then rank, then position
+        first = (self.batches * self.world_size + self.rank) * self.batch_size
+        items = [self.sample(first + j) for j in range(self.batch_size)]
+        self.batches += 1
+        return {
+            self.kind: torch.stack([x for x, _, _ in items]),
+            "captions": [cap for _, cap, _ in items],
+            "keys": [f"synthetic{first + j:010d}" for j in range(self.batch_size)],
+            "meta": [m for _, _, m in items],
+        }
+
+    def state_dict(self) -> dict:
+        return {"kind": "synthetic", "batches": self.batches, "batch_size": self.batch_size, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        consumed = state["batches"] * state["batch_size"] * state["world_size"]
+        per_batch = self.batch_size * self.world_size
+        if consumed % per_batch:
+            raise ValueError(f"synthetic data position {consumed} samples is not a multiple of the new global batch {per_batch}")
+        self.batches = consumed // per_batch
+
+
+def build_source(cfg: Config, rank: int, world_size: int, channels: int, latent_hw: tuple[int, int],
+                 vae_scale: int, has_vae: bool, num_labels: int = 0):
+    """The shard loader when `data.shards` is set, else the synthetic source (latents, or pixels when a
+    VAE is loaded and `data.use_latents` is off, so the encode path runs as with real data)."""
+    if cfg.data.shards:
+        try:
+            from vldm.data import build_loader  # the data pipeline (vldm/data)
+        except ImportError as e:
+            raise RuntimeError(f"data.shards is set but the shard loader is unavailable: {e}") from e
+        return build_loader(cfg.data, rank=rank, world_size=world_size, seed=cfg.seed)
+    h, w = latent_hw
+    if has_vae and not cfg.data.use_latents:
+        return SyntheticClips(cfg, rank, world_size, 3, h * vae_scale, w * vae_scale, "pixels", num_labels)
+    return SyntheticClips(cfg, rank, world_size, channels, h, w, "latents", num_labels)
