@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from vldm.config.core import field_
 from vldm.config.data import DataConfig
@@ -22,6 +22,7 @@ from vldm.config.train import (
 class Config:
     stage: Literal["image", "temporal"] = field_("temporal", "image: train the whole image UNet on frames; temporal: freeze it, train temporal layers")
     task: str = field_("generate", "what the temporal model learns: generate | predict | interpolate | upsample (vldm.tasks)")
+    task_options: dict[str, Any] = field_(default_factory=dict, help="options of the task, e.g. {context_frames: [0, 1, 2]} for predict (vldm.tasks.paper *Options); unknown keys are errors")
     run_dir: str = field_("outputs/run", "where checkpoints, the resolved config and logs go")
     seed: int = field_(0, "global seed")
     model: ModelConfig = field_(default_factory=ModelConfig, help="model")

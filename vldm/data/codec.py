@@ -101,6 +101,12 @@ def encode_frames(frames: np.ndarray, fps: float | Fraction, *, codec: str = "li
     return buf.getvalue()
 
 
+def to_rgb(frame: av.VideoFrame, width: int | None = None, height: int | None = None, interpolation: str = "AREA") -> np.ndarray:
+    """(H, W, 3) uint8 RGB. threads=1: PyAV's default lets swscale start a thread pool per call, which
+    costs ~100x the conversion itself on small frames (measured: 5 ms vs 0.01 ms at 64x64)."""
+    return frame.reformat(width=width, height=height, format="rgb24", interpolation=interpolation, threads=1).to_ndarray()
+
+
 def fit_frame(frame: av.VideoFrame, height: int, width: int, rotation: int = 0) -> np.ndarray:
     """Resize so the (upright) frame covers height x width, centre-crop, return (H, W, 3) uint8 RGB.
 
@@ -115,10 +121,7 @@ def fit_frame(frame: av.VideoFrame, height: int, width: int, rotation: int = 0) 
     # AREA averages when shrinking (no aliasing); bicubic when enlarging
     interp = "AREA" if scale < 1 else "BICUBIC"
     tw, th = (rh, rw) if quarter % 2 else (rw, rh)
-    if (tw, th) == (sw, sh):
-        img = frame.to_ndarray(format="rgb24")
-    else:
-        img = frame.reformat(width=tw, height=th, format="rgb24", interpolation=interp).to_ndarray()
+    img = to_rgb(frame, tw, th, interp)
     if quarter:
         img = np.rot90(img, k=quarter)  # counter-clockwise, like the display matrix
     y0, x0 = (img.shape[0] - height) // 2, (img.shape[1] - width) // 2
@@ -140,7 +143,7 @@ def decode_window(source: str | bytes, start: int, num_frames: int, stride: int 
         for i, frame in enumerate(container.decode(video=0)):
             if i >= start and (i - start) % stride == 0:
                 if size is None or (frame.height, frame.width) == tuple(size):
-                    out.append(frame.to_ndarray(format="rgb24"))
+                    out.append(to_rgb(frame))
                 else:
                     out.append(fit_frame(frame, size[0], size[1]))
             if i >= wanted:
@@ -153,7 +156,7 @@ def decode_window(source: str | bytes, start: int, num_frames: int, stride: int 
 def decode_all(source: str | bytes, threads: int = 1) -> np.ndarray:
     """Every frame -> (F, H, W, 3) uint8 (for the latent stage and tests)."""
     with open_input(source, threads=threads) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        frames = [to_rgb(f) for f in container.decode(video=0)]
     if not frames:
         raise ValueError("no frames")
     return np.stack(frames)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vldm.config.core import atomic_write_bytes
 from vldm.config.data import ShardConfig
 from vldm.data.clips import ClipSpec, VideoError, open_video
 from vldm.data.format import INPUTS_FILE, PLAN_FILE, shard_name
+from vldm.data.fsutil import atomic_write
 from vldm.data.sources import InputRecord
 
 log = logging.getLogger("vldm.data")
@@ -90,11 +90,11 @@ def make_plan(cfg: ShardConfig, records: list[InputRecord], duplicates: int, spe
 def save_plan(out: Path, plan: Plan) -> None:
     # the input list first: a plan file always has its inputs beside it
     lines = b"".join(json.dumps(r.as_dict(), ensure_ascii=False).encode() + b"\n" for r in plan.inputs)
-    atomic_write_bytes(out / INPUTS_FILE, lines)
+    atomic_write(out / INPUTS_FILE, lines)
     doc = {"settings": plan.settings, "videos_per_shard": plan.videos_per_shard, "clips_per_video": plan.clips_per_video,
            "duplicates": plan.duplicates, "inputs": len(plan.inputs), "shards": plan.num_shards,
            "inputs_sha256": hashlib.sha256(lines).hexdigest(), "created": time.time()}
-    atomic_write_bytes(out / PLAN_FILE, json.dumps(doc, indent=1).encode())
+    atomic_write(out / PLAN_FILE, json.dumps(doc, indent=1).encode())
 
 
 def load_plan(out: Path) -> Plan | None:

@@ -39,7 +39,7 @@ def iter_samples(fileobj: IO[bytes], want: Callable[[int], bool] | None = None,
     """Yield (index, key, members) for each sample in tar order; members is None when `want(index)`
     is false (its bytes are skipped, not read). Stops after sample `stop - 1`. Raises tarfile.ReadError
     / OSError on a broken stream (the caller decides what that means for the rest of the shard)."""
-    index, key, members = -1, None, {}
+    index, key, members, wanted = -1, None, {}, False
     with tarfile.open(fileobj=fileobj, mode="r|") as tar:
         for info in tar:
             if not info.isfile():

@@ -18,7 +18,6 @@ errors), e.g. `get_task("predict", loss_frames="all")`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,7 +27,6 @@ from diffusers import DDPMScheduler
 from einops import rearrange
 
 from vldm.config.core import ConfigError, field_, from_dict
-from vldm.diffusion.loss import diffusion_loss
 from vldm.tasks import register
 from vldm.tasks.base import Task, TaskInputs
 
@@ -68,40 +66,16 @@ def _rand(n: int, generator: torch.Generator | None) -> torch.Tensor:
     return torch.rand(n, generator=generator)
 
 
-def _batch_scalar(batch: dict, key: str, b: int, default: float) -> torch.Tensor:
-    """A per-clip float from the batch (tensor, list or number), else `default`."""
-    v = batch.get(key) if key else None
-    if v is None:
-        return torch.full((b,), float(default))
-    return torch.as_tensor(v, dtype=torch.float).reshape(-1).expand(b).clone()
-
-
-@dataclass
-class LabelOptions:
-    """Class conditioning shared by every task (e.g. day/night and crowdedness for driving, paper §4.1)."""
-
-    num_class_labels: int = field_(0, "class labels of the model (= model.temporal.num_class_labels); 0 = none")
-    label_key: str = field_("class_labels", "batch key holding (b,) integer labels")
-    label_dropout: float = field_(0.1, "probability of replacing a label by the 'no label' class (for guidance)")
-
-
-def _class_inputs(opts: LabelOptions, batch: dict, b: int, device, generator) -> dict:
-    if not opts.num_class_labels:
-        return {}
-    if opts.label_key not in batch:
-        raise KeyError(f"task needs batch[{opts.label_key!r}] (num_class_labels={opts.num_class_labels})")
-    labels = torch.as_tensor(batch[opts.label_key]).long().reshape(b).clone()
-    drop = _rand(b, generator) < opts.label_dropout
-    labels[drop] = opts.num_class_labels  # the extra embedding row means "no label"
-    return {"class_labels": labels.to(device)}
-
-
-def _label_temporal_options(opts: LabelOptions) -> dict:
-    return {"num_class_labels": opts.num_class_labels} if opts.num_class_labels else {}
+def _clip_scalar(batch: dict, key: str, b: int, default: float) -> torch.Tensor:
+    """A per-clip float: batch[key] (tensor, list or number), else each clip's meta[key], else `default`."""
+    if key in batch:
+        return torch.as_tensor(batch[key], dtype=torch.float).reshape(-1).expand(b).clone()
+    meta = batch.get("meta") or [{}] * b
+    return torch.tensor([float(m.get(key, default)) if isinstance(m, dict) else float(default) for m in meta])
 
 
 class _OptionsTask(Task):
-    options_cls: type = LabelOptions
+    options_cls: type
 
     def __init__(self, **options: Any):
         self.opts = from_dict(self.options_cls, options, prefix=f"task_options[{self.name}]")
@@ -111,7 +85,7 @@ class _OptionsTask(Task):
 
 
 @dataclass
-class PredictOptions(LabelOptions):
+class PredictOptions:
     latent_channels: int = field_(4, "latent channels c of the base model: the condition has c + 1 channels")
     context_frames: tuple[int, ...] = field_((0, 1, 2), "numbers S of given first frames drawn per clip; S = 0 is the unconditional branch for context guidance")
     context_probs: tuple[float, ...] = field_((), "probabilities of context_frames (empty = uniform)")
@@ -132,7 +106,7 @@ class PredictTask(_OptionsTask):
     options_cls = PredictOptions
 
     def required_temporal_options(self) -> dict[str, Any]:
-        return {"temporal_cond_channels": self.opts.latent_channels + 1, **_label_temporal_options(self.opts)}
+        return {"temporal_cond_channels": self.opts.latent_channels + 1}
 
     def training_inputs(self, latents: torch.Tensor, batch: dict, generator: torch.Generator | None) -> TaskInputs:
         b, c, f = latents.shape[:3]
@@ -140,7 +114,7 @@ class PredictTask(_OptionsTask):
             raise ValueError(f"predict task: latents have {c} channels, task_options.latent_channels is {self.opts.latent_channels}")
         s = _choice(self.opts.context_frames, self.opts.context_probs, b, generator).clamp(max=f - 1)
         mask = first_frames_mask(s.to(latents.device), f)
-        kwargs = {"temporal_cond": context_condition(latents, mask), **_class_inputs(self.opts, batch, b, latents.device, generator)}
+        kwargs = {"temporal_cond": context_condition(latents, mask)}
         loss_mask = None
         if self.opts.loss_frames == "generated":
             loss_mask = (~mask).to(latents.dtype)[:, None, :, None, None]
@@ -151,15 +125,16 @@ class PredictTask(_OptionsTask):
 
 
 @dataclass
-class InterpolateOptions(LabelOptions):
+class InterpolateOptions:
     latent_channels: int = field_(4, "latent channels c of the base model: the condition has c + 1 channels")
     factor: int = field_(4, "frame-rate factor: key frames at every factor-th position, factor - 1 frames predicted between them")
     window: int = field_(0, "frames per training window, factor * k + 1 (0 = the longest that fits the clip)")
     stages: tuple[int, ...] = field_((0, 1), "stage labels trained: 1 = the last (finest) stage uses the clip's own frame rate, 0 = the stage before it uses every factor-th frame (needs clips of factor * (window - 1) + 1 frames)")
     stage_probs: tuple[float, ...] = field_((), "probabilities of stages (empty = uniform)")
-    fps_key: str = field_("fps", "batch key of the clip's frame rate (falls back to `fps`)")
+    fps_key: str = field_("fps", "batch key (or key of each clip's meta) holding the clip's frame rate; with data.frame_stride > 1 set `fps` instead")
     fps: float = field_(8.0, "frame rate of training clips when the batch does not carry one")
     fps_condition: bool = field_(True, "condition on the output frame rate (scalar condition 'fps')")
+    context_dropout: float = field_(0.1, "probability of hiding the key frames of a clip (the unconditional branch of context guidance)")
     loss_frames: Literal["generated", "all"] = field_("generated", "frames in the loss: the in-between frames only, or all")
 
     def validate(self) -> None:
@@ -181,14 +156,16 @@ class InterpolateTask(_OptionsTask):
 
     def required_temporal_options(self) -> dict[str, Any]:
         conds = ("fps", "stage") if self.opts.fps_condition else ("stage",)
-        return {"temporal_cond_channels": self.opts.latent_channels + 1, "scalar_conds": conds,
-                **_label_temporal_options(self.opts)}
+        return {"temporal_cond_channels": self.opts.latent_channels + 1, "scalar_conds": conds}
 
-    def window_for(self, num_frames: int, stride: int) -> int:
+    def window(self, clip_frames: int) -> int:
+        """Frames per window (both stages alike): `window`, else the longest factor * k + 1 that the
+        coarsest trained stage can cut from clips of `clip_frames` frames."""
         o = self.opts
         if o.window:
             return o.window
-        longest = (num_frames - 1) // stride + 1
+        stride = o.factor if 0 in o.stages else 1
+        longest = (clip_frames - 1) // stride + 1
         return (longest - 1) // o.factor * o.factor + 1
 
     def training_inputs(self, latents: torch.Tensor, batch: dict, generator: torch.Generator | None) -> TaskInputs:
@@ -197,24 +174,20 @@ class InterpolateTask(_OptionsTask):
         dev = latents.device
         stage = int(_choice(o.stages, o.stage_probs, 1, generator)[0])
         stride = 1 if stage == 1 else o.factor
-        n = self.window_for(f, stride)
+        n = self.window(f)
         span = (n - 1) * stride + 1
         if n < o.factor + 1 or span > f:
-            if stage == 0 and 1 in o.stages:  # too short for the coarse stage: train the fine one
-                stage, stride = 1, 1
-                n = self.window_for(f, 1)
-                span = n
-            if n < o.factor + 1 or span > f:
-                raise ValueError(f"interpolate: clips of {f} frames are too short for window {n} at stride {stride}")
+            raise ValueError(f"interpolate: stage {stage} needs clips of {max(span, o.factor * stride + 1)} frames "
+                             f"(window {max(n, o.factor + 1)} at stride {stride}), got {f}: raise data.num_frames or train stages=[1]")
         start = int(torch.randint(0, f - span + 1, (1,), generator=generator)[0])
         clip = latents[:, :, start:start + span:stride]
         mask = key_frame_mask(n, o.factor, dev)[None].expand(b, -1)
-        fps = _batch_scalar(batch, o.fps_key, b, o.fps) / stride  # the output frame rate of this stage
+        mask = mask & (_rand(b, generator) >= o.context_dropout).to(dev)[:, None]
+        fps = _clip_scalar(batch, o.fps_key, b, o.fps) / stride  # the output frame rate of this stage
         conds = {"stage": torch.full((b,), float(stage), device=dev)}
         if o.fps_condition:
             conds["fps"] = fps.to(dev)
-        kwargs = {"temporal_cond": context_condition(clip, mask), "conditions": conds,
-                  **_class_inputs(o, batch, b, dev, generator)}
+        kwargs = {"temporal_cond": context_condition(clip, mask), "conditions": conds}
         loss_mask = (~mask).to(latents.dtype)[:, None, :, None, None] if o.loss_frames == "generated" else None
         return TaskInputs(model_kwargs=kwargs, loss_mask=loss_mask, target_latents=clip.contiguous())
 
@@ -226,7 +199,7 @@ LOW_RES_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02
 
 
 @dataclass
-class UpsampleOptions(LabelOptions):
+class UpsampleOptions:
     scale: int = field_(4, "upsampling factor between the low-res input and the output pixels")
     condition_via: Literal["unet", "temporal"] = field_("unet", "unet: the image UNet is an upscaler (in_channels = latent + low-res channels, noise level as its class label, e.g. SD x4); temporal: a plain image UNet gets the low-res frames through zero-initialised extra input channels and the noise level as a scalar condition")
     lowres_channels: int = field_(3, "channels of the low-res frames (3 = RGB pixels)")
@@ -279,10 +252,9 @@ class UpsampleTask(_OptionsTask):
     options_cls = UpsampleOptions
 
     def required_temporal_options(self) -> dict[str, Any]:
-        out = _label_temporal_options(self.opts)
         if self.opts.condition_via == "temporal":
-            out.update(extra_in_channels=self.opts.lowres_channels, scalar_conds=("noise_level",))
-        return out
+            return {"extra_in_channels": self.opts.lowres_channels, "scalar_conds": ("noise_level",)}
+        return {}
 
     def training_inputs(self, latents: torch.Tensor, batch: dict, generator: torch.Generator | None) -> TaskInputs:
         o = self.opts
@@ -299,77 +271,12 @@ class UpsampleTask(_OptionsTask):
             xs = torch.randint(0, w - p + 1, (b,), generator=generator).tolist()
             target = torch.stack([latents[i, :, :, y:y + p, x:x + p] for i, (y, x) in enumerate(zip(ys, xs))])
             lowres = torch.stack([lowres[i, :, :, y:y + p, x:x + p] for i, (y, x) in enumerate(zip(ys, xs))])
-        kwargs = {**noise_level_inputs(o.condition_via, level.to(latents.device)),
-                  **_class_inputs(o, batch, b, latents.device, generator)}
+        kwargs = noise_level_inputs(o.condition_via, level.to(latents.device))
         return TaskInputs(model_kwargs=kwargs, extra_channels=lowres.contiguous(), target_latents=target.contiguous())
-
-
-# ---------------------------------------------------------------------------- the objective with task inputs
-
-
-def task_diffusion_loss(
-    model: Callable[..., torch.Tensor],
-    inputs: TaskInputs,
-    latents: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    scheduler,
-    generator: torch.Generator | None = None,
-    weighting: str = "none",
-    snr_gamma: float = 5.0,
-) -> torch.Tensor:
-    """`diffusion_loss` for a task: denoise `inputs.target_latents` (or `latents`), with the extra channels
-    concatenated after the noisy latents, the task's model kwargs, and only `inputs.loss_mask` frames counted.
-
-    The mask is applied by letting masked-out elements predict their target exactly (zero error) and
-    rescaling each clip's mean by f / (frames counted), so the loss is the mean over counted frames.
-    """
-    target = inputs.target_latents if inputs.target_latents is not None else latents
-
-    def model_fn(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x = noisy if inputs.extra_channels is None else torch.cat([noisy, inputs.extra_channels.to(noisy.dtype)], 1)
-        return model(x, t, encoder_hidden_states, **inputs.model_kwargs)
-
-    if inputs.loss_mask is None:
-        return diffusion_loss(model_fn, target, scheduler, generator, weighting, snr_gamma)
-    b, dev = target.shape[0], target.device
-    gen_dev = "cpu" if generator is not None and generator.device.type == "cpu" else dev
-    noise = torch.randn(target.shape, generator=generator, device=gen_dev, dtype=torch.float32).to(dev, target.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=gen_dev).to(dev)
-    if scheduler.config.prediction_type == "v_prediction":
-        goal = scheduler.get_velocity(target, noise, t)
-    else:
-        goal = noise
-    m = inputs.loss_mask.to(dev, target.dtype).expand(-1, 1, -1, 1, 1)
-
-    def masked_fn(noisy: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-        pred = model_fn(noisy, tt)
-        return pred * m + goal.detach().to(pred.dtype) * (1 - m)
-
-    per_clip = diffusion_loss(masked_fn, target, scheduler, None, weighting, snr_gamma, timesteps=t, noise=noise, reduce=False)
-    frac = m.flatten(1).mean(1).clamp(min=1e-8)
-    return (per_clip / frac).mean()
-
-
-def task_from_config(name: str, options: dict | None = None) -> Task:
-    """`get_task` with options (what a `task_options:` config section would pass)."""
-    from vldm.tasks import get_task
-
-    return get_task(name, **(options or {}))
-
-
-def merged_temporal_options(temporal: dict, task: Task) -> dict:
-    """Model temporal options with the task's requirements merged in (tuples such as scalar_conds united)."""
-    out = dict(temporal)
-    for k, v in task.required_temporal_options().items():
-        if isinstance(v, tuple) and out.get(k):
-            out[k] = tuple(dict.fromkeys(tuple(out[k]) + v))
-        else:
-            out[k] = v
-    return out
 
 
 __all__ = [
     "InterpolateOptions", "InterpolateTask", "PredictOptions", "PredictTask", "UpsampleOptions", "UpsampleTask",
     "context_condition", "first_frames_mask", "interpolated_length", "key_frame_mask", "make_lowres",
-    "merged_temporal_options", "noise_augment", "noise_level_inputs", "task_diffusion_loss",
+    "noise_augment", "noise_level_inputs",
 ]

@@ -1,0 +1,77 @@
+"""Atomic files and the output-directory lock of the sharder."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from typing import IO
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Temp file in the same directory, fsync, rename: readers see the old file or the whole new one.
+    Permissions follow the umask like a plain open() (mkstemp alone would leave 0600)."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def open_temp(directory: Path, prefix: str, suffix: str) -> tuple[IO[bytes], str]:
+    """A binary temp file in `directory` (renamed into place by the caller), umask permissions."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return os.fdopen(fd, "wb"), tmp
+
+
+class DirLock:
+    """An exclusive flock on DIR/.lock: one sharding run per output directory. The kernel drops it when
+    the holder dies, even by kill -9, so a crashed run never blocks the rerun."""
+
+    def __init__(self, directory: Path):
+        self.path = directory / ".lock"
+        self._f: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self._f = open(self.path, "a+")
+        try:
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._f.seek(0)
+            holder = self._f.read().strip()
+            self._f.close()
+            self._f = None
+            raise RuntimeError(f"another sharding run holds {self.path} ({holder or 'unknown'}); wait for it or stop it") from None
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        self._f.flush()
+
+    def release(self) -> None:
+        if self._f is not None:
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> DirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,238 @@
+"""The sharding run on Ray: plan -> shard tasks (+ latent actors) -> stats. Driven by data_prep/shard_videos.py.
+
+Architecture (no frames ever enter the object store):
+- the driver lists the inputs, fixes the plan (plan.py) and submits one task per missing shard, at
+  most `workers` at a time: the window bounds memory (one video per task in flight) whatever the
+  corpus size. A task gets a few hundred small input records, reads the videos by path and writes
+  its shard to OUTPUT itself (shards.write_shard); it returns a small summary.
+- with --encode-latents, complete shards go to a pool of LatentEncoder actors as they finish.
+- progress (clips/s, ETA) comes from the done markers and the journals of running shards.
+Complete shards are skipped without starting Ray, so a rerun of a finished run is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from vldm.config.data import ShardConfig
+from vldm.data.clips import ClipSpec
+from vldm.data.fsutil import DirLock
+from vldm.data.latents import LatentEncoder, needs_latents
+from vldm.data.plan import Plan, check_settings, load_plan, make_plan, save_plan
+from vldm.data.report import aggregate
+from vldm.data.shards import journal_path, read_done, read_journal, write_shard
+from vldm.data.sources import list_inputs
+
+log = logging.getLogger("vldm.data")
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in the driver of a `ray job submit` job
+
+
+def in_ray_job() -> bool:
+    return JOB_ENV in os.environ
+
+
+def _repo_root() -> str:
+    import vldm
+
+    return str(Path(vldm.__file__).resolve().parents[1])
+
+
+def connect(address: str, workers: int) -> str:
+    """Attach to a Ray cluster, or start a private local one. Returns how."""
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if in_ray_job():
+        ray.init(**quiet)  # the job's cluster; its runtime_env (working dir) already carries vldm
+        return "ray job cluster"
+    # workers of an existing cluster do not see this process's sys.path: give them the package's root
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in (_repo_root(), os.environ.get("PYTHONPATH", "")) if p)}}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or None, runtime_env=env, **quiet)
+        return f"cluster at {address or os.environ['RAY_ADDRESS']}"
+    try:
+        ray.init(address="auto", runtime_env=env, **quiet)
+        return "running local cluster"
+    except ConnectionError:
+        # nothing is running: a private instance, sized to the requested workers; its object store
+        # stays small because only small summaries travel through it
+        ray.init(num_cpus=workers or None, object_store_memory=128 << 20, include_dashboard=False, runtime_env=env, **quiet)
+        return "private local Ray"
+
+
+def _clean_temps(out: Path) -> None:
+    """Leftovers of killed writers (temp tars, half-written json). Safe: we hold the directory lock."""
+    for p in out.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            p.unlink(missing_ok=True)
+
+
+def _get_plan(cfg: ShardConfig, out: Path, spec: ClipSpec) -> Plan:
+    plan = load_plan(out)
+    if plan is not None:
+        check_settings(plan, cfg)
+        if plan.settings.get("input") != cfg.input:
+            log.warning("INPUT %r differs from %r this OUTPUT was planned with: using the saved input list (%d inputs)",
+                        cfg.input, plan.settings.get("input"), len(plan.inputs))
+        return plan
+    t = time.time()
+    records, dups = list_inputs(cfg.input, tuple(e for e in cfg.extensions.split(",") if e))
+    plan = make_plan(cfg, records, dups, spec)
+    save_plan(out, plan)
+    log.info("planned %d inputs (%d duplicates dropped) into %d shards of %d videos (~%.1f clips/video) in %.1f s",
+             len(plan.inputs), dups, plan.num_shards, plan.videos_per_shard, plan.clips_per_video, time.time() - t)
+    return plan
+
+
+class _Progress:
+    def __init__(self, todo_videos: int, run_id: str, every: float):
+        self.todo_videos, self.run_id, self.every = todo_videos, run_id, every
+        self.t0 = self.last = time.time()
+        self.videos = self.clips = self.failed = 0  # finished shards of this run
+        self.shards_done = 0
+
+    def shard_finished(self, summary: dict[str, Any]) -> None:
+        self.shards_done += 1
+        self.videos += summary["inputs"]
+        self.clips += summary["samples"]
+        self.failed += len(summary["failed"])
+
+    def maybe_log(self, out: Path, running: list[str], total_shards: int, skipped: int, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        videos, clips = self.videos, self.clips
+        for name in running:  # partial progress of shards being written
+            ev = [e for e in read_journal(journal_path(out, name)) if e.get("run") == self.run_id]
+            if ev:
+                latest = ev[-1]["attempt"]
+                ends = [e for e in ev if e["attempt"] == latest and e["ev"] == "end"]
+                videos += len(ends)
+                clips += sum(e.get("clips", 0) for e in ends)
+        elapsed = max(now - self.t0, 1e-9)
+        todo_videos = self.todo_videos
+        rate = videos / elapsed
+        eta = (todo_videos - videos) / rate if rate > 0 else float("nan")
+        log.info("%d/%d shards (%d skipped) | %d/%d videos | %d clips | %.1f clips/s | %d failed | ETA %s",
+                 self.shards_done + skipped, total_shards, skipped, videos, todo_videos, clips, clips / elapsed, self.failed,
+                 time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?")
+
+
+def run(cfg: ShardConfig) -> int:
+    """The whole sharding run; returns the process exit status (0: every shard complete)."""
+    out = Path(cfg.output)
+    if in_ray_job() and not out.is_absolute():
+        log.error("OUTPUT %r is relative, but under `ray job submit` the driver runs in a temp copy of the working dir: "
+                  "pass an absolute path (e.g. $PWD/%s)", cfg.output, cfg.output)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    with DirLock(out):
+        _clean_temps(out)
+        return _run_locked(cfg, out)
+
+
+def _run_locked(cfg: ShardConfig, out: Path) -> int:
+    t0 = time.time()
+    run_id = uuid.uuid4().hex[:16]
+    spec = ClipSpec.from_config(cfg)
+    plan = _get_plan(cfg, out, spec)
+    names = [plan.shard_name(i) for i in range(plan.num_shards)]
+    todo = [i for i, n in enumerate(names) if read_done(out, n) is None]
+    skipped = len(names) - len(todo)
+    latent_todo = [n for n in names if cfg.encode_latents and needs_latents(read_done(out, n), cfg.vae, cfg.text_encoder)]
+    errors: dict[str, str] = {}
+    workers = cfg.workers
+    if todo or latent_todo:
+        how = connect(cfg.ray_address, cfg.workers)
+        import ray
+
+        workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        log.info("run %s on %s: %d shards to write, %d complete, %d to add latents to; %d workers",
+                 run_id, how, len(todo), skipped, len(latent_todo), workers)
+        _execute(cfg, out, plan, spec, run_id, todo, latent_todo, skipped, workers, errors)
+    else:
+        log.info("all %d shards complete%s: nothing to do", len(names), " with latents" if cfg.encode_latents else "")
+    stats = aggregate(out, plan, {"run_id": run_id, "elapsed": time.time() - t0, "shards_skipped": skipped,
+                                  "errors": errors, "workers": workers})
+    inp = stats["inputs"]
+    reasons = ", ".join(f"{k} {v}" for k, v in inp["failed_by_reason"].items())
+    log.info("done: %d/%d shards complete | %d inputs: %d ok, %d failed%s | %d clips (%.0f s of video, %.1f MB) | "
+             "this run: %d clips in %.1f s = %.1f clips/s",
+             stats["shards"]["complete"], stats["shards"]["total"], inp["unique"], inp["ok"], inp["failed"],
+             f" ({reasons})" if reasons else "", stats["clips"], stats["seconds"], stats["bytes"] / 1e6,
+             stats["run"]["clips"], stats["run"]["elapsed"], stats["run"]["clips_per_s"])
+    if inp["failed"]:
+        log.info("failed inputs are listed in %s; retry them with: shard_videos.py %s NEW_OUTPUT",
+                 out / "failed.jsonl", out / "failed.jsonl")
+    if errors or stats["shards"]["incomplete"]:
+        log.error("%d shards incomplete (%s): rerun the same command to finish them",
+                  len(stats["shards"]["incomplete"]), "; ".join(f"{k}: {v}" for k, v in list(errors.items())[:3]))
+        return 1
+    return 0
+
+
+def _execute(cfg: ShardConfig, out: Path, plan: Plan, spec: ClipSpec, run_id: str, todo: list[int],
+             latent_todo: list[str], skipped: int, workers: int, errors: dict[str, str]) -> None:
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=cfg.max_retries)(write_shard)
+    pending: dict[Any, str] = {}  # ObjectRef -> shard name
+    queue = list(todo)
+    progress = _Progress(sum(len(plan.shard_inputs(i)) for i in todo), run_id, cfg.log_every)
+    actors: list[Any] = []
+    idle: list[Any] = []
+    latent_pending: dict[Any, tuple[str, Any]] = {}
+    latent_queue = list(latent_todo)
+    if cfg.encode_latents:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        n = cfg.latent_actors or max(1, gpus)
+        actor_cls = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=1, max_task_retries=1)(LatentEncoder)
+        actors = [actor_cls.remote(cfg.vae, cfg.text_encoder, cfg.latent_batch, cfg.latent_dtype) for _ in range(n)]
+        idle = list(actors)
+        log.info("latent stage: %d VAE actor(s) (%s)", n, f"{gpus} GPUs" if gpus else "CPU")
+    while queue or pending or latent_queue or latent_pending:
+        while queue and len(pending) < workers:
+            i = queue.pop(0)
+            items = [(j, r.as_dict()) for j, r in plan.shard_inputs(i)]
+            pending[task.remote(str(out), plan.shard_name(i), items, spec, run_id, cfg.source_hash)] = plan.shard_name(i)
+        while latent_queue and idle:
+            name, actor = latent_queue.pop(0), idle.pop()
+            latent_pending[actor.encode_shard.remote(str(out), name)] = (name, actor)
+        refs = list(pending) + list(latent_pending)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=min(1.0, cfg.log_every))
+        for ref in ready:
+            if ref in pending:
+                name = pending.pop(ref)
+                try:
+                    summary = ray.get(ref)
+                    progress.shard_finished(summary)
+                    if cfg.encode_latents:
+                        latent_queue.append(name)
+                except Exception as e:  # the task failed for good (its retries are spent)
+                    errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    log.error("shard %s failed: %s", name, e)
+            else:
+                name, actor = latent_pending.pop(ref)
+                idle.append(actor)
+                try:
+                    ray.get(ref)
+                except Exception as e:
+                    errors[name] = f"latents: {type(e).__name__}: {e}"
+                    log.error("latents of shard %s failed: %s", name, e)
+        progress.maybe_log(out, list(pending.values()), plan.num_shards, skipped)
+    progress.maybe_log(out, [], plan.num_shards, skipped, force=True)
+    for a in actors:
+        ray.kill(a)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="[shard_videos] %(asctime)s %(message)s", datefmt="%H:%M:%S")

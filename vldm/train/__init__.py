@@ -1,0 +1,1 @@
+"""Training: `python -m vldm.train` (see vldm/train/trainer.py for the loop)."""

@@ -1,0 +1,61 @@
+"""Train a Video LDM: `python -m vldm.train --config configs/X.yaml [key=value ...]`.
+
+One process per GPU (or 2 CPU processes), started by slurm/train_temporal.sbatch (under SLURM or with
+bash), torchrun or the deepspeed launcher; the rank comes from their environment. `--check` validates
+the config (types, paths, cross-field rules) and exits without starting anything: a bad config fails
+here, naming the key. Exit codes: 0 done, 2 bad config, 3 aborted (non-finite steps), 75 stopped on a
+signal after a checkpoint (requeue me), 1 error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m vldm.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="config reference: python -m vldm.config --reference")
+    ap.add_argument("--config", action="append", default=[], metavar="YAML",
+                    help="config file (overrides only; repeat to layer several)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run_dir=outputs/x train.max_steps=100 optim.lr=1e-4")
+    ap.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    from vldm.config import Config, ConfigError, build_config, dump_yaml
+    from vldm.train.preflight import check
+    from vldm.train.signals import CONFIG_EXIT
+
+    yamls = list(a.config) + [x for x in a.overrides if "=" not in x]  # a bare path is a config file too
+    overrides = [x for x in a.overrides if "=" in x]
+    try:
+        cfg = build_config(Config, yamls, overrides)
+        warnings = check(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return CONFIG_EXIT
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)) if "SLURM_STEP_ID" in os.environ or "RANK" in os.environ else 0)
+    for w in warnings:
+        if rank == 0:
+            print(f"config warning: {w}", file=sys.stderr)
+    if a.check:
+        print(dump_yaml(cfg), end="")
+        print(f"# config OK: stage={cfg.stage} task={cfg.task} run_dir={cfg.run_dir}", file=sys.stderr)
+        return 0
+    import torch
+
+    if not torch.cuda.is_available():
+        # before deepspeed is imported: its accelerator is chosen at import
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from vldm.train.trainer import train
+
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

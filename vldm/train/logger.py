@@ -1,0 +1,114 @@
+"""Metrics out: W&B on rank 0 (online, offline or disabled) and a JSON-lines file beside the checkpoints.
+
+The loop calls `logger.log(metrics, step)` unconditionally; ranks other than 0, and runs with W&B
+disabled, get loggers that do nothing, so the loop never asks "is logging on?".
+
+W&B: the run id is derived from the absolute run_dir (or `wandb.id`), and `resume="allow"`, so a
+requeued or restarted job continues the same run; every metric is plotted against
+`trainer/global_step` (define_metric), which stays correct when a resumed job logs again from the
+checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from vldm.config.core import to_dict
+from vldm.config.schema import Config
+
+STEP_METRIC = "trainer/global_step"
+METRICS_FILE = "logs/metrics.jsonl"
+
+
+class Logger(Protocol):
+    def log(self, metrics: dict[str, Any], step: int) -> None: ...
+    def finish(self, exit_code: int = 0) -> None: ...
+
+
+class NullLogger:
+    run_id: str | None = None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+def run_id_for(cfg: Config) -> str:
+    """Stable across requeues and restarts of the same run directory."""
+    if cfg.wandb.id:
+        return cfg.wandb.id
+    return "vldm-" + hashlib.sha1(str(Path(cfg.run_dir).resolve()).encode()).hexdigest()[:12]
+
+
+class WandbLogger:
+    def __init__(self, cfg: Config, resolved: dict):
+        import wandb
+
+        name = Path(cfg.run_dir).resolve().name
+        self.run_id = run_id_for(cfg)
+        self.run = wandb.init(
+            project=cfg.wandb.project, entity=cfg.wandb.entity or None, group=cfg.wandb.group or name,
+            name=cfg.wandb.name or name, id=self.run_id, resume="allow", config=resolved, mode=cfg.wandb.mode,
+            tags=list(cfg.wandb.tags), job_type="train",
+            # W&B files go beside the run unless WANDB_DIR says otherwise
+            dir=os.environ.get("WANDB_DIR") or str(Path(cfg.run_dir)),
+        )
+        self.run.define_metric(STEP_METRIC)
+        for prefix in ("train/*", "perf/*", "ckpt/*"):
+            self.run.define_metric(prefix, step_metric=STEP_METRIC)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.run.log({**metrics, STEP_METRIC: step})
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)
+
+
+class JsonlLogger:
+    """RUN/logs/metrics.jsonl: one line per logged step, with the SLURM job and restart count."""
+
+    def __init__(self, run_dir: str):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.job = {"job": os.environ.get("SLURM_JOB_ID"), "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        line = json.dumps({"step": step, **metrics, **self.job, "time": time.time()})
+        # one write of a whole line: readers never see half a record
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+class MultiLogger:
+    def __init__(self, loggers: list):
+        self.loggers = loggers
+        self.run_id = next((getattr(lg, "run_id", None) for lg in loggers if getattr(lg, "run_id", None)), None)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for lg in self.loggers:
+            lg.log(metrics, step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        for lg in self.loggers:
+            lg.finish(exit_code)
+
+
+def build_logger(cfg: Config, is_main: bool) -> Logger:
+    if not is_main:
+        return NullLogger()
+    loggers: list = []
+    if cfg.wandb.mode != "disabled":
+        loggers.append(WandbLogger(cfg, to_dict(cfg)))
+    if cfg.train.metrics_file:
+        loggers.append(JsonlLogger(cfg.run_dir))
+    return MultiLogger(loggers) if loggers else NullLogger()

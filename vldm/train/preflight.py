@@ -1,0 +1,89 @@
+"""Checks of a resolved config that types alone cannot express; each failure names the key.
+
+Run by `python -m vldm.train --check` (the sbatch script calls it in the batch shell, before srun
+starts any rank) and at the start of every training process. Imports nothing heavy unless the config
+names a task with options.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from vldm.config.core import ConfigError
+from vldm.config.schema import Config
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def check(cfg: Config, cuda: bool | None = None) -> list[str]:
+    """Raise ConfigError for a config that cannot run here; return warnings for ones that can."""
+    warnings: list[str] = []
+    cuda = _has_cuda() if cuda is None else cuda
+    m = cfg.model
+    if m.pretrained:
+        root = Path(m.pretrained).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"model.pretrained: {root} is not a local directory (nothing is downloaded)")
+        if not (root / "unet").is_dir():
+            raise ConfigError(f"model.pretrained: {root} has no unet/ (diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        if not cfg.data.use_latents and not (root / "vae").is_dir():
+            raise ConfigError(f"data.use_latents: false needs a VAE, and {root} has no vae/ (use latent shards or add the VAE)")
+    if m.temporal_weights and not Path(m.temporal_weights).exists():
+        raise ConfigError(f"model.temporal_weights: {m.temporal_weights} does not exist")
+    if cfg.stage == "image":
+        if cfg.task != "generate":
+            raise ConfigError(f"task: stage=image trains the image model on frames; task={cfg.task!r} needs stage=temporal")
+        if cfg.train.image_ratio:
+            raise ConfigError("train.image_ratio: joint image/video batches are for stage=temporal")
+    elif cfg.train.image_ratio:
+        warnings.append("train.image_ratio > 0 with frozen spatial layers: image rows (a = 1) give the temporal layers no "
+                        "gradient; they only keep the loss of image mode in view")
+    if cfg.diffusion.label_key:
+        if cfg.stage == "temporal" and m.temporal.num_class_labels < 1:
+            raise ConfigError("diffusion.label_key: class labels need model.temporal.num_class_labels >= 1")
+        if cfg.stage == "image" and m.unet.num_class_embeds < 2 and not m.pretrained:
+            raise ConfigError("diffusion.label_key: class labels in stage=image need model.unet.num_class_embeds = classes + 1 (last = no label)")
+        n = m.temporal.num_class_labels if cfg.stage == "temporal" else m.unet.num_class_embeds - 1
+        if cfg.diffusion.class_names and len(cfg.diffusion.class_names) != n:
+            raise ConfigError(f"diffusion.class_names: {len(cfg.diffusion.class_names)} names for {n} classes")
+    if cfg.task != "generate" or cfg.task_options:
+        from vldm.tasks import get_task
+
+        try:
+            get_task(cfg.task, **cfg.task_options)
+        except KeyError as e:
+            raise ConfigError(f"task: {e.args[0]}") from None
+        except TypeError as e:
+            raise ConfigError(f"task_options: task {cfg.task!r} takes no such options ({e})") from None
+    d = cfg.deepspeed
+    if not cuda:
+        if d.precision == "fp16":
+            raise ConfigError("deepspeed.precision: fp16 needs a GPU (use fp32 or bf16 on CPU)")
+        if d.backend == "nccl":
+            raise ConfigError("deepspeed.backend: nccl needs GPUs (use gloo or auto)")
+    if cfg.wandb.mode == "online" and not _wandb_key_available():
+        raise ConfigError("wandb.mode: online needs WANDB_API_KEY (or `wandb login`); use offline and `wandb sync` later")
+    r = cfg.checkpoint.resume
+    if r not in ("auto", "never") and not (Path(r) / "COMPLETE").exists():
+        raise ConfigError(f"checkpoint.resume: {r} is not a complete checkpoint directory (auto, never or a path)")
+    shards = cfg.data.shards
+    if shards and "://" not in shards and not shards.startswith("pipe:"):
+        for part in shards.split("::"):
+            if not (Path(part).exists() or glob.glob(part) or "{" in part):
+                raise ConfigError(f"data.shards: {part} matches nothing")
+    if cfg.checkpoint.every > cfg.train.max_steps:
+        warnings.append(f"checkpoint.every={cfg.checkpoint.every} > train.max_steps={cfg.train.max_steps}: only the final checkpoint is written")
+    return warnings

@@ -1,0 +1,269 @@
+"""The training loop. Everything else (model, engine, data, objective, checkpoints, logging, signals)
+lives in its own module; this file reads top to bottom.
+
+Per optimizer step: set the LR for this step; for each micro-step draw a batch (timed: data wait),
+compute the loss and `engine.backward` / `engine.step` (DeepSpeed reduces gradients and steps the
+optimizer at the accumulation boundary, and skips the update when the gradient norm is not finite);
+then ONE all-reduce carries the step's loss, a non-finite flag and the stop flag, so every rank logs
+the same loss and every rank agrees whether to stop at this step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from vldm.checkpoint import RUN_CONFIG
+from vldm.config.core import dump_yaml
+from vldm.config.schema import Config
+from vldm.train import dist
+from vldm.train.build import build, count
+from vldm.train.checkpointing import Checkpointer, dir_bytes, plan_resume, restore
+from vldm.train.ema import EMA
+from vldm.train.engine import grad_norm, model_dtype, parallelize, resolve_backend, resolve_precision, set_lr
+from vldm.train.logger import build_logger
+from vldm.train.lr import lr_at
+from vldm.train.objective import Objective
+from vldm.train.perf import count_flops, peak_memory_gb, peak_tflops, sync
+from vldm.train.signals import ABORT_EXIT, REQUEUE_EXIT, StopRequest
+from vldm.train.sources import SyntheticClips, build_source, seed_of
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Counters that survive a restart (saved in trainer_state.json)."""
+
+    step: int = 0  # optimizer steps done
+    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient)
+    bad_streak: int = 0  # consecutive skipped steps
+    clips_seen: int = 0  # clips (images in stage=image) consumed by all ranks
+    elapsed_s: float = 0.0  # training wall time over all jobs
+
+
+def latent_geometry(cfg: Config, built) -> tuple[int, tuple[int, int], int]:
+    """(latent channels, latent (h, w), VAE factor) for data.size x data.width pixels."""
+    comps = built.comps
+    scale = comps.vae_scale_factor
+    vae_cfg = Path(cfg.model.pretrained) / "vae" / "config.json" if cfg.model.pretrained else None
+    if comps.vae is None and vae_cfg is not None and vae_cfg.exists():
+        # latents in the shards: the VAE is not loaded, its downsampling factor still applies
+        scale = 2 ** (len(json.loads(vae_cfg.read_text())["block_out_channels"]) - 1)
+    h, w = cfg.data.hw
+    return comps.latent_channels, (h // scale, w // scale), scale
+
+
+def step_flops(objective: Objective, model, probe: dict, trainable_prefix: str, image_stage: bool) -> tuple[int, int]:
+    """(training FLOPs of one micro-batch, latent tokens per clip), from one no-grad forward.
+
+    Backward costs 2x forward for layers whose weights train (input + weight gradients) and 1x for
+    frozen layers the gradient passes through (input gradients only): total = 2 F + F_trainable
+    (3 F when everything trains). Counting a real backward instead would include the recomputation
+    of activation checkpointing and need the memory of a step without it.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        objective.loss(model, probe, step=-1, micro=0, rank=0)
+    total = int(counter.get_total_flops())
+    if image_stage:
+        return 3 * total, 0
+    root = type(model).__name__ + "." + trainable_prefix.rstrip(".")
+    # top-level temporal layers only (their children are included in their counts)
+    trainable = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                    if name.startswith(root + ".") and "." not in name[len(root) + 1:])
+    return 2 * total + trainable, 0
+
+
+def train(cfg: Config, source=None) -> int:
+    """Train until cfg.train.max_steps; returns the process exit code (0 done, 75 stopped for requeue,
+    3 aborted after max_bad_steps non-finite steps)."""
+    t_start = time.time()
+    world = dist.detect_world()
+    device = dist.device_for(world)
+    # signals only set a flag from here on: a USR1 during start-up is honoured at the first step
+    stop = StopRequest(cfg.train.stop_after_steps, cfg.train.stop_after_minutes)
+    watchdog = dist.Watchdog(cfg.deepspeed.timeout_s)
+    dist.set_barrier_timeout(cfg.deepspeed.timeout_s)
+
+    def log0(msg: str) -> None:
+        dist.print0(f"[vldm.train {time.strftime('%H:%M:%S')}] {msg}", world=world)
+
+    log0(f"rank {world.rank}/{world.world_size} via {world.launcher}, master {world.master_addr}:{world.master_port}, device {device}")
+    watchdog.arm()  # start-up (model loading, process group, DeepSpeed ops) is bounded too
+    dist.init_process_group(world, resolve_backend(cfg, device), cfg.deepspeed.timeout_s)
+    torch.manual_seed(seed_of("init", cfg.seed))  # identical temporal-layer init on every rank
+
+    # ---------------------------------------------------------------- model, objective, data
+    built = build(cfg)
+    precision = resolve_precision(cfg, device)
+    objective = Objective(cfg, built, device, model_dtype(precision))
+    channels, latent_hw, vae_scale = latent_geometry(cfg, built)
+    num_labels = objective.num_labels if cfg.diffusion.label_key else 0
+    source = source or build_source(cfg, world.rank, world.world_size, channels, latent_hw, vae_scale,
+                                    built.comps.vae is not None, num_labels)
+    trainable = built.trainable()
+    n_frozen = count([p for p in built.model.parameters() if not p.requires_grad])
+    log0(f"stage={cfg.stage} task={cfg.task}: {count([p for _, p in trainable]) / 1e6:.2f}M trainable, "
+         f"{n_frozen / 1e6:.2f}M frozen parameters; latents {channels}x{cfg.data.num_frames}x{latent_hw[0]}x{latent_hw[1]}; "
+         f"precision {precision}; ZeRO-{cfg.deepspeed.zero_stage}")
+
+    built.model.to(device)
+    flops_per_micro, tokens_per_clip = 0, cfg.data.num_frames * latent_hw[0] * latent_hw[1]
+    if cfg.train.count_flops:
+        # a synthetic batch of the real shapes: the data position is untouched
+        kind = "latents" if (built.comps.vae is None or cfg.data.use_latents) else "pixels"
+        ch, hw = (channels, latent_hw) if kind == "latents" else (3, (latent_hw[0] * vae_scale, latent_hw[1] * vae_scale))
+        probe = next(SyntheticClips(cfg, 0, 1, ch, hw[0], hw[1], kind, num_labels))
+        flops_per_micro, _ = step_flops(objective, built.model, probe, built.prefix, cfg.stage == "image")
+    ema = EMA(trainable, cfg.train.ema_decay)  # from the fp32 weights, before DeepSpeed casts them
+
+    # ---------------------------------------------------------------- engine and resume
+    plan = plan_resume(cfg, world.world_size)
+    engine = parallelize(built.model, cfg, world.world_size, device)
+    if cfg.stage == "temporal":
+        engine.module.unet.eval()  # frozen spatial layers: no dropout
+    t0 = time.perf_counter()
+    restore(plan, cfg, built, engine, ema, source, world)
+    restore_s = time.perf_counter() - t0
+    log0(plan.message + (f" in {restore_s:.1f} s" if plan.mode != "fresh" else ""))
+    state = TrainState(**{k: plan.state[k] for k in ("step", "skipped_steps", "bad_streak", "clips_seen", "elapsed_s") if k in plan.state})
+    checkpointer = Checkpointer(cfg, built, world)
+    checkpointer.clean_partial()
+    logger = build_logger(cfg, world.is_main)
+    if world.is_main:
+        dump_yaml(dataclasses.replace(cfg, model=built.model_cfg), Path(cfg.run_dir) / RUN_CONFIG)
+        if plan.mode != "fresh":
+            logger.log({"ckpt/restore_s": restore_s, "ckpt/resumed_with_fresh_optimizer": float(plan.mode == "consolidated")}, state.step)
+    peak = peak_tflops(device, cfg.train.peak_tflops) * 1e12
+    micro_bs = cfg.data.batch_size * (cfg.data.num_frames if cfg.stage == "image" else 1)
+
+    def trainer_state() -> dict:
+        return {**dataclasses.asdict(state), "stage": cfg.stage, "wandb_run_id": getattr(logger, "run_id", None),
+                "global_batch": micro_bs * cfg.train.grad_accum * world.world_size}
+
+    def save(reason: str) -> Path:
+        watchdog.arm(cfg.deepspeed.timeout_s * 2)  # a save may take a while; it is still bounded
+        path = checkpointer.save(engine, ema, source, trainer_state(), reason)
+        log0(f"checkpoint {path} ({reason}) in {checkpointer.last_save_s:.1f} s")
+        if world.is_main:
+            logger.log({"ckpt/save_s": checkpointer.last_save_s, "ckpt/size_gb": dir_bytes(path) / 2**30}, state.step)
+        return path
+
+    # ---------------------------------------------------------------- the loop
+    data = iter(source)
+    steps_this_job, exit_code, job_t0 = 0, 0, time.perf_counter()
+    window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0}
+    try:
+        while state.step < cfg.train.max_steps:
+            watchdog.arm()
+            t_step = time.perf_counter()
+            lr = lr_at(state.step, cfg.optim, cfg.train.max_steps)
+            set_lr(engine, lr)
+            skipped_before = engine.skipped_steps
+            loss_sum, clips, wait = torch.zeros((), device=device), 0, 0.0
+            for micro in range(cfg.train.grad_accum):
+                t_wait = time.perf_counter()
+                batch = next(data)
+                wait += time.perf_counter() - t_wait
+                loss, n = objective.loss(engine, batch, state.step, micro, world.rank)
+                engine.backward(loss)  # a non-finite loss gives non-finite gradients: DeepSpeed skips the update
+                engine.step()
+                loss_sum += loss.detach().float()
+                clips += n
+            # one collective per step: [loss, non-finite ranks, ranks asking to stop]
+            local_loss = loss_sum / cfg.train.grad_accum
+            finite = bool(torch.isfinite(local_loss))
+            agreed = dist.all_reduce(torch.tensor([local_loss.item() if finite else 0.0, float(not finite),
+                                                   float(stop.local(steps_this_job + 1))], dtype=torch.float64))
+            sync(device)
+            state.step += 1
+            steps_this_job += 1
+            step_time = time.perf_counter() - t_step
+            state.elapsed_s += step_time
+            nonfinite_ranks, stopping = int(agreed[1]), agreed[2] > 0
+            skipped = engine.skipped_steps > skipped_before
+            # fp16 overflows of the loss scale are routine and not "bad"; a non-finite loss always is
+            bad = nonfinite_ranks > 0 or (skipped and precision != "fp16")
+            state.skipped_steps += int(skipped)
+            state.bad_streak = state.bad_streak + 1 if bad else 0
+            state.clips_seen += clips * world.world_size
+            if not skipped:
+                ema.update()
+            window["time"] += step_time
+            window["wait"] += wait
+            window["steps"] += 1
+            window["clips"] += clips * world.world_size
+
+            if state.step % cfg.train.log_every == 0 or bad or state.step == cfg.train.max_steps:
+                mem = dist.all_reduce(torch.tensor([peak_memory_gb(device)], dtype=torch.float64), "max")
+                per_step = window["time"] / window["steps"]
+                clips_per_s = window["clips"] / window["time"]
+                loss_value = agreed[0].item() / max(1, world.world_size - nonfinite_ranks) if nonfinite_ranks < world.world_size else float("nan")
+                metrics = {
+                    "train/loss": loss_value if nonfinite_ranks == 0 else float("nan"),
+                    "train/lr": lr,
+                    "train/grad_norm": grad_norm(engine),
+                    "train/skipped_steps": state.skipped_steps,
+                    "train/clips_seen": state.clips_seen,
+                    "perf/step_time_s": per_step,
+                    "perf/clips_per_s": clips_per_s,
+                    "perf/clips_per_s_per_gpu": clips_per_s / world.world_size,
+                    "perf/tokens_per_s": clips_per_s * tokens_per_clip,
+                    "perf/data_wait_frac": window["wait"] / window["time"],
+                    "perf/peak_mem_gb": mem.item(),
+                }
+                if precision == "fp16":
+                    metrics["train/loss_scale"] = float(engine.optimizer.loss_scale)
+                if objective.missing_labels:
+                    metrics["train/missing_labels"] = objective.missing_labels
+                if flops_per_micro:
+                    flops_step = flops_per_micro * cfg.train.grad_accum  # per rank
+                    metrics["perf/tflops_per_gpu"] = flops_step / per_step / 1e12
+                    if peak:
+                        metrics["perf/mfu"] = flops_step / per_step / peak
+                logger.log(metrics, state.step)
+                log0(f"step {state.step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} lr {lr:.2e} "
+                     f"gnorm {metrics['train/grad_norm']:.3f} {per_step:.3f} s/step {clips_per_s:.2f} clips/s "
+                     f"wait {metrics['perf/data_wait_frac']:.0%} mem {mem.item():.2f} GB" + (" SKIPPED" if skipped else ""))
+                window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0}
+
+            if state.bad_streak >= cfg.train.max_bad_steps:
+                # the weights have not changed since the streak began: this is the last good state
+                path = save(f"abort after {state.bad_streak} non-finite steps")
+                log0(f"ERROR: {state.bad_streak} consecutive steps had a non-finite loss or gradient "
+                     f"(train.max_bad_steps={cfg.train.max_bad_steps}); stopped at step {state.step}. The weights of the "
+                     f"last good step are in {path}. Lower optim.lr, check the data, or raise train.max_bad_steps.")
+                exit_code = ABORT_EXIT
+                break
+            if state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.max_steps:
+                save("periodic" if state.step < cfg.train.max_steps else "final")
+            if stopping and state.step < cfg.train.max_steps:
+                if checkpointer.last_saved_step != state.step:
+                    save(f"stop: {stop.reason(steps_this_job)}")
+                log0(f"stopped at step {state.step} ({stop.reason(steps_this_job)}): exit {REQUEUE_EXIT} "
+                     "so the job is requeued; it resumes from this checkpoint")
+                exit_code = REQUEUE_EXIT
+                break
+        else:
+            if checkpointer.last_saved_step != state.step:
+                save("final")
+            log0(f"done: {state.step} steps, {state.skipped_steps} skipped, {time.perf_counter() - job_t0:.1f} s in this job, "
+                 f"{time.time() - t_start:.1f} s with start-up")
+        watchdog.disarm()
+        dist.barrier()
+        logger.finish(exit_code)
+        stop.restore()
+        dist.shutdown()
+        return exit_code
+    except Exception:
+        # no collective after an error: a peer may be gone. Print, and let the launcher end the job.
+        traceback.print_exc()
+        logger.finish(1)
+        os._exit(1)
