@@ -43,8 +43,24 @@ def _repo_root() -> str:
     return str(Path(vldm.__file__).resolve().parents[1])
 
 
+def _loopback_only(address: str) -> bool:
+    """Whether the cluster we will use is (or will be) a single machine on loopback."""
+    addr = address or os.environ.get("RAY_ADDRESS", "")
+    if not addr:
+        try:  # where `ray start` records the running local cluster
+            addr = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray"), "ray_current_cluster").read_text().strip()
+        except OSError:
+            return True  # nothing running: we start a private one
+    host = addr.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def connect(address: str, workers: int) -> str:
     """Attach to a Ray cluster, or start a private local one. Returns how."""
+    if not in_ray_job() and "ray" not in sys.modules and _loopback_only(address):
+        # Ray rewrites a 127.0.0.1 address to the host's eth0 address unless this is 0, and a head
+        # started on loopback (scripts/ray_local_up.sh) is not reachable there: ray.init hangs.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():

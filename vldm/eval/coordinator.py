@@ -121,9 +121,13 @@ class Coordinator:
 
     # ------------------------------------------------------------------ bookkeeping on disk
     def write_suite_files(self) -> None:
+        """suite.yaml (as given, incl. pool/W&B settings) and protocol.json (what the hash covers)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(self.suite, self.dir / "suite.yaml")
-        atomic_write_text(self.dir / "protocol.json", json.dumps(self.protocol, indent=2, sort_keys=True))
+        for name, text in (("suite.yaml", dump_yaml(self.suite)),
+                           ("protocol.json", json.dumps(self.protocol, indent=2, sort_keys=True))):
+            path = self.dir / name
+            if not path.exists() or path.read_text() != text:  # a rerun leaves the run dir untouched
+                atomic_write_text(path, text)
 
     def _marker(self, ckpt_name: str) -> Path:
         return step_dir(self.run_dir, self.suite_hash, ckpt_name) / f".wandb-{self.logger.run_id}"

@@ -29,6 +29,8 @@ from einops import rearrange, repeat
 
 from vldm.models.temporal import MergeFactor, zero_
 
+DECODER_DIR = "video_decoder"  # subfolder of a decoder checkpoint (stage=decoder) holding this model
+
 
 class DecoderTemporalBlock(nn.Module):
     """GroupNorm-SiLU-Conv3d(k,1,1) twice, residual, merged with the spatial features by a = sigmoid(m)."""

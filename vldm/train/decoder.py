@@ -42,9 +42,8 @@ from vldm.diffusion.sampler import encode_pixels
 from vldm.models.base import load_components
 from vldm.models.discriminator3d import PatchDiscriminator3D, hinge_d_loss, hinge_g_loss
 from vldm.models.lpips import load_lpips
-from vldm.models.temporal_decoder import VideoDecoder
+from vldm.models.temporal_decoder import DECODER_DIR, VideoDecoder
 
-DECODER_DIR = "video_decoder"
 DISC_WEIGHTS = "discriminator.safetensors"
 OPTIM_STATE = "optimizer.pt"
 TMP_PREFIX = ".tmp-"
@@ -224,15 +223,6 @@ def train_decoder(cfg: Any, batches: Any = None) -> Path:
     replaces the data source (an iterator of {"pixels": (b, 3, f, H, W)} dicts).
     """
     return DecoderTrainer(cfg, batches).run()
-
-
-def load_video_decoder(run_or_checkpoint: str | Path, device: torch.device | str = "cpu") -> VideoDecoder:
-    """The fine-tuned VideoDecoder of a decoder run (its newest complete checkpoint) or of one checkpoint."""
-    p = Path(run_or_checkpoint)
-    ck = p if (p / COMPLETE).exists() else latest_checkpoint(p)
-    if ck is None:
-        raise FileNotFoundError(f"{p}: no complete decoder checkpoint")
-    return VideoDecoder.from_pretrained(str(ck / DECODER_DIR)).to(device).eval()
 
 
 def main(argv: list[str] | None = None) -> int:

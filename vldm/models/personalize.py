@@ -1,0 +1,122 @@
+"""Personalised text-to-video (paper §4.2): trained temporal layers on a fine-tuned image model.
+
+The temporal layers learned on SD go, unchanged, onto any UNet of the same shape (a DreamBooth or
+otherwise fine-tuned SD, optionally with a LoRA fused into it first). At sampling the spatial layers use
+the fine-tuned model's text encoder (its new tokens) and the temporal layers the original one, through
+`VideoLDMUNet.forward(temporal_encoder_hidden_states=...)`: the temporal layers were trained on that
+encoder's embedding space.
+
+    video_unet = personalize("runs/sd15_t2v", "models/dreambooth_dog", lora="style.safetensors")
+
+LoRA files: diffusers/PEFT (`...lora_A.weight` / `lora_B.weight`), diffusers attention processors
+(`...processor.to_q_lora.down.weight`) and kohya (`lora_unet_..._lora_down.weight`, with `.alpha`);
+only UNet entries are used (a LoRA's text-encoder part belongs to the spatial text encoder, fuse it there).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+
+from vldm.checkpoint import COMPLETE, latest_checkpoint
+from vldm.models.video_unet import CONFIG_NAME, VideoLDMUNet
+
+_PEFT = re.compile(r"^(?:unet\.)?(?P<mod>.+)\.lora_(?P<kind>A|B)(?:\.default)?\.weight$")
+_PROC = re.compile(r"^(?:unet\.)?(?P<mod>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<kind>down|up)\.weight$")
+_KOHYA = re.compile(r"^lora_unet_(?P<mod>.+)\.(?P<kind>lora_down|lora_up)\.weight$")
+
+
+def load_lora(path: str | Path) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if p.is_dir():
+        cands = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
+        if not cands:
+            raise FileNotFoundError(f"no LoRA weights in {p}")
+        p = cands[0]
+    return load_file(str(p)) if p.suffix == ".safetensors" else torch.load(p, map_location="cpu", weights_only=True)
+
+
+def _pairs(sd: dict[str, torch.Tensor], unet: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """module path -> {"down", "up", "alpha"?} for every UNet LoRA pair in `sd`."""
+    kohya_names = {n.replace(".", "_"): n for n, _ in unet.named_modules()}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        if k.startswith(("text_encoder", "lora_te")):
+            continue
+        if m := _PEFT.match(k):
+            out.setdefault(m["mod"], {})["down" if m["kind"] == "A" else "up"] = v
+        elif m := _PROC.match(k):
+            proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
+            out.setdefault(f"{m['mod']}.{proj}", {})[m["kind"]] = v
+        elif m := _KOHYA.match(k):
+            mod = kohya_names.get(m["mod"])
+            if mod is None:
+                raise KeyError(f"LoRA key {k}: no UNet module {m['mod']}")
+            out.setdefault(mod, {})["down" if m["kind"] == "lora_down" else "up"] = v
+            alpha = sd.get(f"lora_unet_{m['mod']}.alpha")
+            if alpha is not None:
+                out[mod]["alpha"] = alpha
+    return out
+
+
+@torch.no_grad()
+def fuse_lora(unet: UNet2DConditionModel, lora: dict[str, torch.Tensor] | str | Path, scale: float = 1.0) -> list[str]:
+    """Add scale * (alpha / rank) * up @ down to each targeted weight of `unet` in place; returns the modules changed."""
+    sd = load_lora(lora) if isinstance(lora, (str, Path)) else lora
+    modules = dict(unet.named_modules())
+    changed = []
+    for name, pair in _pairs(sd, unet).items():
+        if "down" not in pair or "up" not in pair:
+            raise ValueError(f"LoRA for {name} lacks its down or up matrix")
+        if name not in modules:
+            raise KeyError(f"LoRA targets {name}, which this UNet does not have")
+        w = modules[name].weight
+        down, up = pair["down"].float(), pair["up"].float()
+        rank = down.shape[0]
+        factor = scale * (float(pair["alpha"]) / rank if "alpha" in pair else 1.0)
+        delta = up.flatten(1) @ down.flatten(1)  # linear, 1x1 and kxk convs alike
+        w.add_((factor * delta).reshape(w.shape).to(w.dtype))
+        changed.append(name)
+    if not changed:
+        raise ValueError("no UNet LoRA weights found (unsupported format?)")
+    return changed
+
+
+def _temporal_dir(path: Path) -> Path:
+    """A directory holding temporal.safetensors + temporal_config.json: itself, a checkpoint, or a run's newest checkpoint."""
+    if (path / CONFIG_NAME).exists():
+        return path
+    ck = path if (path / COMPLETE).exists() else latest_checkpoint(path)
+    if ck is None or not (ck / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{path}: no temporal weights (temporal_config.json) in it or its checkpoints")
+    return ck
+
+
+def load_image_unet(path: str | Path) -> UNet2DConditionModel:
+    p = Path(path)
+    sub = "unet" if (p / "unet").is_dir() else None
+    return UNet2DConditionModel.from_pretrained(str(p), subfolder=sub, local_files_only=True).eval().requires_grad_(False)
+
+
+def personalize(temporal: VideoLDMUNet | str | Path, unet: UNet2DConditionModel | str | Path,
+                lora: dict[str, torch.Tensor] | str | Path | None = None, lora_scale: float = 1.0) -> VideoLDMUNet:
+    """A VideoLDMUNet on `unet` (a fine-tuned image UNet, model dir or its unet/) with the temporal layers
+    of `temporal` (a model, a temporal-weights directory, a checkpoint or a run directory).
+
+    The image UNet must have the shape the temporal layers were trained on (checked). With `lora`, the
+    LoRA is fused into the UNet's weights first (scaled by `lora_scale`).
+    """
+    image_unet = load_image_unet(unet) if isinstance(unet, (str, Path)) else unet
+    if lora is not None:
+        fuse_lora(image_unet, lora, lora_scale)
+    if isinstance(temporal, VideoLDMUNet):
+        model = VideoLDMUNet.from_unet2d(image_unet, temporal=temporal.opts)
+        if model.temporal_config()["base_unet_shape"] != temporal.temporal_config()["base_unet_shape"]:
+            raise ValueError("the fine-tuned UNet's shape differs from the one the temporal layers were trained on")
+        model.temporal.load_state_dict(temporal.temporal.state_dict())
+        return model.to(temporal.device).eval()
+    return VideoLDMUNet.from_unet2d_and_temporal(image_unet, _temporal_dir(Path(temporal))).eval()
