@@ -27,7 +27,7 @@ from vldm.eval.coordinator import Coordinator, LocalExecutor, Outcome  # noqa: E
 from vldm.eval.layout import SuiteBusy, SuiteLock  # noqa: E402
 from vldm.eval.suite import load_suite  # noqa: E402
 from vldm.eval.tasks import ShardTask  # noqa: E402
-from vldm.eval.wandb_log import make_logger, training_group  # noqa: E402
+from vldm.eval.wandb_log import make_logger  # noqa: E402
 
 
 class EvalActor:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     executor = None
     try:
         coord.logger = make_logger(suite.wandb, coord.run_dir, suite.name, coord.suite_hash, coord.protocol,
-                                   training_group(coord.run_dir, coord.run_cfg))
+                                   coord.run_cfg)
         if args.local:
             from vldm.eval.worker import EvalWorker
 

@@ -64,3 +64,27 @@ def tiny_unet(**kw) -> UNet2DConditionModel:
 
     torch.manual_seed(0)
     return UNet2DConditionModel(**UNetSpec(**kw).diffusers_kwargs()).eval().requires_grad_(False)
+
+
+def write_run(run_dir, base, stage, num_frames: int = 8, size: int = 16):
+    """A training run directory with one complete checkpoint of `stage` (a StageModel on `base`'s UNet),
+    in the trainer's layout (vldm.checkpoint): what `python -m vldm.sample --run` reads."""
+    import dataclasses
+    from pathlib import Path
+
+    from vldm.checkpoint import COMPLETE, RUN_CONFIG, TEMPORAL_EMA_WEIGHTS, step_dir_name
+    from vldm.config.core import dump_yaml, from_dict, to_dict
+    from vldm.config.model import TemporalOptions
+    from vldm.config.schema import Config
+
+    ck = Path(run_dir) / "checkpoints" / step_dir_name(1)
+    stage.model.save_temporal(ck)
+    stage.model.save_temporal(ck.parent / ".ema")
+    (ck.parent / ".ema" / "temporal.safetensors").replace(ck / TEMPORAL_EMA_WEIGHTS)
+    cfg = Config(task=stage.task, task_options=dict(stage.task_options), run_dir=str(run_dir))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=str(base),
+                                                             temporal=from_dict(TemporalOptions, to_dict(stage.model.opts))),
+                              data=dataclasses.replace(cfg.data, num_frames=num_frames, size=size))
+    dump_yaml(cfg, ck / RUN_CONFIG)
+    (ck / COMPLETE).write_text("step 1\n")
+    return Path(run_dir)

@@ -63,6 +63,20 @@ def test_singular_covariances_stay_finite_and_nonnegative():
     assert np.isfinite(v) and v >= 0
 
 
+def test_low_rank_form_equals_the_full_form():
+    rng = np.random.default_rng(6)
+    big = FeatureStats(64).update(rng.standard_normal((500, 64)) * 1.5)
+    small = FeatureStats(64).update(rng.standard_normal((20, 64)) + 0.3)  # rows kept: 20 <= 64
+    assert small.rows() is not None and big.rows() is None
+    mu1, s1 = big.mean_cov()
+    mu2, s2 = small.mean_cov()
+    with pytest.warns(SmallSampleWarning):
+        fast = frechet_from_stats(big, small)
+    # the full form takes square roots of ~1e-16 eigenvalues of the singular covariance: ~1e-8 round-off
+    assert fast == pytest.approx(frechet_distance(mu1, s1, mu2, s2), rel=1e-7)
+    assert fast == pytest.approx(_sqrtm_fd(mu1, s1, mu2, s2), rel=1e-6)
+
+
 def test_streaming_stats_equal_batch_stats():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((500, 48)) * 2 + 3

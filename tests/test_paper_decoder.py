@@ -55,8 +55,8 @@ def test_discriminator_is_patchwise_over_space_and_time():
 
 
 def test_decoder_fine_tuning_trains_only_the_decoder_and_resumes(base, tmp_path):
-    from vldm.train.decoder import DecoderTrainer, run_config_class
     from vldm.sample.runs import load_decoder
+    from vldm.train.decoder import DecoderTrainer, run_config_class
 
     torch.manual_seed(0)
     sha = save_lpips(LPIPS((4, 8, 8, 8, 8)), tmp_path / "lpips.safetensors")

@@ -111,7 +111,7 @@ class SyntheticConfig:
     size: str = field_("64", "S or HxW of the videos")
     frames: int = field_(32, "frames per video")
     fps: float = field_(8.0, "frame rate (29.97 is written as 30000/1001)")
-    seed: int = field_(0, "seed: the same seed gives the same videos, byte for byte")
+    seed: int = field_(0, "seed: the same seed gives the same files, byte for byte")
     max_shapes: int = field_(2, "1 = one shape per video; 2 = one or two")
     shape_size: float = field_(0.28, "shape size as a fraction of the short side")
     min_speed: float = field_(0.02, "slowest speed, as a fraction of the short side per frame")

@@ -145,8 +145,8 @@ class EvalWandbConfig:
 
     enabled: bool = field_(True, "log to W&B (off, or W&B not installed, gives a no-op logger)")
     mode: Literal["auto", "online", "offline", "disabled"] = field_("auto", "auto = $WANDB_MODE, else online with an API key, else offline")
-    project: str = field_("vldm", "W&B project")
-    entity: str = field_("", "W&B entity (empty = your default)")
+    project: str = field_("", "W&B project (empty = the training run's wandb.project)")
+    entity: str = field_("", "W&B entity (empty = the training run's, else your default)")
     group: str = field_("", "W&B group (empty = the training run's group, else the run dir's name)")
     log_videos: int = field_(4, "sample mp4s logged per weight variant and checkpoint")
 

@@ -37,12 +37,13 @@ def fps_fraction(fps: float | Fraction) -> Fraction:
 
 
 @contextmanager
-def open_input(source: str | bytes | IO[bytes], threads: int = 1) -> Iterator[Any]:
+def open_input(source: str | bytes | IO[bytes], threads: int = 1, format: str | None = None) -> Iterator[Any]:
     """Open a video for reading; closes it (and a file object it opened) however the block exits.
 
     `source`: a local path (opened with the `file:` protocol, so names such as 'pipe:1.mp4' or
     'concat:a|b.mp4' are plain names), a URL fsspec can open, raw bytes, or a binary file object.
     `threads`: decoder threads (1 where parallelism comes from processes; 0 = FFmpeg decides).
+    `format`: the demuxer, when known (our own clips are mp4): skips format probing.
     """
     fobj = None
     try:
@@ -58,7 +59,7 @@ def open_input(source: str | bytes | IO[bytes], threads: int = 1) -> Iterator[An
             target = "file:" + os.path.abspath(path)
         else:
             target = source
-        container = av.open(target, "r", options=dict(_INPUT_OPTIONS))
+        container = av.open(target, "r", format=format, options=dict(_INPUT_OPTIONS))
         try:
             for s in container.streams.video:
                 s.thread_type = "AUTO" if threads != 1 else "SLICE"
@@ -73,8 +74,11 @@ def open_input(source: str | bytes | IO[bytes], threads: int = 1) -> Iterator[An
 
 def encode_frames(frames: np.ndarray, fps: float | Fraction, *, codec: str = "libx264", container: str = "mp4",
                   crf: int | None = 20, preset: str | None = "veryfast", pix_fmt: str | None = None,
-                  threads: int = 1) -> bytes:
-    """(F, H, W, 3) uint8 RGB -> encoded video file bytes. Deterministic for a given input and settings."""
+                  threads: int = 1, exact: bool = False) -> bytes:
+    """(F, H, W, 3) uint8 RGB -> encoded video file bytes.
+
+    `exact`: bit-identical output run to run. x264's macroblock-tree rate control is not (measured:
+    about 1 encode in 50 differs, even single-threaded), so it is turned off, at some cost in size."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected (F, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
     fmt = {"mkv": "matroska", "mov": "mov", "mp4": "mp4", "webm": "webm", "avi": "avi"}.get(container, container)
@@ -83,6 +87,9 @@ def encode_frames(frames: np.ndarray, fps: float | Fraction, *, codec: str = "li
         opts["crf"] = str(crf)
     if codec in ("libx264", "libx265") and preset:
         opts["preset"] = preset
+    if codec == "libx264" and threads >= 1:
+        # the codec context's thread_count does not reach x264's own threads: pin them
+        opts["x264-params"] = f"threads={threads}:lookahead-threads=1" + (":mbtree=0" if exact else "")
     if codec == "libx265":
         opts["x265-params"] = f"log-level=error:pools={threads}:frame-threads=1"
     if codec == "libvpx-vp9":
@@ -129,7 +136,7 @@ def fit_frame(frame: av.VideoFrame, height: int, width: int, rotation: int = 0) 
 
 
 def decode_window(source: str | bytes, start: int, num_frames: int, stride: int = 1,
-                  size: tuple[int, int] | None = None, threads: int = 1) -> np.ndarray:
+                  size: tuple[int, int] | None = None, threads: int = 1, format: str | None = None) -> np.ndarray:
     """Frames start, start+stride, ... (num_frames of them) of a stored clip -> (F, H, W, 3) uint8.
 
     Decoding stops after the last wanted frame. `size` (H, W) resizes + centre-crops when the stored
@@ -137,7 +144,7 @@ def decode_window(source: str | bytes, start: int, num_frames: int, stride: int 
     """
     wanted = start + (num_frames - 1) * stride
     out: list[np.ndarray] = []
-    with open_input(source, threads=threads) as container:
+    with open_input(source, threads=threads, format=format) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         for i, frame in enumerate(container.decode(video=0)):
@@ -153,9 +160,9 @@ def decode_window(source: str | bytes, start: int, num_frames: int, stride: int 
     return np.stack(out)
 
 
-def decode_all(source: str | bytes, threads: int = 1) -> np.ndarray:
+def decode_all(source: str | bytes, threads: int = 1, format: str | None = None) -> np.ndarray:
     """Every frame -> (F, H, W, 3) uint8 (for the latent stage and tests)."""
-    with open_input(source, threads=threads) as container:
+    with open_input(source, threads=threads, format=format) as container:
         frames = [to_rgb(f) for f in container.decode(video=0)]
     if not frames:
         raise ValueError("no frames")

@@ -128,6 +128,9 @@ class ClipMeta:
         return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True).encode()
 
 
+CLIP_META_FIELDS = tuple(f for f in ClipMeta.__dataclass_fields__)
+
+
 @dataclass
 class ManifestRow:
     key: str

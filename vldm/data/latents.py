@@ -124,7 +124,7 @@ class LatentEncoder:
 
     def _sample(self, members: dict[str, bytes]) -> dict[str, bytes]:
         meta = json.loads(members[EXT_JSON])
-        z = self.encode_frames(decode_all(members[EXT_MP4]))
+        z = self.encode_frames(decode_all(members[EXT_MP4], format="mp4"))
         new = {k: v for k, v in members.items() if k not in (EXT_LATENTS, EXT_TEXT_EMB)}
         new[EXT_LATENTS] = npy_bytes(z.astype(self.out_dtype))
         meta["latents"] = {**self.record, "shape": list(z.shape)}

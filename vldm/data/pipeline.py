@@ -121,7 +121,8 @@ class _Progress:
         self.clips += summary["samples"]
         self.failed += len(summary["failed"])
 
-    def maybe_log(self, out: Path, running: list[str], total_shards: int, skipped: int, force: bool = False) -> None:
+    def maybe_log(self, out: Path, running: list[str], total_shards: int, skipped: int, force: bool = False,
+                  latents: str = "") -> None:
         now = time.time()
         if not force and now - self.last < self.every:
             return
@@ -138,9 +139,9 @@ class _Progress:
         todo_videos = self.todo_videos
         rate = videos / elapsed
         eta = (todo_videos - videos) / rate if rate > 0 else float("nan")
-        log.info("%d/%d shards (%d skipped) | %d/%d videos | %d clips | %.1f clips/s | %d failed | ETA %s",
+        log.info("%d/%d shards (%d skipped) | %d/%d videos | %d clips | %.1f clips/s | %d failed | ETA %s%s",
                  self.shards_done + skipped, total_shards, skipped, videos, todo_videos, clips, clips / elapsed, self.failed,
-                 time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?")
+                 time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?", latents)
 
 
 def run(cfg: ShardConfig) -> int:
@@ -208,6 +209,7 @@ def _execute(cfg: ShardConfig, out: Path, plan: Plan, spec: ClipSpec, run_id: st
     idle: list[Any] = []
     latent_pending: dict[Any, tuple[str, Any]] = {}
     latent_queue = list(latent_todo)
+    latent_total, latent_done = len(latent_todo) + (len(todo) if cfg.encode_latents else 0), 0
     if cfg.encode_latents:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         n = cfg.latent_actors or max(1, gpus)
@@ -241,11 +243,14 @@ def _execute(cfg: ShardConfig, out: Path, plan: Plan, spec: ClipSpec, run_id: st
                 idle.append(actor)
                 try:
                     ray.get(ref)
+                    latent_done += 1
                 except Exception as e:
                     errors[name] = f"latents: {type(e).__name__}: {e}"
                     log.error("latents of shard %s failed: %s", name, e)
-        progress.maybe_log(out, list(pending.values()), plan.num_shards, skipped)
-    progress.maybe_log(out, [], plan.num_shards, skipped, force=True)
+        lat = f" | latents {latent_done}/{latent_total} shards" if cfg.encode_latents else ""
+        progress.maybe_log(out, list(pending.values()), plan.num_shards, skipped, latents=lat)
+    progress.maybe_log(out, [], plan.num_shards, skipped, force=True,
+                       latents=f" | latents {latent_done}/{latent_total} shards" if cfg.encode_latents else "")
     for a in actors:
         ray.kill(a)
 

@@ -4,8 +4,9 @@ runs it as a task; tests call it directly).
 Crash safety:
 - the tar is written under a temp name and renamed when complete; the manifest next; the done marker
   (`{name}.done.json`, the shard's summary) last. A shard is complete iff its done marker exists and
-  the tar has the size it records. Anything else is redone from scratch, and a redone shard is byte
-  for byte the same (deterministic inputs, clip placement, encoder and tar headers).
+  the tar has the size it records. Anything else is redone from scratch, with the same samples under
+  the same keys (deterministic inputs, clip placement and tar headers; x264 itself may differ in a
+  few bits run to run).
 - a journal (`.{name}.journal.jsonl`) records when each input starts and ends. When a worker process
   dies (segfault in a decoder, OOM kill) Ray retries the task; an input that was being processed
   when a worker died twice in this run is recorded as `worker_crash` and skipped instead of killing

@@ -51,7 +51,7 @@ def _read_small(path: str) -> bytes | None:
             if not fs.exists(p) or fs.size(p) > _SIDECAR_MAX:
                 return None
             return fs.cat_file(p)
-        p = Path(path)
+        p = Path(_strip_file(path))
         if not p.is_file() or p.stat().st_size > _SIDECAR_MAX:
             return None
         return p.read_bytes()

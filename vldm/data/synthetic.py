@@ -2,15 +2,19 @@
 
 Each video comes with its caption ("a red square moving up and to the left") and the true trajectory
 (centre of every shape in every frame, in pixels) in a sidecar JSON. Everything is a function of
-(seed, index): the same seed gives the same files byte for byte. Shapes bounce off the borders
-(reflection), so their speed is constant; the caption names the initial direction.
+(seed, index): the same seed gives the same files, byte for byte (x264 runs in its exact mode).
+Shapes bounce off the borders (reflection), so their speed is constant; the caption names the
+initial direction.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,8 +154,86 @@ def write_corpus(cfg: SyntheticConfig, log_every: int = 0) -> list[Path]:
         frames, side = make_video(cfg, i)
         path = out / f"{cfg.prefix}_{i:05d}.{cfg.container}"
         _atomic_write(path.with_suffix(".json"), json.dumps(side).encode())
-        _atomic_write(path, encode_frames(frames, cfg.fps, codec=cfg.codec, container=cfg.container, crf=cfg.crf))
+        _atomic_write(path, encode_frames(frames, cfg.fps, codec=cfg.codec, container=cfg.container, crf=cfg.crf, exact=True))
         paths.append(path)
         if log_every and (i + 1) % log_every == 0:
             print(f"[make_synthetic] {i + 1}/{cfg.count} videos", flush=True)
     return paths
+
+
+def set_rotation(mp4: bytes, degrees: int) -> bytes:
+    """Write a display rotation into an mp4's track header, as phones do for portrait video (90 =
+    shown turned 90 degrees clockwise). For test corpora: PyAV cannot write the display matrix."""
+    i = mp4.find(b"tkhd")
+    version = mp4[i + 4]
+    # tkhd: version/flags, times + track id + reserved + duration (20 or 32 bytes), reserved (8),
+    # layer/group/volume/reserved (8), then the 3x3 matrix (9 x int32)
+    off = i + 4 + 4 + (32 if version == 1 else 20) + 8 + 8
+    c, s = {0: (1, 0), 90: (0, 1), 180: (-1, 0), 270: (0, -1)}[degrees % 360]
+    m = (c << 16, s << 16, 0, -s << 16, c << 16, 0, 0, 0, 1 << 30)
+    return mp4[:off] + struct.pack(">9i", *m) + mp4[off + 36 :]
+
+
+def audio_only(seconds: float = 1.0, rate: int = 16000) -> bytes:
+    """An AAC-in-mp4 file with no video stream."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=rate)
+        samples = (np.sin(np.arange(int(seconds * rate)) / 8.0) * 0.3).astype(np.float32)[None]
+        for k in range(0, samples.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, k : k + 1024]), format="fltp", layout="mono")
+            frame.sample_rate = rate
+            for p in stream.encode(frame):
+                out.mux(p)
+        for p in stream.encode():
+            out.mux(p)
+    return buf.getvalue()
+
+
+def write_test_corpus(directory: str | Path, seed: int = 0, seconds: float = 1.0) -> dict[str, str]:
+    """A corpus of awkward and broken inputs for tests and benchmarks: {file name: expected outcome},
+    "ok" for files that must give clips (at 8 fps, 8 frames), else the failure reason (format.REASONS).
+    Each good file lasts `seconds` and shows a moving shape; names exercise shell metacharacters."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    base = SyntheticConfig(output=str(out), seed=seed, max_shapes=1)
+
+    def clip(i: int, size: str, fps: float) -> np.ndarray:
+        cfg = dataclasses.replace(base, size=size, fps=fps, frames=max(1, round(seconds * fps)))
+        return make_video(cfg, i)[0]
+
+    files: dict[str, tuple[bytes, str]] = {
+        "h264 plain.mp4": (encode_frames(clip(0, "32", 16), 16), "ok"),
+        "hevc.mp4": (encode_frames(clip(1, "32", 16), 16, codec="libx265"), "ok"),
+        "vp9.webm": (encode_frames(clip(2, "32", 16), 16, codec="libvpx-vp9", container="webm"), "ok"),
+        "mjpeg.avi": (encode_frames(clip(3, "32", 16), 16, codec="mjpeg", container="avi"), "ok"),
+        "ffv1.mkv": (encode_frames(clip(4, "32", 16), 16, codec="ffv1", container="mkv"), "ok"),
+        "odd size 61x97.mp4": (encode_frames(clip(5, "62x98", 16)[:, :61, :97].copy(), 16, codec="ffv1", container="mkv"), "ok"),
+        "portrait.mp4": (encode_frames(clip(6, "64x32", 16), 16), "ok"),
+        "rotated phone.mp4": (set_rotation(encode_frames(clip(7, "32x48", 16), 16), 90), "ok"),
+        "sixty fps.mp4": (encode_frames(clip(8, "32", 60), 60), "ok"),
+        "ntsc 29.97.mp4": (encode_frames(clip(9, "32", 30000 / 1001), 30000 / 1001), "ok"),
+        "eight fps.mp4": (encode_frames(clip(10, "32", 8), 8), "ok"),
+        "it's a \"quote\".mp4": (encode_frames(clip(11, "32", 16), 16), "ok"),
+        "$(touch PWNED) `touch PWNED2`; rm -rf x.mp4": (encode_frames(clip(12, "32", 16), 16), "ok"),
+        "vidéo 日本語 ü.mp4": (encode_frames(clip(13, "32", 16), 16), "ok"),
+        "pipe:1 concat:a|b %d.mp4": (encode_frames(clip(14, "32", 16), 16), "ok"),
+        "empty.mp4": (b"", "empty"),
+        "text renamed.mp4": (b"this is not a video, just some text\n" * 20, "unreadable"),
+        "random bytes.mp4": (np.random.default_rng(seed).integers(0, 256, 50_000, dtype=np.uint8).tobytes(), "unreadable"),
+        "audio only.mp4": (audio_only(seconds), "no_video"),
+        "too short.mp4": (encode_frames(clip(15, "32", 16)[:4], 16), "too_short"),
+        "playlist.mp4": (f"#EXTM3U\n#EXTINF:1,\nfile://{out}/h264 plain.mp4\n#EXT-X-ENDLIST\n".encode(), "unreadable"),
+        "concat list.mp4": (f"ffconcat version 1.0\nfile '{out}/h264 plain.mp4'\n".encode(), "unreadable"),
+    }
+    # truncated: an mp4 cut in the middle (its index is at the end, so nothing is decodable)
+    whole = encode_frames(clip(16, "32", 16), 16)
+    files["truncated.mp4"] = (whole[: len(whole) // 2], "unreadable")
+    # a truncated stream format (matroska) decodes up to the cut: too little of it for a clip
+    whole = encode_frames(clip(17, "32", 16), 16, codec="ffv1", container="mkv")
+    files["truncated stream.mkv"] = (whole[: int(len(whole) * 0.4)], "decode_error")
+    for name, (data, _) in files.items():
+        _atomic_write(out / (name if "." in name[-5:] else name + ".mp4"), data)
+    return {(n if "." in n[-5:] else n + ".mp4"): e for n, (_, e) in files.items()}

@@ -16,7 +16,7 @@ from vldm.data.format import split_member
 
 class SampleWriter:
     """Append samples `{key}.{ext}` to a tar; headers carry no time or owner, so the same samples give
-    the same bytes (a redone shard is byte-identical to the first attempt)."""
+    the same bytes."""
 
     def __init__(self, fileobj: IO[bytes]):
         self._tar = tarfile.open(fileobj=fileobj, mode="w", format=tarfile.GNU_FORMAT)

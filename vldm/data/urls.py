@@ -134,8 +134,13 @@ def sample_counts(urls: list[str]) -> list[int]:
                 text = _read_text(url[: -len(SHARD_SUFFIX)] + MANIFEST_SUFFIX)
                 n = sum(1 for line in text.splitlines() if line.strip()) if text is not None else None
         if n is None:
-            with open_shard(url) as f:
-                n = sum(1 for _ in iter_samples(f, want=lambda i: False))
+            n = 0
+            try:
+                with open_shard(url) as f:
+                    for _ in iter_samples(f, want=lambda i: False):
+                        n += 1
+            except Exception as e:  # a damaged shard: use what is readable, say so
+                log.warning("shard %s is damaged after %d samples (%s: %s): using those", url, n, type(e).__name__, e)
             scanned += 1
         counts.append(n)
     if scanned:

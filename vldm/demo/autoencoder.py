@@ -5,7 +5,8 @@ domain (solid shapes on a plain background) needs only L1 reconstruction plus a 
 keeps the latent space smooth enough to diffuse in. The result replaces `BASE/vae/` so that every later
 stage loads it through `vldm.models.base.load_components`, like a real SD VAE.
 
-    python -m vldm.demo.autoencoder --videos CORPUS_DIR --out BASE/vae [--steps N]
+    python -m vldm.demo.autoencoder --shards SHARDS --out BASE/vae [--steps N]   # training shards only
+    python -m vldm.demo.autoencoder --videos CORPUS_DIR --out BASE/vae             # or a directory of mp4s
 """
 
 from __future__ import annotations
@@ -43,6 +44,24 @@ def foreground_weight(x: torch.Tensor, weight: float, threshold: float = 0.25) -
     bg = x.flatten(2).median(dim=2).values[..., None, None]
     w = 1 + weight * ((x - bg).abs().amax(1, keepdim=True) > threshold).float()
     return w / w.mean(dim=(2, 3), keepdim=True)
+
+
+def load_shard_frames(shards: str, size: int = 32, holdout_shards: int = 1, num_frames: int = 8) -> np.ndarray:
+    """Every frame of one epoch of the training split (the held-out shards are never seen) -> (N, H, W, 3) uint8,
+    read through the training loader (vldm.data), so the autoencoder sees exactly what the LDM will."""
+    from vldm.config.data import DataConfig
+    from vldm.data import build_loader
+
+    cfg = DataConfig(shards=shards, num_frames=num_frames, size=size, batch_size=16, shuffle_buffer=0,
+                     holdout_shards=holdout_shards, drop_last=False)
+    loader = build_loader(cfg)
+    out = []
+    for i, batch in enumerate(loader):
+        px = batch["pixels"]  # (B, C, F, H, W) in [-1, 1]
+        out.append(((px.permute(0, 2, 3, 4, 1).flatten(0, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
+        if i + 1 >= len(loader):  # one epoch (the train split repeats forever)
+            break
+    return np.concatenate(out)
 
 
 def build_vae(latent_channels: int = 4, channels: tuple[int, ...] = (32, 64, 64), norm_groups: int = 8) -> AutoencoderKL:
@@ -127,21 +146,27 @@ def save_vae(vae: AutoencoderKL, out_dir: str | Path, report: dict | None = None
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--videos", required=True, help="directory of training mp4s (frames are what the VAE sees)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", help="vldm shards (data_prep/shard_videos.py output): frames of the training split")
+    src.add_argument("--videos", help="or a directory of mp4s: all their frames")
+    p.add_argument("--size", type=int, default=32, help="frame size read from --shards (default 32)")
+    p.add_argument("--holdout-shards", type=int, default=1, help="last shards never used (as data.holdout_shards) (default 1)")
     p.add_argument("--out", required=True, help="output directory (e.g. BASE/vae)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
     p.add_argument("--batch-size", type=int, default=32, help="frames per step (default 32)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate, cosine decay (default 2e-3)")
     p.add_argument("--kl-weight", type=float, default=1e-4, help="weight of the per-element KL term (default 1e-4)")
+    p.add_argument("--fg-weight", type=float, default=10.0, help="extra L1 weight of shape pixels (default 10)")
     p.add_argument("--channels", default="32,64,64", help="block_out_channels; factor 2**(n-1) (default 32,64,64)")
     p.add_argument("--latent-channels", type=int, default=4, help="latent channels (default 4, as SD)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N videos (default all)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     a = p.parse_args(argv)
-    frames = load_frames(a.videos, a.limit)
+    frames = load_shard_frames(a.shards, a.size, a.holdout_shards) if a.shards else load_frames(a.videos, a.limit)
     print(f"[autoencoder] {len(frames)} frames {frames.shape[1]}x{frames.shape[2]}", flush=True)
-    vae, report = train_vae(frames, a.steps, a.batch_size, a.lr, a.kl_weight, a.latent_channels,
-                            tuple(int(c) for c in a.channels.split(",")), a.seed)
+    vae, report = train_vae(frames, steps=a.steps, batch_size=a.batch_size, lr=a.lr, kl_weight=a.kl_weight,
+                            fg_weight=a.fg_weight, latent_channels=a.latent_channels,
+                            channels=tuple(int(c) for c in a.channels.split(",")), seed=a.seed)
     save_vae(vae, a.out, report)
     print(f"[autoencoder] PSNR {report['psnr_db']:.1f} dB, latent {report['latent_shape']}, "
           f"scaling_factor {report['scaling_factor']:.3f}, {report['seconds']:.0f}s -> {a.out}", flush=True)

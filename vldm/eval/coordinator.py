@@ -15,9 +15,10 @@ import json
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 from vldm.checkpoint import RUN_CONFIG, checkpoint_step, complete_checkpoints
 from vldm.config import Config, build_config
@@ -243,7 +244,12 @@ class Coordinator:
     def finalize_ready(self) -> None:
         for metric, job in list(self.refs.items()):
             if not job.failed and not job.remaining and not any(t.name in self.inflight for t in job.tasks):
-                self.ref_stats[metric] = finalize_reference(self.cache_dir, job.name, job.tasks)
+                try:
+                    self.ref_stats[metric] = finalize_reference(self.cache_dir, job.name, job.tasks)
+                except Exception as e:  # noqa: BLE001 - e.g. no readable real video: fails the checkpoints, not the pool
+                    job.failed = f"reference statistics for {metric}: {e}"
+                    self.log(job.failed)
+                    continue
                 self.log(f"reference {metric}: {job.name} written (N_real={self.ref_stats[metric][0].count})")
                 del self.refs[metric]
         for name, job in list(self.jobs.items()):

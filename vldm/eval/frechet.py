@@ -44,6 +44,19 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
     return float(np.sqrt(np.clip(ev, 0.0, None)).sum())
 
 
+def trace_sqrt_product_lowrank(sigma: np.ndarray, rows: np.ndarray) -> float:
+    """Tr sqrt(sigma S) where S = cov(rows) has rank < n rows: exact, without any d x d square root.
+
+    With Y the centred rows scaled by 1/sqrt(n-1), S = Y^T Y and sigma^1/2 S sigma^1/2 = Z^T Z with
+    Z = Y sigma^1/2, whose non-zero eigenvalues are those of Z Z^T = Y sigma Y^T (n x n).
+    """
+    x = np.asarray(rows, np.float64)
+    y = (x - x.mean(0)) / np.sqrt(x.shape[0] - 1)
+    m = y @ np.asarray(sigma, np.float64) @ y.T
+    ev = scipy.linalg.eigh((m + m.T) / 2, eigvals_only=True, check_finite=False)
+    return float(np.sqrt(np.clip(ev, 0.0, None)).sum())
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
@@ -104,6 +117,12 @@ class FeatureStats:
         self.outer = self.outer + other.outer
         return self
 
+    def rows(self) -> np.ndarray | None:
+        """The feature rows themselves while the set has at most `dim` of them, else None."""
+        if self._rows is None or self.count < 2:
+            return None
+        return np.concatenate(self._rows)
+
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean and unbiased covariance (the same estimator as np.cov)."""
         if self.count < 2:
@@ -151,4 +170,10 @@ def frechet_from_stats(a: FeatureStats, b: FeatureStats, name: str = "FD") -> fl
                           SmallSampleWarning, stacklevel=2)
     mu1, s1 = a.mean_cov()
     mu2, s2 = b.mean_cov()
-    return frechet_distance(mu1, s1, mu2, s2)
+    small, other = (b, s1) if b.rows() is not None else (a, s2) if a.rows() is not None else (None, None)
+    if small is None:
+        return frechet_distance(mu1, s1, mu2, s2)
+    # a set with fewer rows than dims: the n x n form is exact and avoids two d x d eigendecompositions
+    diff = mu1 - mu2
+    tr = trace_sqrt_product_lowrank(other, small.rows())
+    return max(float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr), 0.0)

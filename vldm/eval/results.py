@@ -22,6 +22,7 @@ from vldm.eval.suite import Resolved, sample_spec
 from vldm.eval.tasks import ShardTask, read_partial
 
 REF_STATS = "stats.npz"
+LISTED_VIDEOS = 16
 REF_META = "meta.json"
 
 
@@ -142,9 +143,12 @@ def finalize_checkpoint(
             for j, t in enumerate(suite.val_loss.timesteps):
                 metrics[f"{variant}/val_loss_t{t}"] = float(losses[:, j].mean())
         vdir = sdir / VIDEOS / variant
+        # the first few samples by name (W&B logs them); sample i is always videos/<variant>/<i:06d>.mp4
+        # with prompt i % len(prompts) and seed sample_seed(seed, i), so the rest need no listing
+        listed = max(suite.wandb.log_videos, LISTED_VIDEOS)
         videos[variant] = [
             {**sample_spec(suite, i, prompt_list), "path": f"{VIDEOS}/{variant}/{i:06d}.mp4"}
-            for i in range(suite.sampling.num_samples) if (vdir / f"{i:06d}.mp4").exists()]
+            for i in range(min(listed, suite.sampling.num_samples)) if (vdir / f"{i:06d}.mp4").exists()]
         firsts = [a["first_frames"] for a in samples if "first_frames" in a]
         if firsts:
             png = _save_png(sdir / f"first_frames_{variant}.png", first_frame_grid(np.concatenate(firsts)))

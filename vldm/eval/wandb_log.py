@@ -29,16 +29,12 @@ class NullLogger:
         pass
 
 
-def training_group(run_dir: Path, run_cfg=None) -> str:
-    """The training run's W&B group. ADAPTER: the trainer's W&B fields are not settled; this reads
-    `train.wandb_group` / `wandb.group` from the run config when they exist, else the run dir's name."""
-    for path in (("train", "wandb_group"), ("wandb", "group"), ("train", "wandb", "group")):
-        node = run_cfg
-        for p in path:
-            node = getattr(node, p, None)
-        if isinstance(node, str) and node:
-            return node
-    return Path(run_dir).resolve().name
+def training_wandb(run_dir: Path, run_cfg=None) -> dict[str, str]:
+    """The training run's W&B group, project and entity (`wandb.*` of its config; the trainer's
+    defaults when unset: group = the run dir's name)."""
+    w = getattr(run_cfg, "wandb", None)
+    return {"group": getattr(w, "group", "") or Path(run_dir).resolve().name,
+            "project": getattr(w, "project", "") or "vldm", "entity": getattr(w, "entity", "") or ""}
 
 
 def eval_run_id(group: str, run_dir: Path, suite_hash: str) -> str:
@@ -60,26 +56,35 @@ def resolve_mode(mode: str) -> str:
 
 
 class WandbLogger:
+    """Starts the W&B run on the first result, so a pool with nothing new to report creates no run."""
+
     enabled = True
 
     def __init__(self, cfg: EvalWandbConfig, run_dir: Path, suite_name: str, suite_hash: str, protocol: dict,
-                 group: str):
-        import wandb
-
-        self.wandb, self.cfg = wandb, cfg
+                 group: str, project: str = "vldm", entity: str = ""):
+        self.cfg, self.run = cfg, None
         self.run_id = eval_run_id(group, run_dir, suite_hash)
         # files go beside the results unless WANDB_DIR says otherwise: under `ray job submit` the
         # working directory is a temporary copy that disappears with the job
-        wdir = os.environ.get("WANDB_DIR") or str(Path(run_dir) / "eval" / suite_hash)
-        self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity or None, group=group, job_type="eval", id=self.run_id,
-            name=f"eval-{suite_name}-{group}", resume="allow", dir=wdir, mode=resolve_mode(cfg.mode),
+        self._init = dict(
+            project=cfg.project or project, entity=cfg.entity or entity or None, group=group, job_type="eval", id=self.run_id,
+            name=f"eval-{suite_name}-{group}", resume="allow", mode=resolve_mode(cfg.mode),
+            dir=os.environ.get("WANDB_DIR") or str(Path(run_dir) / "eval" / suite_hash),
             config={"suite": suite_name, "suite_hash": suite_hash, "protocol": protocol, "run_dir": str(run_dir)},
         )
+
+    def _start(self):
+        import wandb
+
+        self.wandb = wandb
+        Path(self._init["dir"]).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(**self._init)
         self.run.define_metric("trainer/global_step")
         self.run.define_metric("eval/*", step_metric="trainer/global_step")
 
     def log_result(self, result: dict, run_dir: Path) -> None:
+        if self.run is None:
+            self._start()
         sdir = step_dir(run_dir, result["suite_hash"], Path(result["checkpoint"]).name)
         data: dict = {"trainer/global_step": result["step"]}
         data.update({f"eval/{k}": v for k, v in result["metrics"].items()})
@@ -94,11 +99,17 @@ class WandbLogger:
         self.run.log(data)
 
     def finish(self) -> None:
-        self.run.finish()
+        if self.run is not None:
+            self.run.finish()
+            # finish() returns before the service has written the run file (offline: measured 7 bytes
+            # on disk right after it); teardown waits for it, so the file is complete when we return
+            self.wandb.teardown()
+            self.run = None
 
 
 def make_logger(cfg: EvalWandbConfig, run_dir: Path, suite_name: str, suite_hash: str, protocol: dict,
-                group: str) -> WandbLogger | NullLogger:
+                run_cfg=None) -> WandbLogger | NullLogger:
+    """The eval run's logger; group, project and entity default to the training run's."""
     if not cfg.enabled or resolve_mode(cfg.mode) == "disabled":
         return NullLogger()
     try:
@@ -106,4 +117,6 @@ def make_logger(cfg: EvalWandbConfig, run_dir: Path, suite_name: str, suite_hash
     except ImportError:
         print("[eval] wandb is not installed: results are written to the run dir only")
         return NullLogger()
-    return WandbLogger(cfg, run_dir, suite_name, suite_hash, protocol, group)
+    train = training_wandb(run_dir, run_cfg)
+    return WandbLogger(cfg, run_dir, suite_name, suite_hash, protocol, cfg.group or train["group"],
+                       train["project"], train["entity"])

@@ -14,8 +14,8 @@ import json
 import struct
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 BLOCK = 32768
 HEADER = 7

@@ -37,7 +37,8 @@ class Components:
 
     @property
     def latent_channels(self) -> int:
-        return self.unet2d.config.in_channels
+        # out_channels: an upscaler UNet (SD x4) takes latents + low-res channels in, latents out
+        return self.unet2d.config.out_channels
 
     @property
     def vae_scale_factor(self) -> int:
@@ -79,9 +80,13 @@ def load_components(cfg: ModelConfig, load_vae: bool = True, load_text: bool = T
     root = Path(cfg.pretrained).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"model.pretrained: {root} is not a local directory (nothing is downloaded)")
-    if _sub(root, "unet") is None:
-        raise FileNotFoundError(f"model.pretrained: {root} has no unet/ subfolder (diffusers layout expected)")
-    unet = UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", local_files_only=True).eval()
+    if _sub(root, "unet") is not None:
+        unet = UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", local_files_only=True).eval()
+    else:
+        # a directory with only an autoencoder (and text encoder): an image UNet trained from scratch
+        # on top of it (stage=image, e.g. the driving model), built from model.unet
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**cfg.unet.diffusers_kwargs()).eval()
     comps = Components(unet2d=unet, source=str(root))
     if load_vae and _sub(root, "vae"):
         comps.vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae", local_files_only=True).eval()

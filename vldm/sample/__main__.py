@@ -13,8 +13,9 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
-from vldm.config.core import ConfigError, from_dict
+from vldm.config.core import ConfigError, atomic_write_text, from_dict
 from vldm.config.sample import SampleConfig
 
 CASCADE_ARGS = ("run", "predict_run", "interp_run", "decoder_run", "upsampler_run", "personalized", "lora", "lora_scale",
@@ -75,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     out = generate(cascade, prompts, cfg, seeds=seeds, progress=not a["quiet"])
     paths = out.save(a["out"])
     summary = {"videos": [str(p) for p in paths], "frames": out.videos.shape[2], "size": list(out.videos.shape[-2:]),
-               "fps": out.fps, "seconds": {k: round(v, 3) for k, v in out.timings.items()}, "frames_per_stage": out.frames,
-               "config": dataclasses.asdict(cfg)}
-    print(json.dumps(summary, indent=1))
+               "fps": out.fps, "seconds": {k: round(v, 3) for k, v in out.timings.items()}, "frames_per_stage": out.frames}
+    # a sidecar with everything that made the videos: prompts, seeds, models, sampling settings
+    record = {**summary, "prompts": prompts, "seeds": seeds, "config": dataclasses.asdict(cfg),
+              "models": {k: a[k] for k in ("run", "predict_run", "interp_run", "decoder_run", "upsampler_run", "personalized", "lora", "pipeline") if a[k]}}
+    atomic_write_text(Path(a["out"]).with_suffix(".json"), json.dumps(record, indent=1))
+    print(json.dumps(summary))
     return 0
 
 

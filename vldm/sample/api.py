@@ -180,7 +180,7 @@ def generate(cascade: Cascade, prompts: list[str] | str, cfg: SampleConfig | Non
     key = cascade.keyframes
     comps = cascade.components
     vsf = comps.vae_scale_factor
-    height, width = cfg.height or key.size, cfg.width or key.size
+    height, width = cfg.height or key.size, cfg.width or key.width or key.size
     if height % vsf or width % vsf:
         raise ValueError(f"{height}x{width} is not divisible by the VAE factor {vsf}")
     hw = (height // vsf, width // vsf)

@@ -50,7 +50,7 @@ class VideoLDMPipeline(DiffusionPipeline):
             st: StageModel | None = getattr(cascade, name)
             if st is not None:
                 info[name] = {"task": st.task, "task_options": st.task_options, "clip_frames": st.clip_frames,
-                              "size": st.size, "scheduler_config": dict(st.scheduler_config)}
+                              "size": st.size, "width": st.width, "scheduler_config": dict(st.scheduler_config)}
         comps, tt = cascade.components, cascade.temporal_text
         if cascade.upsampler_text is not None and cascade.upsampler_text.text_encoder is not comps.text_encoder:
             raise NotImplementedError("an upsampler with its own text encoder is not stored in the pipeline yet")
@@ -71,7 +71,7 @@ class VideoLDMPipeline(DiffusionPipeline):
                 return None
             i = info[name]
             return StageModel(model=model, task=i["task"], task_options=dict(i["task_options"]), clip_frames=i["clip_frames"],
-                              size=i["size"], scheduler_config=dict(i.get("scheduler_config") or self.scheduler.config))
+                              size=i["size"], width=i.get("width", 0), scheduler_config=dict(i.get("scheduler_config") or self.scheduler.config))
 
         comps = Components(unet2d=self.unet.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
                            scheduler_config=dict(self.scheduler.config))

@@ -52,6 +52,7 @@ def load_stage(run_or_checkpoint: str | Path, ema: bool = False, device: torch.d
             m.to(device)
     stage = StageModel(model=model, task=cfg.task, task_options=dict(getattr(cfg, "task_options", {}) or {}),
                        clip_frames=cfg.data.num_frames, size=cfg.data.size,
+                       width=getattr(cfg.data, "width", 0),
                        scheduler_config=scheduler_config(cfg.diffusion, comps.scheduler_config), source=str(ck))
     return stage, comps
 

@@ -35,7 +35,8 @@ class StageModel:
     task: str = "generate"
     task_options: dict = field(default_factory=dict)
     clip_frames: int = 8  # frames per training clip (data.num_frames of its run)
-    size: int = 32  # pixel size of its training clips (data.size of its run)
+    size: int = 32  # pixel height of its training clips (data.size of its run)
+    width: int = 0  # pixel width when it differs (data.width; 0 = square)
     scheduler_config: dict = field(default_factory=dict)
     source: str = ""  # where it was loaded from (reports)
 

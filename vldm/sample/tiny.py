@@ -38,7 +38,8 @@ def stage_model(unet2d: UNet2DConditionModel, task: str, task_options: dict | No
         opts[k] = list(dict.fromkeys(list(opts.get(k) or []) + list(v))) if isinstance(v, tuple) else v
     model = VideoLDMUNet.from_unet2d(unet2d, **opts).eval()
     perturb(model.temporal, seed=seed)
-    return StageModel(model, task, dict(task_options or {}), clip_frames, size, dict(SD_SCHEDULER), source="tiny")
+    return StageModel(model=model, task=task, task_options=dict(task_options or {}), clip_frames=clip_frames, size=size,
+                      scheduler_config=dict(SD_SCHEDULER), source="tiny")
 
 
 def build_tiny_cascade(root: str | Path, stages: tuple[str, ...] = ("predict", "interpolate", "decoder", "upsample"),

@@ -261,7 +261,10 @@ class UpsampleTask(_OptionsTask):
         b, _, _, h, w = latents.shape
         if o.pixels_key not in batch:
             raise KeyError(f"upsample task needs batch[{o.pixels_key!r}] (the clip's pixels) to make the low-res input")
-        lowres = make_lowres(torch.as_tensor(batch[o.pixels_key]).to(latents.device), o.scale, (h, w)).to(latents.dtype)
+        pixels = torch.as_tensor(batch[o.pixels_key]).to(latents.device)
+        if pixels.shape[0] != b:  # stage=image flattens clips into frames: (b f) c 1 h w
+            pixels = rearrange(pixels, "b c f h w -> (b f) c 1 h w")
+        lowres = make_lowres(pixels, o.scale, (h, w)).to(latents.dtype)
         level = torch.randint(0, o.max_noise_level + 1, (b,), generator=generator)
         lowres = noise_augment(lowres, level, generator)
         target = latents

@@ -22,6 +22,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="config file (overrides only; repeat to layer several)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run_dir=outputs/x train.max_steps=100 optim.lr=1e-4")
     ap.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
+    ap.add_argument("--print", dest="print_key", metavar="KEY", help="validate, print one resolved value (e.g. run_dir), and exit")
     return ap.parse_args(argv)
 
 
@@ -43,6 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     for w in warnings:
         if rank == 0:
             print(f"config warning: {w}", file=sys.stderr)
+    if a.print_key:
+        from vldm.config.core import to_dict
+
+        value = to_dict(cfg)
+        for part in a.print_key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                print(f"config error: unknown key {a.print_key!r}", file=sys.stderr)
+                return CONFIG_EXIT
+            value = value[part]
+        print(value)
+        return 0
     if a.check:
         print(dump_yaml(cfg), end="")
         print(f"# config OK: stage={cfg.stage} task={cfg.task} run_dir={cfg.run_dir}", file=sys.stderr)
@@ -52,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         # before deepspeed is imported: its accelerator is chosen at import
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if cfg.stage == "decoder":  # the video-decoder stage has its own single-process loop
+        from vldm.train.decoder import train_decoder
+
+        return train_decoder(cfg)
     from vldm.train.trainer import train
 
     return train(cfg)

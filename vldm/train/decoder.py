@@ -34,7 +34,15 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from vldm.checkpoint import CHECKPOINTS, COMPLETE, RUN_CONFIG, TRAINER_STATE, complete_checkpoints, latest_checkpoint, step_dir_name
+from vldm.checkpoint import (
+    CHECKPOINTS,
+    COMPLETE,
+    RUN_CONFIG,
+    TRAINER_STATE,
+    complete_checkpoints,
+    latest_checkpoint,
+    step_dir_name,
+)
 from vldm.config.core import atomic_write_text, build_config, dump_yaml, field_
 from vldm.config.decoder import DecoderConfig
 from vldm.config.schema import Config

@@ -27,6 +27,7 @@ METRICS_FILE = "logs/metrics.jsonl"
 
 class Logger(Protocol):
     def log(self, metrics: dict[str, Any], step: int) -> None: ...
+    def preempting(self) -> None: ...
     def finish(self, exit_code: int = 0) -> None: ...
 
 
@@ -34,6 +35,9 @@ class NullLogger:
     run_id: str | None = None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        pass
+
+    def preempting(self) -> None:
         pass
 
     def finish(self, exit_code: int = 0) -> None:
@@ -67,6 +71,9 @@ class WandbLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log({**metrics, STEP_METRIC: step})
 
+    def preempting(self) -> None:
+        self.run.mark_preempting()  # the W&B UI shows "preempted", not "crashed"
+
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
 
@@ -85,6 +92,9 @@ class JsonlLogger:
         with open(self.path, "a") as f:
             f.write(line + "\n")
 
+    def preempting(self) -> None:
+        pass
+
     def finish(self, exit_code: int = 0) -> None:
         pass
 
@@ -97,6 +107,10 @@ class MultiLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for lg in self.loggers:
             lg.log(metrics, step)
+
+    def preempting(self) -> None:
+        for lg in self.loggers:
+            lg.preempting()
 
     def finish(self, exit_code: int = 0) -> None:
         for lg in self.loggers:

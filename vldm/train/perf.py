@@ -1,10 +1,11 @@
 """Throughput, FLOPs and memory: what perf/* in the logs means.
 
-- FLOPs per micro-batch are counted once, at start, by running one forward + backward of the plain
-  model (before DeepSpeed wraps it) under `torch.utils.flop_counter.FlopCounterMode`. That counts what
-  this model really computes for this clip shape: the frozen spatial layers' forward, the backward
-  through them that the temporal gradients need (input gradients, no weight gradients), and the full
-  backward of the trainable layers. Activation recomputation is not counted (MFU = model FLOPs).
+- FLOPs per micro-batch are counted once, at start, from one no-grad forward of the plain model (before
+  DeepSpeed wraps it) under `torch.utils.flop_counter.FlopCounterMode`, with the real clip shape:
+  backward costs 2x forward for layers whose weights train (input + weight gradients) and 1x for frozen
+  layers the gradient passes through (input gradients only), so a step is 2 F + F_trainable (3 F when
+  everything trains). Activation recomputation is not counted (MFU = model FLOPs), and the count needs
+  no more memory than inference. `count_flops` counts a real forward + backward (tests compare both).
 - MFU = FLOPs per step per device / (step time x peak FLOP/s of the device).
 - tokens = latent positions per clip (frames x h x w).
 """
@@ -43,6 +44,20 @@ def count_flops(fn: Callable[[], None]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def step_flops(forward: Callable[[], object], model: torch.nn.Module, trainable_prefix: str, all_trainable: bool) -> int:
+    """Training FLOPs of one micro-batch from one no-grad run of `forward` (see the module docstring)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward()
+    total = int(counter.get_total_flops())
+    if all_trainable:
+        return 3 * total
+    root = type(model).__name__ + "." + trainable_prefix.rstrip(".")
+    # top-level trainable modules only: a module's count already includes its children
+    trainable = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                    if name.startswith(root + ".") and "." not in name[len(root) + 1:])
+    return 2 * total + trainable
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -37,7 +37,7 @@ def check(cfg: Config, cuda: bool | None = None) -> list[str]:
         root = Path(m.pretrained).expanduser()
         if not root.is_dir():
             raise ConfigError(f"model.pretrained: {root} is not a local directory (nothing is downloaded)")
-        if not (root / "unet").is_dir():
+        if not (root / "unet").is_dir() and cfg.stage != "image":
             raise ConfigError(f"model.pretrained: {root} has no unet/ (diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
         if not cfg.data.use_latents and not (root / "vae").is_dir():
             raise ConfigError(f"data.use_latents: false needs a VAE, and {root} has no vae/ (use latent shards or add the VAE)")

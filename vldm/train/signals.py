@@ -18,6 +18,14 @@ ABORT_EXIT = 3  # too many consecutive non-finite steps: requeueing would not he
 CONFIG_EXIT = 2  # bad config (argparse uses 2 as well)
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+EXIT_STATUS_FILE = "logs/last_exit.json"  # under run_dir; written by rank 0 as the last thing it does
+
+
+def process_exit_code(code: int, launcher: str) -> int:
+    """The exit code of a rank. Under srun a stop exits 0: `srun --kill-on-bad-exit=1` would kill the
+    peers of the first rank to exit 75 while they finish (srun then reports 143, not 75), so the sbatch
+    script reads the stop from RUN/logs/last_exit.json instead. Elsewhere the code itself says it."""
+    return 0 if code == REQUEUE_EXIT and launcher == "slurm" else code
 
 
 class StopRequest:

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
 
 from vldm.checkpoint import RUN_CONFIG
-from vldm.config.core import dump_yaml
+from vldm.config.core import atomic_write_text, dump_yaml
 from vldm.config.schema import Config
 from vldm.train import dist
 from vldm.train.build import build, count
@@ -31,8 +31,8 @@ from vldm.train.engine import grad_norm, model_dtype, parallelize, resolve_backe
 from vldm.train.logger import build_logger
 from vldm.train.lr import lr_at
 from vldm.train.objective import Objective
-from vldm.train.perf import count_flops, peak_memory_gb, peak_tflops, sync
-from vldm.train.signals import ABORT_EXIT, REQUEUE_EXIT, StopRequest
+from vldm.train.perf import peak_memory_gb, peak_tflops, step_flops, sync
+from vldm.train.signals import ABORT_EXIT, EXIT_STATUS_FILE, REQUEUE_EXIT, StopRequest, process_exit_code
 from vldm.train.sources import SyntheticClips, build_source, seed_of
 
 
@@ -59,32 +59,12 @@ def latent_geometry(cfg: Config, built) -> tuple[int, tuple[int, int], int]:
     return comps.latent_channels, (h // scale, w // scale), scale
 
 
-def step_flops(objective: Objective, model, probe: dict, trainable_prefix: str, image_stage: bool) -> tuple[int, int]:
-    """(training FLOPs of one micro-batch, latent tokens per clip), from one no-grad forward.
-
-    Backward costs 2x forward for layers whose weights train (input + weight gradients) and 1x for
-    frozen layers the gradient passes through (input gradients only): total = 2 F + F_trainable
-    (3 F when everything trains). Counting a real backward instead would include the recomputation
-    of activation checkpointing and need the memory of a step without it.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        objective.loss(model, probe, step=-1, micro=0, rank=0)
-    total = int(counter.get_total_flops())
-    if image_stage:
-        return 3 * total, 0
-    root = type(model).__name__ + "." + trainable_prefix.rstrip(".")
-    # top-level temporal layers only (their children are included in their counts)
-    trainable = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-                    if name.startswith(root + ".") and "." not in name[len(root) + 1:])
-    return 2 * total + trainable, 0
-
-
 def train(cfg: Config, source=None) -> int:
     """Train until cfg.train.max_steps; returns the process exit code (0 done, 75 stopped for requeue,
     3 aborted after max_bad_steps non-finite steps)."""
     t_start = time.time()
+    # DeepSpeed's ZeRO all-gather calls a torch API torch has deprecated: not actionable here
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     world = dist.detect_world()
     device = dist.device_for(world)
     # signals only set a flag from here on: a USR1 during start-up is honoured at the first step
@@ -96,8 +76,11 @@ def train(cfg: Config, source=None) -> int:
         dist.print0(f"[vldm.train {time.strftime('%H:%M:%S')}] {msg}", world=world)
 
     log0(f"rank {world.rank}/{world.world_size} via {world.launcher}, master {world.master_addr}:{world.master_port}, device {device}")
-    watchdog.arm()  # start-up (model loading, process group, DeepSpeed ops) is bounded too
+    # not under the watchdog: DeepSpeed JIT-builds its CPU comm op here the first time (minutes on a busy
+    # machine), and a process killed while holding torch's build lock makes every later run wait on it.
+    # The rendezvous itself is bounded by the process-group timeout.
     dist.init_process_group(world, resolve_backend(cfg, device), cfg.deepspeed.timeout_s)
+    watchdog.arm()  # from here on, start-up (model loading, DeepSpeed engine) is bounded
     torch.manual_seed(seed_of("init", cfg.seed))  # identical temporal-layer init on every rank
 
     # ---------------------------------------------------------------- model, objective, data
@@ -115,13 +98,14 @@ def train(cfg: Config, source=None) -> int:
          f"precision {precision}; ZeRO-{cfg.deepspeed.zero_stage}")
 
     built.model.to(device)
-    flops_per_micro, tokens_per_clip = 0, cfg.data.num_frames * latent_hw[0] * latent_hw[1]
+    flops_per_micro, tokens_per_clip = 0, cfg.data.num_frames * latent_hw[0] * latent_hw[1]  # tokens: latent positions
     if cfg.train.count_flops:
         # a synthetic batch of the real shapes: the data position is untouched
         kind = "latents" if (built.comps.vae is None or cfg.data.use_latents) else "pixels"
         ch, hw = (channels, latent_hw) if kind == "latents" else (3, (latent_hw[0] * vae_scale, latent_hw[1] * vae_scale))
         probe = next(SyntheticClips(cfg, 0, 1, ch, hw[0], hw[1], kind, num_labels))
-        flops_per_micro, _ = step_flops(objective, built.model, probe, built.prefix, cfg.stage == "image")
+        flops_per_micro = step_flops(lambda: objective.loss(built.model, probe, step=-1, micro=0, rank=0), built.model,
+                                     built.prefix, cfg.stage == "image")
     ema = EMA(trainable, cfg.train.ema_decay)  # from the fp32 weights, before DeepSpeed casts them
 
     # ---------------------------------------------------------------- engine and resume
@@ -250,18 +234,25 @@ def train(cfg: Config, source=None) -> int:
                 log0(f"stopped at step {state.step} ({stop.reason(steps_this_job)}): exit {REQUEUE_EXIT} "
                      "so the job is requeued; it resumes from this checkpoint")
                 exit_code = REQUEUE_EXIT
+                logger.preempting()
                 break
         else:
             if checkpointer.last_saved_step != state.step:
                 save("final")
             log0(f"done: {state.step} steps, {state.skipped_steps} skipped, {time.perf_counter() - job_t0:.1f} s in this job, "
                  f"{time.time() - t_start:.1f} s with start-up")
+        logger.finish(0 if exit_code == REQUEUE_EXIT else exit_code)
+        if world.is_main:
+            status = {"code": exit_code, "step": state.step, "max_steps": cfg.train.max_steps,
+                      "status": {0: "done", REQUEUE_EXIT: "stopped", ABORT_EXIT: "aborted"}.get(exit_code, "error"),
+                      "job": os.environ.get("SLURM_JOB_ID"), "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                      "time": time.time()}
+            atomic_write_text(Path(cfg.run_dir) / EXIT_STATUS_FILE, json.dumps(status) + "\n")
+        dist.barrier()  # nobody exits before rank 0 has finished W&B and written the status
         watchdog.disarm()
-        dist.barrier()
-        logger.finish(exit_code)
         stop.restore()
         dist.shutdown()
-        return exit_code
+        return process_exit_code(exit_code, world.launcher)
     except Exception:
         # no collective after an error: a peer may be gone. Print, and let the launcher end the job.
         traceback.print_exc()

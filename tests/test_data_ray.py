@@ -1,0 +1,210 @@
+"""The sharder on a real Ray cluster: `ray job submit`, bad input, rerun, retry, kill -9, latent actors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from vldm.config.data import DataConfig, SyntheticConfig
+from vldm.data import build_loader
+from vldm.data.codec import decode_all
+from vldm.data.synthetic import write_corpus, write_test_corpus
+from vldm.data.tario import read_all
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD = str(ROOT / "data_prep" / "shard_videos.py")
+BIN = Path(sys.executable).parent
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+def shard_cmd(*args: str) -> list[str]:
+    return [sys.executable, SHARD, *args]
+
+
+def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+
+
+def all_samples(out: Path) -> list[tuple[str, dict]]:
+    return [s for p in sorted(out.glob("*.tar")) for s in read_all(str(p))]
+
+
+def check_consistent(out: Path) -> list[str]:
+    """Every shard's tar, manifest, done marker and the index agree; returns all keys (in order)."""
+    index = {s["name"]: s for s in json.loads((out / "_shards.json").read_text())["shards"]}
+    keys = []
+    for tar in sorted(out.glob("*.tar")):
+        tar_keys = [k for k, _ in read_all(str(tar))]
+        manifest = [json.loads(line)["key"] for line in tar.with_suffix(".manifest.jsonl").read_text().splitlines()]
+        done = json.loads(tar.with_suffix(".done.json").read_text())
+        assert tar_keys == manifest and done["samples"] == len(tar_keys) == index[tar.name]["samples"]
+        keys += tar_keys
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") or "journal" in p.name]
+    return keys
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """12 synthetic videos (2 clips each) + the awkward/broken corpus (expected outcome per file)."""
+    d = tmp_path_factory.mktemp("mixed") / "in put"  # a space in the directory too
+    write_corpus(SyntheticConfig(output=str(d), count=12, size="32", frames=16, fps=8, seed=2))
+    expected = {f"syn_{i:05d}.mp4": "ok" for i in range(12)}
+    expected.update(write_test_corpus(d))
+    return d, expected
+
+
+def test_ray_job_submit_bad_input_rerun_and_retry(ray_cluster, mixed, tmp_path):
+    src, expected = mixed
+    out = tmp_path / "out"
+    opts = ["--frames", "8", "--fps", "8", "--size", "32", "--videos-per-shard", "8", "--extensions", "mp4,mkv,webm,avi",
+            "--log-every", "1"]
+    job = run([str(BIN / "ray"), "job", "submit", "--address", ray_cluster, "--working-dir", str(ROOT), "--",
+               "python", "data_prep/shard_videos.py", str(src), str(out), *opts])
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "clips/s" in job.stdout and "ETA" in job.stdout  # progress in the job log
+
+    stats = json.loads((out / "_stats.json").read_text())
+    bad = Counter(v for v in expected.values() if v != "ok")
+    assert stats["inputs"]["seen"] == len(expected) and stats["inputs"]["failed_by_reason"] == dict(bad)
+    assert stats["inputs"]["ok"] == len(expected) - sum(bad.values())
+    assert stats["shards"] == {"total": 5, "complete": 5, "with_latents": 0, "incomplete": []}
+    keys = check_consistent(out)
+    assert len(keys) == len(set(keys)) == stats["clips"] == 12 * 2 + 15  # synthetic + awkward-but-good files
+    assert stats["run"]["clips_per_s"] > 0 and stats["bytes"] == sum(p.stat().st_size for p in out.glob("*.tar"))
+    failed = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
+    assert {Path(f["path"]).name: f["reason"] for f in failed} == {k: v for k, v in expected.items() if v != "ok"}
+    loader = build_loader(DataConfig(shards=str(out), num_frames=8, size=32, batch_size=4, drop_last=False), seed=0)
+    assert sum(len(b["keys"]) for b in (next(iter(loader)) for _ in range(1))) == 4 and loader.num_samples == len(keys)
+
+    # rerun (standalone, same options): a no-op that does not even start Ray
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    again = run(shard_cmd(str(src), str(out), *opts))
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == mtimes
+    assert json.loads((out / "_stats.json").read_text())["run"]["shards_written"] == 0
+    # other settings into the same output are refused, naming the option
+    other = run(shard_cmd(str(src), str(out), *opts[:-2], "--fps", "4"))
+    assert other.returncode != 0 and "--fps" in other.stdout + other.stderr
+
+    # retry the failures alone: failed.jsonl is an input; they fail again, for the same reasons
+    retry = run(shard_cmd(str(out / "failed.jsonl"), str(tmp_path / "retry"), *opts))
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    again_failed = [json.loads(line) for line in (tmp_path / "retry" / "failed.jsonl").read_text().splitlines()]
+    assert sorted((f["path"], f["reason"]) for f in again_failed) == sorted((f["path"], f["reason"]) for f in failed)
+    assert not any(p.name.startswith("PWNED") for p in list(src.iterdir()) + list(ROOT.iterdir()) + list(Path.cwd().iterdir()))
+
+
+def _worker_pids() -> list[int]:
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "ray::write_shard" in " ".join(p.info["cmdline"] or []):
+                pids.append(p.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def test_kill_9_of_a_worker_and_the_driver_then_rerun_gives_every_clip_once(ray_cluster, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_corpus(SyntheticConfig(output=str(src), count=12, size="64", frames=96, fps=8, seed=5))  # 12 clips each
+    opts = ["--frames", "8", "--fps", "8", "--size", "128", "--videos-per-shard", "1", "--workers", "1", "--log-every", "1"]
+    driver = subprocess.Popen(shard_cmd(str(src), str(out), *opts), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=env(), cwd=ROOT, start_new_session=True)
+    done = lambda: len(list(out.glob("*.done.json"))) if out.exists() else 0  # noqa: E731
+    killed_worker = False
+    deadline = time.time() + 120
+    while time.time() < deadline and done() < 5 and driver.poll() is None:
+        if not killed_worker and done() >= 2:
+            for pid in _worker_pids():  # a shard task mid-way: Ray retries it
+                os.kill(pid, signal.SIGKILL)
+                killed_worker = True
+        time.sleep(0.02)
+    assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+    os.kill(driver.pid, signal.SIGKILL)  # the driver, at once
+    driver.wait()
+    assert 0 < done() < 12 and killed_worker
+    time.sleep(1.0)  # let Ray reap the dead job's workers
+
+    rerun = run(shard_cmd(str(src), str(out), *opts))
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    keys = check_consistent(out)
+    assert len(keys) == len(set(keys)) == 12 * 12  # every clip exactly once
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["clips"] == 144 and stats["inputs"]["failed"] == 0 and stats["run"]["shards_skipped"] >= 1
+    sample = read_all(str(out / "shard-000011.tar"))[3][1]
+    assert decode_all(sample["mp4"]).shape == (8, 128, 128, 3)
+
+
+def _tiny_models(root: Path) -> tuple[Path, Path]:
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=32, scaling_factor=0.5)
+    vae.save_pretrained(root / "vae")
+    # a byte-level BPE vocabulary with no merges: enough for a real CLIPTokenizer
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars = [chr(b) for b in bs] + [chr(256 + n) for n in range(256 - len(bs))]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(chars)},
+             **{c + "</w>": 258 + i for i, c in enumerate(chars)}}
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(vocab_file=str(root / "vocab.json"), merges_file=str(root / "merges.txt"), model_max_length=12)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=12, bos_token_id=0, eos_token_id=1))
+    te.save_pretrained(root / "te")
+    tok.save_pretrained(root / "te")
+    return root / "vae", root / "te"
+
+
+def test_latent_stage_adds_vae_latents_and_text_embeddings(ray_cluster, tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae_dir, te_dir = _tiny_models(tmp_path)
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_corpus(SyntheticConfig(output=str(src), count=3, size="32", frames=16, fps=8, seed=9))
+    opts = ["--frames", "8", "--fps", "8", "--size", "32", "--videos-per-shard", "2", "--encode-latents", "--vae", str(vae_dir),
+            "--text-encoder", str(te_dir), "--latent-batch", "4", "--latent-dtype", "float32"]
+    res = run(shard_cmd(str(src), str(out), *opts))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["shards"]["with_latents"] == stats["shards"]["total"] == 2
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()  # the same loading path as the actors
+    samples = all_samples(out)
+    assert len(samples) == 6 and len(check_consistent(out)) == 6
+    for key, m in samples:
+        meta = json.loads(m["json"])
+        z = np.load(__import__("io").BytesIO(m["latents.npy"]))
+        assert z.shape == (4, 8, 16, 16) == tuple(meta["latents"]["shape"])
+        assert meta["latents"]["scaling_factor"] == 0.5 and meta["latents"]["vae"] == str(vae_dir)
+        x = torch.from_numpy(decode_all(m["mp4"])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            ref = (vae.encode(x).latent_dist.mean * 0.5).permute(1, 0, 2, 3).numpy()
+        assert np.allclose(z, ref, atol=1e-4)
+        assert np.load(__import__("io").BytesIO(m["text.npy"])).shape == (12, 16)
+    # training straight from latents
+    loader = build_loader(DataConfig(shards=str(out), num_frames=4, frame_stride=2, size=32, batch_size=3, use_latents=True), seed=0)
+    batch = next(iter(loader))
+    assert batch["latents"].shape == (3, 4, 4, 16, 16) and batch["text_embeds"].shape == (3, 12, 16) and "pixels" not in batch
+    again = run(shard_cmd(str(src), str(out), *opts))
+    assert again.returncode == 0 and "nothing to do" in again.stdout

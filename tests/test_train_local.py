@@ -1,0 +1,165 @@
+"""Real multi-process training on this machine (DeepSpeed ZeRO-2 over gloo, the tiny config): the
+checkpoint holds only the trained part, 1 rank = 2 ranks at the same global batch, resume at another
+world size, a killed rank ends the job, and non-finite steps are skipped, counted and bounded.
+(Interrupt + requeue + exact resume under SLURM: test_train_slurm.py.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import STEPS, TINY_RUN, describe, losses, metrics, run_local, spawn_ranks, train_env
+
+from vldm.checkpoint import complete_checkpoints, load_checkpoint_model
+
+TWO_RANKS = [*TINY_RUN, "data.batch_size=1", "wandb.mode=disabled"]  # global batch 2
+ONE_RANK = [*TINY_RUN, "data.batch_size=2", "wandb.mode=disabled"]  # global batch 2
+
+
+@pytest.fixture(scope="module")
+def ref_run(tmp_path_factory) -> Path:
+    """The uninterrupted reference: 2 ranks x 1 clip, STEPS steps, a checkpoint every 4."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    proc = run_local(run, *TWO_RANKS, nproc=2)
+    assert proc.returncode == 0, describe(proc)
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))
+    return run
+
+
+def test_checkpoints_hold_only_the_trained_part(ref_run):
+    ckpts = complete_checkpoints(ref_run)
+    assert [c.name for c in ckpts] == ["step_00000004", "step_00000008", "step_00000012"]
+    assert not [p for p in (ref_run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    last = ckpts[-1]
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["step"] == STEPS and state["world_size"] == 2 and len(state["loader"]) == 2 and len(state["rng"]) == 2
+    assert (ref_run / "logs" / "last_exit.json").exists() and json.loads((ref_run / "logs" / "last_exit.json").read_text())["status"] == "done"
+
+    cfg, comps, model = load_checkpoint_model(last)  # the reader other tools use
+    trainable = {k: v for k, v in model.temporal_state_dict().items()}
+    frozen_names = {f"unet.{k}" for k in model.unet.state_dict()}
+    n_trainable = sum(v.numel() for v in trainable.values())
+    for name in ("temporal.safetensors", "temporal_ema.safetensors"):
+        sd = load_file(str(last / name))
+        assert set(sd) == set(trainable) and all(v.dtype == torch.float32 for v in sd.values())
+    # DeepSpeed's files: module weights and ZeRO partitions of the temporal layers only
+    ds = last / "deepspeed" / "zero"
+    module = torch.load(ds / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert set(module) == {f"temporal.{k}" for k in trainable} and not set(module) & frozen_names
+    part_numel = 0
+    for r in range(2):
+        opt = torch.load(ds / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu", weights_only=False)
+        part_numel += sum(t.numel() for t in opt["optimizer_state_dict"]["single_partition_of_fp32_groups"])
+    assert n_trainable <= part_numel <= n_trainable + 2 * 64  # fp32 masters, split in two (alignment padding)
+    # the checkpoint grows with the trained part, not the frozen model
+    n_frozen = sum(p.numel() for p in model.unet.parameters())
+    ckpt_bytes = sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
+    assert ckpt_bytes < (n_trainable * 4) * 8 + 2_000_000 and n_frozen > 0
+
+
+def test_one_rank_matches_two_ranks_at_the_same_global_batch(ref_run, tmp_path):
+    run = tmp_path / "run"
+    proc = run_local(run, *ONE_RANK, nproc=1)
+    assert proc.returncode == 0, describe(proc)
+    one, two = losses(run), losses(ref_run)
+    assert sorted(one) == sorted(two)
+    for step in two:
+        assert one[step] == pytest.approx(two[step], rel=1e-4), (step, one[step], two[step])
+    a = load_file(str(complete_checkpoints(run)[-1] / "temporal.safetensors"))
+    b = load_file(str(complete_checkpoints(ref_run)[-1] / "temporal.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_resume_at_another_world_size_starts_a_fresh_optimizer_and_says_so(ref_run, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref_run / "checkpoints" / "step_00000004", run / "checkpoints" / "step_00000004")
+    proc = run_local(run, *ONE_RANK, "train.stop_after_steps=2", nproc=1)
+    assert proc.returncode == 75, describe(proc)  # stopped after its 2 steps: rerun to continue
+    assert "FRESH optimizer state (saved at world size 2, now 1)" in proc.stdout
+    got = losses(run)
+    assert sorted(got) == [5, 6]
+    # step 5 runs on the consolidated weights of step 4 and the same clips: same loss as the reference
+    assert got[5] == pytest.approx(losses(ref_run)[5], rel=1e-4)
+    state = json.loads((complete_checkpoints(run)[-1] / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 1
+    assert any(m.get("ckpt/resumed_with_fresh_optimizer") == 1.0 for m in metrics(run))
+
+
+def test_a_killed_rank_ends_the_job_within_the_timeout(tmp_path):
+    run = tmp_path / "run"
+    env = train_env(tmp_path)
+    procs = spawn_ranks(["-m", "vldm.train", "--config", "configs/tiny_cpu.yaml", f"run_dir={run}", "train.max_steps=500",
+                         "checkpoint.every=1000", "data.batch_size=1", "wandb.mode=disabled", "deepspeed.timeout_s=30"],
+                        2, env, tmp_path)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not ((run / "logs" / "metrics.jsonl").exists() and len(metrics(run)) >= 2):
+            assert procs[0].poll() is None, (tmp_path / "rank0.log").read_text()
+            time.sleep(0.5)
+        assert len(metrics(run)) >= 2
+        procs[1].send_signal(signal.SIGKILL)
+        t0 = time.time()
+        rc = procs[0].wait(timeout=90)  # the survivor must not hang: gloo error or the watchdog ends it
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert rc != 0 and waited < 60, (rc, waited, (tmp_path / "rank0.log").read_text()[-3000:])
+
+
+NAN_SCRIPT = textwrap.dedent('''
+    import sys
+    from vldm.config import Config, build_config
+    from vldm.train.sources import SyntheticClips
+    from vldm.train.trainer import train
+
+    BAD = {2, 4, 5, 6}  # steps whose batch on rank 1 holds a NaN (grad_accum 1: batch n = step n)
+
+    class NaNClips(SyntheticClips):
+        def __next__(self):
+            batch = super().__next__()
+            if self.rank == 1 and self.batches in BAD:
+                batch["latents"][0, 0, 0, 0, 0] = float("nan")
+            return batch
+
+    cfg = build_config(Config, ["configs/tiny_cpu.yaml"], sys.argv[1:])
+    src = NaNClips(cfg, int(__import__("os").environ["RANK"]), 2, 4, 16, 16)
+    sys.exit(train(cfg, source=src))
+''')
+
+
+def test_non_finite_steps_are_skipped_counted_and_bounded(tmp_path):
+    script = tmp_path / "nan_train.py"
+    script.write_text(NAN_SCRIPT)
+    run = tmp_path / "run"
+    procs = spawn_ranks([str(script), f"run_dir={run}", "train.max_steps=20", "train.max_bad_steps=3", "checkpoint.every=1",
+                         "checkpoint.keep_last=20", "data.batch_size=1", "wandb.mode=disabled"], 2, train_env(tmp_path), tmp_path)
+    codes = [p.wait(timeout=300) for p in procs]
+    log0 = (tmp_path / "rank0.log").read_text()
+    assert codes == [3, 3], log0[-4000:]  # ABORT_EXIT: not a requeue
+    assert "3 consecutive steps had a non-finite loss or gradient" in log0
+    w = {c.name: load_file(str(c / "temporal.safetensors")) for c in complete_checkpoints(run)}
+    ema = {c.name: load_file(str(c / "temporal_ema.safetensors")) for c in complete_checkpoints(run)}
+    assert sorted(w) == [f"step_{s:08d}" for s in range(1, 7)]  # aborted at step 6, nothing after
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(w["step_00000001"], w["step_00000002"]) and same(ema["step_00000001"], ema["step_00000002"])  # skipped
+    assert not same(w["step_00000002"], w["step_00000003"])  # a good step in between trains
+    assert same(w["step_00000003"], w["step_00000006"])  # the abort checkpoint holds the last good weights
+    assert all(torch.isfinite(t).all() for t in w["step_00000006"].values())
+    state = json.loads((run / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["skipped_steps"] == 4 and state["bad_streak"] == 3 and state["reason"].startswith("abort")
+    by_step = {m["step"]: m for m in metrics(run) if "train/loss" in m}
+    assert by_step[2]["train/loss"] != by_step[2]["train/loss"]  # NaN is logged as NaN, not hidden
+    assert by_step[3]["train/skipped_steps"] == 1 and by_step[6]["train/skipped_steps"] == 4

@@ -1,0 +1,314 @@
+"""The training loader over vldm shards: `build_loader(cfg.data, rank, world_size, seed)`.
+
+Why not `webdataset.WebDataset`: the shards are WebDataset-compatible, but training here needs two
+things its pipelines don't give together: exact mid-epoch resume (no sample repeated or skipped,
+with a shuffle buffer and several workers) and, under DDP, the same number of batches on every rank
+while each sample is still read once per epoch (resampled shards + with_epoch give equal counts but
+not coverage). order.py makes the sample order a pure function of the seed, epoch and layout; this
+module reads it (streaming, no seeks: local files, fsspec URLs and pipe: commands all work).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vldm.config.data import DataConfig
+from vldm.data.codec import decode_window
+from vldm.data.format import EXT_LATENTS, EXT_MP4, EXT_TEXT_EMB, decode_sample
+from vldm.data.latents import npy_load
+from vldm.data.order import Segment, WorkerPlan, batches_per_epoch, worker_plan
+from vldm.data.tario import iter_samples
+from vldm.data.urls import expand, open_shard, sample_counts
+
+log = logging.getLogger("vldm.data")
+STATE_VERSION = 1
+
+
+class SampleError(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class _Reader:
+    """Serves the samples of a worker's segments by position, reading them in order. Samples in `skip`
+    (already consumed before a resume) are stepped over without being read; others wait in a dict
+    until asked for, which the shuffle-buffer order bounds to `shuffle_buffer` entries."""
+
+    def __init__(self, urls: list[str], segments: list[Segment], skip: set[int]):
+        self.urls, self.segments, self.skip = urls, segments, skip
+        self.ready: dict[int, tuple[str, dict[str, bytes] | None, SampleError | None]] = {}
+        self._it = self._stream()
+
+    def _stream(self) -> Iterator[tuple[int, str, dict[str, bytes] | None, SampleError | None]]:
+        base = 0  # position of the current segment's first sample
+        for seg in self.segments:
+            url = self.urls[seg.shard]
+
+            def want(i: int, seg: Segment = seg, base: int = base) -> bool:
+                return seg.begin <= i < seg.end and base + i - seg.begin not in self.skip
+
+            got = 0
+            try:
+                with open_shard(url) as f:
+                    for i, key, members in iter_samples(f, want=want, stop=seg.end):
+                        if i >= seg.begin:
+                            yield base + got, key, members, None
+                            got += 1
+                err = SampleError("missing", f"{url} has fewer samples than indexed ({seg.begin + got} < {seg.end})")
+            except Exception as e:  # unreadable / truncated shard: the rest of the segment is lost
+                err = SampleError("shard_error", f"{url}: {type(e).__name__}: {e}")
+            for _ in range(seg.end - seg.begin - got):
+                yield base + got, f"{url.rsplit('/', 1)[-1]}#{seg.begin + got}", None, err
+                got += 1
+            base += seg.end - seg.begin
+
+    def get(self, pos: int) -> tuple[str, dict[str, bytes] | None, SampleError | None]:
+        while pos not in self.ready:
+            p, key, members, err = next(self._it)
+            if p not in self.skip:
+                self.ready[p] = (key, members, err)
+        return self.ready.pop(pos)
+
+
+class _EpochStream(IterableDataset):
+    """One epoch of one rank from batch `skip_batches` on; yields collated batches (uint8 pixels)."""
+
+    def __init__(self, urls: list[str], counts: list[int], cfg: DataConfig, *, seed: int, epoch: int, rank: int,
+                 world_size: int, skip_batches: int, shuffle: bool, drop_last: bool):
+        super().__init__()
+        self.urls, self.counts, self.cfg = urls, counts, cfg
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.skip_batches, self.shuffle, self.drop_last = skip_batches, shuffle, drop_last
+
+    def plan(self, worker: int) -> WorkerPlan:
+        c = self.cfg
+        return worker_plan(self.counts, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
+                           num_workers=c.num_workers, worker=worker, batch_size=c.batch_size, drop_last=self.drop_last,
+                           shuffle_buffer=c.shuffle_buffer if self.shuffle else 0, shuffle=self.shuffle)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        k = max(1, self.cfg.num_workers)
+        # DataLoader asks its workers round robin from worker 0, so after a resume at batch s the
+        # process that starts must hold batch s: rotate which part each process reads
+        plan = self.plan(((info.id if info is not None else 0) + self.skip_batches) % k)
+        done = sum(1 for j in plan.batch_ids if j < self.skip_batches)
+        t = sum(plan.batch_sizes[:done])
+        reader = _Reader(self.urls, plan.segments, set(plan.order[:t]))
+        for b in range(done, len(plan.batch_sizes)):
+            items, dropped = [], []
+            for pos in plan.order[t : t + plan.batch_sizes[b]]:
+                key, members, err = reader.get(pos)
+                try:
+                    if err is not None:
+                        raise err
+                    items.append(self._decode(key, members, plan.offset + pos))
+                except SampleError as e:
+                    dropped.append((key, e.reason, str(e)))
+                except Exception as e:  # a corrupt sample must never stop training
+                    dropped.append((key, "decode_error", f"{type(e).__name__}: {e}"))
+            t += plan.batch_sizes[b]
+            yield self._collate(items, dropped, plan.batch_ids[b])
+
+    def _decode(self, key: str, members: dict[str, bytes], seq_pos: int) -> dict[str, Any]:
+        c = self.cfg
+        try:
+            meta, caption = decode_sample(members)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SampleError("bad_json", str(e)) from None
+        stored = int(meta.get("frames") or 0)
+        span = (c.num_frames - 1) * c.frame_stride + 1
+        if stored and span > stored:
+            raise SampleError("too_short", f"clip has {stored} frames, {c.num_frames} x stride {c.frame_stride} needs {span}")
+        room = max(0, stored - span)
+        if c.clip_start == "random":
+            # seeded by the sample's place in the epoch: the same after a resume, whatever the worker
+            start = int(np.random.default_rng([self.seed, self.epoch, seq_pos]).integers(room + 1)) if room else 0
+        else:
+            start = room // 2 if c.clip_start == "center" else 0
+        out: dict[str, Any] = {"key": key, "caption": caption, "meta": meta}
+        if c.use_latents:
+            if EXT_LATENTS not in members:
+                raise SampleError("no_latents", "sample has no latents.npy (shard it with --encode-latents)")
+            z = npy_load(members[EXT_LATENTS])
+            out["latents"] = np.ascontiguousarray(z[:, start : start + span : c.frame_stride], dtype=np.float32)
+            if EXT_TEXT_EMB in members:
+                out["text_embeds"] = npy_load(members[EXT_TEXT_EMB]).astype(np.float32)
+        else:
+            if EXT_MP4 not in members:
+                raise SampleError("decode_error", "sample has no mp4")
+            size = c.hw if (meta.get("height"), meta.get("width")) != c.hw else None
+            # one decoder thread: parallelism comes from num_workers (FFmpeg's frame threads only add
+            # latency on short clips, and oversubscribe the cores the workers already use)
+            out["frames"] = decode_window(members[EXT_MP4], start, c.num_frames, c.frame_stride, size=size, threads=1, format="mp4")
+        return out
+
+    def _collate(self, items: list[dict[str, Any]], dropped: list[tuple[str, str, str]], batch_id: int) -> dict[str, Any]:
+        c = self.cfg
+        batch: dict[str, Any] = {"keys": [i["key"] for i in items], "captions": [i["caption"] for i in items],
+                                 "meta": [i["meta"] for i in items], "_dropped": dropped, "_batch": batch_id,
+                                 "_epoch": self.epoch}
+        if c.use_latents:
+            batch["latents"] = torch.from_numpy(np.stack([i["latents"] for i in items])) if items else torch.zeros(0)
+            if items and all("text_embeds" in i for i in items):
+                batch["text_embeds"] = torch.from_numpy(np.stack([i["text_embeds"] for i in items]))
+        elif items:
+            # (B, C, F, H, W) at module boundaries. To [-1, 1] in numpy, here: single-threaded and in the
+            # worker (torch's intra-op threads in the trainer process are slow to wake on busy cores)
+            u8 = rearrange(np.stack([i["frames"] for i in items]), "b f h w c -> b c f h w")
+            pixels = np.empty(u8.shape, np.float32)
+            np.multiply(u8, np.float32(1 / 127.5), out=pixels)
+            batch["pixels"] = torch.from_numpy(np.subtract(pixels, np.float32(1.0), out=pixels))
+        else:
+            batch["pixels"] = torch.zeros((0, 3, c.num_frames, *c.hw), dtype=torch.float32)
+        return batch
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    return batch  # already collated; torch's default_convert would walk every nested meta list
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding is the work; intra-op threads would only oversubscribe the cores
+
+
+class ClipLoader:
+    """Batches of clips for one rank: iterate it; save `state_dict()` with your checkpoint.
+
+    Each batch is a dict:
+      "pixels"      float32 (B, C=3, F=num_frames, H, W) in [-1, 1]   (not with use_latents)
+      "latents"     float32 (B, C, F, h, w), already scaled by the VAE's scaling_factor (use_latents)
+      "text_embeds" float32 (B, L, D) when the shards carry text embeddings (use_latents)
+      "captions"    list[str];  "keys" list[str] (unique sample ids);  "meta" list[dict] (the sample json)
+    B == batch_size except: the epoch's last batch when drop_last is off, and batches from which a
+    corrupt sample was dropped. A corrupt sample (unreadable mp4, broken json, truncated shard...) is
+    logged, counted in `stats["corrupt"]` / `stats["corrupt_by_reason"]` and dropped from its batch;
+    it is never fatal and never silently replaced. Dropping keeps the number of batches per epoch
+    fixed, so every rank yields exactly `len(loader)` batches per epoch (DDP-safe: no rank waits).
+
+    Training (split="train") iterates forever, epoch after epoch (`loader.epoch`), each epoch a new
+    seeded order; every sample is read at most once per epoch (exactly once when world_size divides
+    the sample count and, with drop_last, batch_size divides the per-rank share). split="holdout"
+    reads the last `holdout_shards` shards once, in order.
+
+    Resume: `load_state_dict(state)` before iterating. With the same world size, workers, batch size,
+    shuffle buffer, seed and shards, the next batch is exactly the one the interrupted run would have
+    produced next. Otherwise the loader logs the change and starts a fresh epoch order at the next
+    epoch. Ranks are in the same position at the same step, so rank 0's state is valid for all.
+    """
+
+    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, split: str = "train"):
+        if not cfg.shards:
+            raise ValueError("data.shards is empty: point it at the output of data_prep/shard_videos.py")
+        if split not in ("train", "holdout"):
+            raise ValueError(f"split must be 'train' or 'holdout', got {split!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        urls = expand(cfg.shards)
+        keep = len(urls) - cfg.holdout_shards
+        if keep < 1 and split == "train":
+            raise ValueError(f"holdout_shards={cfg.holdout_shards} leaves no training shards (of {len(urls)})")
+        self.urls = urls[:keep] if split == "train" else urls[keep:]
+        self.counts = sample_counts(self.urls)
+        self.cfg, self.rank, self.world_size, self.seed, self.split = cfg, rank, world_size, seed, split
+        self.train = split == "train"
+        self.drop_last = cfg.drop_last if self.train else False
+        self.num_batches = batches_per_epoch(sum(self.counts), world_size, cfg.batch_size, self.drop_last)
+        if self.num_batches == 0:
+            raise ValueError(f"{sum(self.counts)} samples in {len(self.urls)} shards are too few for {world_size} ranks x "
+                             f"batch {cfg.batch_size}{' (drop_last)' if self.drop_last else ''}")
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._stats: Counter = Counter()
+        self._reasons: Counter = Counter()
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same on every rank)."""
+        return self.num_batches
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "batches_per_epoch": self.num_batches,
+                "batches": self._stats["batches"], "samples": self._stats["samples"], "corrupt": self._stats["corrupt"],
+                "corrupt_by_reason": dict(self._reasons)}
+
+    def _layout(self) -> dict[str, Any]:
+        names = hashlib.sha1(json.dumps([[u.rsplit("/", 1)[-1], n] for u, n in zip(self.urls, self.counts)]).encode()).hexdigest()
+        c = self.cfg
+        return {"world_size": self.world_size, "num_workers": c.num_workers, "batch_size": c.batch_size,
+                "drop_last": self.drop_last, "shuffle_buffer": c.shuffle_buffer, "seed": self.seed, "split": self.split,
+                "shards": names}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "layout": self._layout(), "stats": dict(self._stats), "corrupt_by_reason": dict(self._reasons)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._stats = Counter(state.get("stats", {}))
+        self._reasons = Counter(state.get("corrupt_by_reason", {}))
+        old, new = state["layout"], self._layout()
+        if old == new:
+            self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+            return
+        changed = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+        self.epoch = int(state["epoch"]) + (1 if state["batch_in_epoch"] else 0)
+        self.batch_in_epoch = 0
+        log.warning("data loader layout changed (%s): the exact position cannot be carried over; starting a fresh epoch "
+                    "order at epoch %d", changed, self.epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while True:
+            yield from self._epoch()
+            if not self.train:
+                return
+
+    def _epoch(self) -> Iterator[dict[str, Any]]:
+        c = self.cfg
+        if self.batch_in_epoch < self.num_batches:
+            ds = _EpochStream(self.urls, self.counts, c, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                              world_size=self.world_size, skip_batches=self.batch_in_epoch, shuffle=self.train,
+                              drop_last=self.drop_last)
+            dl = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=c.num_workers, worker_init_fn=_worker_init if c.num_workers else None,
+                            prefetch_factor=2 if c.num_workers else None, persistent_workers=False)
+            for raw in dl:
+                if raw["_batch"] != self.batch_in_epoch:  # DataLoader's round robin is what makes resume exact
+                    raise RuntimeError(f"loader order broken: got batch {raw['_batch']}, expected {self.batch_in_epoch}")
+                batch = self._finish(raw)
+                self.batch_in_epoch += 1
+                yield batch
+        if self.train:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def _finish(self, raw: dict[str, Any]) -> dict[str, Any]:
+        for key, reason, msg in raw.pop("_dropped"):
+            self._stats["corrupt"] += 1
+            self._reasons[reason] += 1
+            log.warning("skipped corrupt sample %s (%s): %s", key, reason, msg)
+        raw.pop("_batch")
+        raw.pop("_epoch")
+        self._stats["batches"] += 1
+        self._stats["samples"] += len(raw["keys"])
+        return raw
+
+
+def build_loader(data_cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, split: str = "train") -> ClipLoader:
+    """The trainer's entry point: a `ClipLoader` for this rank (see its docstring for the batch format,
+    epochs, corrupt samples and resume). `rank`/`world_size` are the data-parallel ones: the loader
+    splits shards by rank itself (no environment variables read), and by worker inside the rank."""
+    return ClipLoader(data_cfg, rank=rank, world_size=world_size, seed=seed, split=split)
