@@ -20,10 +20,11 @@ CORE = [
     "pyarrow>=15",
     "tqdm",
     "accelerate>=1.0",
+    "braceexpand",  # shard patterns in the data loader (also a webdataset dependency)
 ]
 TRAIN = ["deepspeed==0.19.8", "wandb==0.31.0", "moviepy>=2", "ninja"]
 RAY = ["ray[default,data]==2.60.0", "pandas"]
-TEST = ["pytest>=8", "pytest-timeout", "ruff"]
+TEST = ["pytest>=8", "pytest-timeout", "ruff", "psutil"]
 
 setup(
     name="vldm",

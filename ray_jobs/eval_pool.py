@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -112,8 +113,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _exit_on_sigterm(signum, frame):
+    # SLURM's time limit / scancel: unwind through `finally` (W&B run closed, actors released); every
+    # finished shard is already on disk, so the next pool continues from there
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     suite = load_suite(args.suite, args.overrides)
     coord = Coordinator(args.run_dir, suite)
     print(f"[eval] run {coord.run_dir}  suite {suite.name!r}  hash {coord.suite_hash}", flush=True)

@@ -17,5 +17,9 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.installed" ]; then
   make -s venv VENV="$VENV"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"   # ray, the venv's ninja (one binary: DeepSpeed's JIT ops build once)
+# One thread per process. Several processes run at once (2 trainer ranks, Ray workers), and on a shared
+# 2-core machine a 2-thread torch process spins in OpenMP barriers: an autoencoder step took 9.0 s with
+# 2 threads against 0.43 s with 1 under load (measured). The sbatch script also gives each rank 1.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export WANDB_MODE=${WANDB_MODE:-offline}
 exec "$VENV/bin/python" -m vldm.demo "$@"

@@ -133,6 +133,7 @@ def test_ranks_and_workers_cover_every_sample_once_per_epoch(shards):
         assert epoch2 != per_rank[0] and loaders[0].epoch == 1
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
 @pytest.mark.parametrize("workers,stop", [(2, 7), (3, 4), (0, 11)])
 def test_resume_continues_exactly_where_it_stopped(shards, workers, stop):
     cfg = cfg_for(shards, num_workers=workers, clip_start="random")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,89 +70,6 @@ def mixed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return d, expected
 
 
-def test_ray_job_submit_bad_input_rerun_and_retry(ray_cluster, mixed, tmp_path):
-    src, expected = mixed
-    out = tmp_path / "out"
-    opts = ["--frames", "8", "--fps", "8", "--size", "32", "--videos-per-shard", "8", "--extensions", "mp4,mkv,webm,avi",
-            "--log-every", "1"]
-    job = run([str(BIN / "ray"), "job", "submit", "--address", ray_cluster, "--working-dir", str(ROOT), "--",
-               "python", "data_prep/shard_videos.py", str(src), str(out), *opts])
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    assert "clips/s" in job.stdout and "ETA" in job.stdout  # progress in the job log
-
-    stats = json.loads((out / "_stats.json").read_text())
-    bad = Counter(v for v in expected.values() if v != "ok")
-    assert stats["inputs"]["seen"] == len(expected) and stats["inputs"]["failed_by_reason"] == dict(bad)
-    assert stats["inputs"]["ok"] == len(expected) - sum(bad.values())
-    assert stats["shards"] == {"total": 5, "complete": 5, "with_latents": 0, "incomplete": []}
-    keys = check_consistent(out)
-    assert len(keys) == len(set(keys)) == stats["clips"] == 12 * 2 + 15  # synthetic + awkward-but-good files
-    assert stats["run"]["clips_per_s"] > 0 and stats["bytes"] == sum(p.stat().st_size for p in out.glob("*.tar"))
-    failed = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
-    assert {Path(f["path"]).name: f["reason"] for f in failed} == {k: v for k, v in expected.items() if v != "ok"}
-    loader = build_loader(DataConfig(shards=str(out), num_frames=8, size=32, batch_size=4, drop_last=False), seed=0)
-    assert sum(len(b["keys"]) for b in (next(iter(loader)) for _ in range(1))) == 4 and loader.num_samples == len(keys)
-
-    # rerun (standalone, same options): a no-op that does not even start Ray
-    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    again = run(shard_cmd(str(src), str(out), *opts))
-    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == mtimes
-    assert json.loads((out / "_stats.json").read_text())["run"]["shards_written"] == 0
-    # other settings into the same output are refused, naming the option
-    other = run(shard_cmd(str(src), str(out), *opts[:-2], "--fps", "4"))
-    assert other.returncode != 0 and "--fps" in other.stdout + other.stderr
-
-    # retry the failures alone: failed.jsonl is an input; they fail again, for the same reasons
-    retry = run(shard_cmd(str(out / "failed.jsonl"), str(tmp_path / "retry"), *opts))
-    assert retry.returncode == 0, retry.stdout + retry.stderr
-    again_failed = [json.loads(line) for line in (tmp_path / "retry" / "failed.jsonl").read_text().splitlines()]
-    assert sorted((f["path"], f["reason"]) for f in again_failed) == sorted((f["path"], f["reason"]) for f in failed)
-    assert not any(p.name.startswith("PWNED") for p in list(src.iterdir()) + list(ROOT.iterdir()) + list(Path.cwd().iterdir()))
-
-
-def _worker_pids() -> list[int]:
-    pids = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if "ray::write_shard" in " ".join(p.info["cmdline"] or []):
-                pids.append(p.pid)
-        except psutil.Error:
-            pass
-    return pids
-
-
-def test_kill_9_of_a_worker_and_the_driver_then_rerun_gives_every_clip_once(ray_cluster, tmp_path):
-    src, out = tmp_path / "in", tmp_path / "out"
-    write_corpus(SyntheticConfig(output=str(src), count=12, size="64", frames=96, fps=8, seed=5))  # 12 clips each
-    opts = ["--frames", "8", "--fps", "8", "--size", "128", "--videos-per-shard", "1", "--workers", "1", "--log-every", "1"]
-    driver = subprocess.Popen(shard_cmd(str(src), str(out), *opts), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=env(), cwd=ROOT, start_new_session=True)
-    done = lambda: len(list(out.glob("*.done.json"))) if out.exists() else 0  # noqa: E731
-    killed_worker = False
-    deadline = time.time() + 120
-    while time.time() < deadline and done() < 5 and driver.poll() is None:
-        if not killed_worker and done() >= 2:
-            for pid in _worker_pids():  # a shard task mid-way: Ray retries it
-                os.kill(pid, signal.SIGKILL)
-                killed_worker = True
-        time.sleep(0.02)
-    assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
-    os.kill(driver.pid, signal.SIGKILL)  # the driver, at once
-    driver.wait()
-    assert 0 < done() < 12 and killed_worker
-    time.sleep(1.0)  # let Ray reap the dead job's workers
-
-    rerun = run(shard_cmd(str(src), str(out), *opts))
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    keys = check_consistent(out)
-    assert len(keys) == len(set(keys)) == 12 * 12  # every clip exactly once
-    stats = json.loads((out / "_stats.json").read_text())
-    assert stats["clips"] == 144 and stats["inputs"]["failed"] == 0 and stats["run"]["shards_skipped"] >= 1
-    sample = read_all(str(out / "shard-000011.tar"))[3][1]
-    assert decode_all(sample["mp4"]).shape == (8, 128, 128, 3)
-
-
 def _tiny_models(root: Path) -> tuple[Path, Path]:
     import torch
     from diffusers import AutoencoderKL
@@ -176,35 +95,111 @@ def _tiny_models(root: Path) -> tuple[Path, Path]:
     return root / "vae", root / "te"
 
 
-def test_latent_stage_adds_vae_latents_and_text_embeddings(ray_cluster, tmp_path):
+def test_ray_job_submit_bad_input_latents_rerun_and_retry(ray_cluster, mixed, tmp_path):
+    """One `ray job submit` run over good, awkward and broken files, with the latent actor stage."""
     import torch
     from diffusers import AutoencoderKL
 
+    src, expected = mixed
     vae_dir, te_dir = _tiny_models(tmp_path)
-    src, out = tmp_path / "in", tmp_path / "out"
-    write_corpus(SyntheticConfig(output=str(src), count=3, size="32", frames=16, fps=8, seed=9))
-    opts = ["--frames", "8", "--fps", "8", "--size", "32", "--videos-per-shard", "2", "--encode-latents", "--vae", str(vae_dir),
-            "--text-encoder", str(te_dir), "--latent-batch", "4", "--latent-dtype", "float32"]
-    res = run(shard_cmd(str(src), str(out), *opts))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = tmp_path / "out"
+    opts = ["--frames", "8", "--fps", "8", "--size", "32", "--videos-per-shard", "8", "--extensions", "mp4,mkv,webm,avi",
+            "--log-every", "1"]
+    latent_opts = ["--encode-latents", "--vae", str(vae_dir), "--text-encoder", str(te_dir), "--latent-batch", "4",
+                   "--latent-dtype", "float32"]
+    job = run([str(BIN / "ray"), "job", "submit", "--address", ray_cluster, "--working-dir", str(ROOT), "--",
+               "python", "data_prep/shard_videos.py", str(src), str(out), *opts, *latent_opts])
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "clips/s" in job.stdout and "ETA" in job.stdout and "latents 5/5 shards" in job.stdout  # progress in the job log
+
     stats = json.loads((out / "_stats.json").read_text())
-    assert stats["shards"]["with_latents"] == stats["shards"]["total"] == 2
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()  # the same loading path as the actors
-    samples = all_samples(out)
-    assert len(samples) == 6 and len(check_consistent(out)) == 6
-    for key, m in samples:
+    bad = Counter(v for v in expected.values() if v != "ok")
+    assert stats["inputs"]["seen"] == len(expected) and stats["inputs"]["failed_by_reason"] == dict(bad)
+    assert stats["inputs"]["ok"] == len(expected) - sum(bad.values())
+    assert stats["shards"] == {"total": 5, "complete": 5, "with_latents": 5, "incomplete": []}
+    keys = check_consistent(out)
+    assert len(keys) == len(set(keys)) == stats["clips"] == 12 * 2 + 16  # synthetic + awkward-but-good files
+    assert stats["run"]["clips_per_s"] > 0 and stats["bytes"] == sum(p.stat().st_size for p in out.glob("*.tar"))
+    failed = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
+    assert {Path(f["path"]).name: f["reason"] for f in failed} == {k: v for k, v in expected.items() if v != "ok"}
+
+    # latents: the VAE posterior mean x scaling_factor of every frame, as the same from_pretrained path gives
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    for key, m in all_samples(out)[::7]:
         meta = json.loads(m["json"])
-        z = np.load(__import__("io").BytesIO(m["latents.npy"]))
+        z = np.load(io.BytesIO(m["latents.npy"]))
         assert z.shape == (4, 8, 16, 16) == tuple(meta["latents"]["shape"])
         assert meta["latents"]["scaling_factor"] == 0.5 and meta["latents"]["vae"] == str(vae_dir)
         x = torch.from_numpy(decode_all(m["mp4"])).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():
             ref = (vae.encode(x).latent_dist.mean * 0.5).permute(1, 0, 2, 3).numpy()
         assert np.allclose(z, ref, atol=1e-4)
-        assert np.load(__import__("io").BytesIO(m["text.npy"])).shape == (12, 16)
-    # training straight from latents
-    loader = build_loader(DataConfig(shards=str(out), num_frames=4, frame_stride=2, size=32, batch_size=3, use_latents=True), seed=0)
-    batch = next(iter(loader))
+        assert np.load(io.BytesIO(m["text.npy"])).shape == (12, 16)
+    # training reads pixels, or straight from latents
+    cfg = DataConfig(shards=str(out), num_frames=4, frame_stride=2, size=32, batch_size=3)
+    batch = next(iter(build_loader(cfg, seed=0)))
+    assert batch["pixels"].shape == (3, 3, 4, 32, 32)
+    batch = next(iter(build_loader(replace(cfg, use_latents=True), seed=0)))
     assert batch["latents"].shape == (3, 4, 4, 16, 16) and batch["text_embeds"].shape == (3, 12, 16) and "pixels" not in batch
-    again = run(shard_cmd(str(src), str(out), *opts))
-    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+    # rerun (standalone, same options): a no-op that does not even start Ray
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    again = run(shard_cmd(str(src), str(out), *opts, *latent_opts))
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == mtimes
+    assert json.loads((out / "_stats.json").read_text())["run"]["shards_written"] == 0
+    # other settings into the same output are refused, naming the option
+    other = run(shard_cmd(str(src), str(out), *opts[:-2], "--fps", "4"))
+    assert other.returncode != 0 and "--fps" in other.stdout + other.stderr
+
+    # a retry needs its own output: the plan of this one is fixed
+    wrong = run(shard_cmd(str(out / "failed.jsonl"), str(out), *opts))
+    assert wrong.returncode == 2 and "own OUTPUT" in wrong.stdout
+    # retry the failures alone: failed.jsonl is an input; they fail again, for the same reasons
+    retry = run(shard_cmd(str(out / "failed.jsonl"), str(tmp_path / "retry"), *opts))
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    again_failed = [json.loads(line) for line in (tmp_path / "retry" / "failed.jsonl").read_text().splitlines()]
+    assert sorted((f["path"], f["reason"]) for f in again_failed) == sorted((f["path"], f["reason"]) for f in failed)
+    assert not any(p.name.startswith("PWNED") for p in list(src.iterdir()) + list(ROOT.iterdir()) + list(Path.cwd().iterdir()))
+
+
+def _worker_pids() -> list[int]:
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "ray::write_shard" in " ".join(p.info["cmdline"] or []):
+                pids.append(p.pid)
+        except psutil.Error:
+            pass
+    return pids
+
+
+def test_kill_9_of_a_worker_and_the_driver_then_rerun_gives_every_clip_once(ray_cluster, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_corpus(SyntheticConfig(output=str(src), count=10, size="64", frames=64, fps=8, seed=5))  # 8 clips each
+    opts = ["--frames", "8", "--fps", "8", "--size", "128", "--videos-per-shard", "1", "--workers", "1", "--log-every", "1"]
+    driver = subprocess.Popen(shard_cmd(str(src), str(out), *opts), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=env(), cwd=ROOT, start_new_session=True)
+    done = lambda: len(list(out.glob("*.done.json"))) if out.exists() else 0  # noqa: E731
+    killed_worker = False
+    deadline = time.time() + 120
+    while time.time() < deadline and done() < 4 and driver.poll() is None:
+        if not killed_worker and done() >= 2:
+            for pid in _worker_pids():  # a shard task mid-way: Ray retries it
+                os.kill(pid, signal.SIGKILL)
+                killed_worker = True
+        time.sleep(0.02)
+    assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
+    os.kill(driver.pid, signal.SIGKILL)  # the driver, at once
+    driver.wait()
+    assert 0 < done() < 10 and killed_worker
+    time.sleep(1.0)  # let Ray reap the dead job's workers
+
+    rerun = run(shard_cmd(str(src), str(out), *opts))
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    keys = check_consistent(out)
+    assert len(keys) == len(set(keys)) == 10 * 8  # every clip exactly once
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["clips"] == 80 and stats["inputs"]["failed"] == 0 and stats["run"]["shards_skipped"] >= 1
+    sample = read_all(str(out / "shard-000009.tar"))[3][1]
+    assert decode_all(sample["mp4"]).shape == (8, 128, 128, 3)

@@ -70,6 +70,18 @@ def test_cli_help_documents_every_option_with_its_default():
     assert bad.returncode == 2 and "even" in bad.stderr
 
 
+def test_one_run_per_output_directory(tmp_path):
+    from vldm.data.fsutil import DirLock
+
+    (tmp_path / "in").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    with DirLock(out):  # as a running sharder holds it
+        busy = subprocess.run([sys.executable, str(ROOT / "data_prep" / "shard_videos.py"), str(tmp_path / "in"), str(out)],
+                              capture_output=True, text=True)
+    assert busy.returncode == 2 and "another sharding run holds" in busy.stdout
+
+
 def test_inputs_from_directories_manifests_sidecars_and_failed_jsonl(tmp_path):
     d = tmp_path / "videos"
     (d / "sub").mkdir(parents=True)

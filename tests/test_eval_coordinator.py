@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from eval_helpers import (
     TinyI3D,
@@ -123,9 +124,11 @@ def test_a_lost_shard_is_redone_alone_and_gives_the_same_result(run_done):
     step = coord.dir / "step_00000200"
     (step / "result.json").unlink()  # as if the coordinator died before merging ...
     (step / SHARDS / "raw_samples_000002-000004.npz").unlink()  # ... and a worker died mid-shard
+    (step / SHARDS / ".raw_samples_000002-000004.npz.x1y2.tmp").write_bytes(b"half")  # mid-write
     coord2, ex, _ = _evaluate(run_done)
     assert ex.ran == ["step_00000200/raw_samples_000002-000004"]
     assert _results(coord2)[200]["metrics"] == pytest.approx(before, rel=1e-9)
+    assert not list((step / SHARDS).glob(".*"))  # the half-written file was cleaned up
 
 
 def test_rewritten_checkpoint_weights_invalidate_its_partials(run_done):
@@ -217,3 +220,28 @@ def test_fvd_fid_clipsim_with_cached_reference_statistics(run, tmp_path):
     coord2, ex2, _ = _evaluate(other, over)
     assert not any("reference" in t for t in ex2.ran)
     assert _results(coord2)[200]["metrics"] == pytest.approx(m["metrics"], rel=1e-6)
+
+
+def test_validation_loss_on_held_out_tar_shards(run, tmp_path):
+    import tarfile
+
+    from vldm.eval.tasks import ShardTask, read_partial
+
+    src = write_real_videos(tmp_path / "src", 3, frames=6, size=24)
+    with tarfile.open(tmp_path / "heldout-000000.tar", "w") as tf:
+        for i, p in enumerate(sorted(src.glob("*.mp4"))):
+            tf.add(p, arcname=f"clip{i}.mp4")
+    suite = load_suite(None, [*FAST, f"val_loss.data={tmp_path / 'heldout-000000.tar'}", "val_loss.num_clips=3"])
+    coord = Coordinator(run, suite, log=lambda m: None)
+    assert len(coord.protocol["val_loss"]["data"]) == 64  # the held-out listing is part of the protocol
+    worker = EvalWorker(run, suite, coord.suite_hash, threads=1)
+    ck = run / "checkpoints" / "step_00000100"
+
+    def task(a, b, name):
+        return ShardTask("val_loss", ck.name, a, b, str(tmp_path / name), variant="ema", ckpt=str(ck), step=100)
+
+    worker.run(task(0, 3, "all.npz"))
+    worker.run(task(1, 3, "part.npz"))
+    full, part = read_partial(tmp_path / "all.npz")[1]["val_loss"], read_partial(tmp_path / "part.npz")[1]["val_loss"]
+    assert full.shape == (3, 2) and (full > 0).all()
+    np.testing.assert_allclose(part, full[1:], rtol=1e-5)  # fixed noise per (clip, t): shard-independent

@@ -54,6 +54,16 @@ def test_agrees_with_scipy_sqrtm(d):
     assert abs(ours - ref) / abs(ref) < 1e-6
 
 
+def test_singular_covariances_take_the_square_root_path():
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal((40, 20)), rng.standard_normal((40, 25))
+    s1, s2 = a @ a.T / 20, b @ b.T / 25  # rank 20 and 25 in 40-d: no Cholesky factor for either
+    mu = np.zeros(40)
+    fd = frechet_distance(mu, s1, mu, s2)
+    ref = _sqrtm_fd(mu, s1, mu, s2)
+    assert np.isfinite(fd) and abs(fd - ref) / ref < 1e-6
+
+
 def test_singular_covariances_stay_finite_and_nonnegative():
     rng = np.random.default_rng(2)
     a = FeatureStats(64).update(rng.standard_normal((10, 64)))  # rank 9 covariance

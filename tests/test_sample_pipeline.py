@@ -96,3 +96,22 @@ def test_pipeline_round_trips_through_save_pretrained(cascade, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     kw = dict(num_frames=6, steps=1, guidance_scale=2.0, progress=False, upsample=False)
     assert torch.equal(pipe("a red square", **kw).videos, loaded("a red square", **kw).videos)
+
+
+def test_personalized_cascade_reads_the_finetuned_unet_and_both_text_encoders(runs, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from vldm.models.base import build_tiny_base
+
+    tuned = build_tiny_base(tmp_path / "dreambooth", seed=1)  # same shape, other weights: a stand-in fine-tune
+    c = Cascade.from_runs(runs["key"], personalized=tuned)
+    assert torch.equal(c.keyframes.model.unet.conv_in.weight, UNet2DConditionModel.from_pretrained(str(tuned / "unet")).conv_in.weight)
+    assert c.temporal_text is not None and c.temporal_text.text_encoder is not c.components.text_encoder
+    out = generate(c, ["a"], num_frames=2, interp_passes=0, steps=1, progress=False)
+    assert out.videos.shape[2] == 2
+
+
+def test_stages_on_one_base_model_share_its_frozen_unet(runs):
+    c = Cascade.from_runs(runs["key"], predict_run=runs["pred"], interp_run=runs["interp"])
+    assert c.keyframes.model.unet is c.predictor.model.unet is c.interpolator.model.unet
+    assert c.predictor.task == "predict" and c.interpolator.task_options["window"] == 5

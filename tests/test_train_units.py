@@ -62,7 +62,7 @@ def test_rank_discovery_from_launchers():
                          "SLURM_JOB_ID": "77", "MASTER_ADDR": "n1"})
     assert (srun.rank, srun.world_size, srun.local_rank, srun.master_addr, srun.master_port, srun.launcher) == (3, 4, 1, "n1", 20077, "slurm")
     # the batch step has SLURM_PROCID and SLURM_NTASKS too, but no SLURM_STEP_ID: it is not rank 0 of N
-    batch = detect_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "77"})
+    batch = detect_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "77", "MASTER_PORT": "29500"})
     assert batch.world_size == 1 and batch.launcher == "single"
     with pytest.raises(RuntimeError, match="outside world size"):
         detect_world({"RANK": "2", "WORLD_SIZE": "2"})
@@ -125,7 +125,7 @@ def tiny_objective():
 
     cfg = tiny("diffusion.text_dropout=0.5", "train.image_ratio=0.3", "data.num_frames=2")
     built = build(cfg)
-    return cfg, built, Objective(cfg, built, torch.device("cpu"), torch.float32)
+    return cfg, built, Objective(cfg, built, torch.device("cpu"))
 
 
 def test_loss_is_the_same_whichever_rank_holds_a_clip(tiny_objective):

@@ -57,9 +57,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ck[-1] if ck else None
 
 
-def load_checkpoint_model(ckpt_dir: str | Path, ema: bool = False, overrides: list[str] | tuple[str, ...] = ()):
+def load_checkpoint_model(ckpt_dir: str | Path, ema: bool = False, overrides: list[str] | tuple[str, ...] = (),
+                          components=None):
     """(config, components, model) from a complete checkpoint: the base model from the config's local
-    path, then the checkpoint's trainable weights (raw or EMA). Works for both stages."""
+    path, then the checkpoint's trainable weights (raw or EMA). Works for both stages.
+    `components`: already loaded base-model components to reuse (stage=temporal; shared, not copied)."""
 
     from vldm.config import Config, build_config
     from vldm.models.base import build_video_unet, load_components
@@ -68,7 +70,10 @@ def load_checkpoint_model(ckpt_dir: str | Path, ema: bool = False, overrides: li
     if not (ck / COMPLETE).exists():
         raise FileNotFoundError(f"{ck} is not a complete checkpoint (no {COMPLETE} marker)")
     cfg = build_config(Config, [str(ck / RUN_CONFIG)], overrides)
-    comps = load_components(cfg.model)
+    if cfg.stage == "image" or components is None:
+        comps = load_components(cfg.model)
+    else:
+        comps = components
     if cfg.stage == "image":
         from diffusers import UNet2DConditionModel
 

@@ -33,6 +33,7 @@ class DataConfig:
     num_workers: int = field_(0, "loader worker processes per rank")
     shuffle_buffer: int = field_(64, "samples held for shuffling (0 = no shuffle)")
     use_latents: bool = field_(False, "read precomputed VAE latents from the shards instead of decoding mp4")
+    pixel_dtype: Literal["float32", "uint8"] = field_("float32", "batch['pixels']: float32 in [-1, 1], or uint8 0..255 (4x less host memory and host-to-GPU traffic; do x / 127.5 - 1 on the GPU)")
     clip_start: Literal["random", "start", "center"] = field_("random", "where the num_frames x frame_stride window sits in a longer stored clip (random is seeded, so resume is exact)")
     drop_last: bool = field_(True, "drop each rank's partial last batch of an epoch (keeps batch shapes static)")
     holdout_shards: int = field_(0, "last n shards (by name) held out: training never reads them, split='holdout' reads only them")

@@ -143,21 +143,26 @@ def decode_window(source: str | bytes, start: int, num_frames: int, stride: int 
     clip has another size. Raises ValueError if the clip has fewer frames than asked for.
     """
     wanted = start + (num_frames - 1) * stride
-    out: list[np.ndarray] = []
+    out: np.ndarray | None = None
+    n = 0
     with open_input(source, threads=threads, format=format) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         for i, frame in enumerate(container.decode(video=0)):
             if i >= start and (i - start) % stride == 0:
                 if size is None or (frame.height, frame.width) == tuple(size):
-                    out.append(to_rgb(frame))
+                    img = to_rgb(frame)
                 else:
-                    out.append(fit_frame(frame, size[0], size[1]))
+                    img = fit_frame(frame, size[0], size[1])
+                if out is None:
+                    out = np.empty((num_frames, *img.shape), np.uint8)  # filled in place: no stack copy
+                out[n] = img
+                n += 1
             if i >= wanted:
                 break
-    if len(out) < num_frames:
-        raise ValueError(f"clip has {len(out)} of the {num_frames} frames asked for (start {start}, stride {stride})")
-    return np.stack(out)
+    if out is None or n < num_frames:
+        raise ValueError(f"clip has {n} of the {num_frames} frames asked for (start {start}, stride {stride})")
+    return out
 
 
 def decode_all(source: str | bytes, threads: int = 1, format: str | None = None) -> np.ndarray:

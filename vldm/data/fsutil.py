@@ -40,6 +40,10 @@ def open_temp(directory: Path, prefix: str, suffix: str) -> tuple[IO[bytes], str
     return os.fdopen(fd, "wb"), tmp
 
 
+class DirLocked(RuntimeError):
+    """Another process holds the directory's lock."""
+
+
 class DirLock:
     """An exclusive flock on DIR/.lock: one sharding run per output directory. The kernel drops it when
     the holder dies, even by kill -9, so a crashed run never blocks the rerun."""
@@ -57,7 +61,7 @@ class DirLock:
             holder = self._f.read().strip()
             self._f.close()
             self._f = None
-            raise RuntimeError(f"another sharding run holds {self.path} ({holder or 'unknown'}); wait for it or stop it") from None
+            raise DirLocked(f"another sharding run holds {self.path} ({holder or 'unknown'}); wait for it or stop it") from None
         self._f.seek(0)
         self._f.truncate()
         self._f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")

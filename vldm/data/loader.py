@@ -163,15 +163,24 @@ class _EpochStream(IterableDataset):
             batch["latents"] = torch.from_numpy(np.stack([i["latents"] for i in items])) if items else torch.zeros(0)
             if items and all("text_embeds" in i for i in items):
                 batch["text_embeds"] = torch.from_numpy(np.stack([i["text_embeds"] for i in items]))
-        elif items:
-            # (B, C, F, H, W) at module boundaries. To [-1, 1] in numpy, here: single-threaded and in the
-            # worker (torch's intra-op threads in the trainer process are slow to wake on busy cores)
-            u8 = rearrange(np.stack([i["frames"] for i in items]), "b f h w c -> b c f h w")
-            pixels = np.empty(u8.shape, np.float32)
-            np.multiply(u8, np.float32(1 / 127.5), out=pixels)
-            batch["pixels"] = torch.from_numpy(np.subtract(pixels, np.float32(1.0), out=pixels))
         else:
-            batch["pixels"] = torch.zeros((0, 3, c.num_frames, *c.hw), dtype=torch.float32)
+            # (B, C, F, H, W) at module boundaries. Converted here, in numpy: single-threaded, in the worker,
+            # one pass per sample straight from the decoded (F, H, W, C) frames (torch's intra-op threads
+            # in the trainer process are slow to wake on busy cores)
+            u8 = c.pixel_dtype == "uint8"
+            out = torch.empty((len(items), 3, c.num_frames, *c.hw), dtype=torch.uint8 if u8 else torch.float32)
+            if get_worker_info() is not None:
+                out.share_memory_()  # filled in place in shared memory: the DataLoader then passes a handle, no copy
+            pixels = out.numpy()
+            for b, item in enumerate(items):
+                src = rearrange(item["frames"], "f h w c -> c f h w")
+                if u8:
+                    pixels[b] = src
+                else:
+                    np.multiply(src, np.float32(1 / 127.5), out=pixels[b])
+            if not u8:
+                np.subtract(pixels, np.float32(1.0), out=pixels)
+            batch["pixels"] = out
         return batch
 
 
@@ -187,7 +196,8 @@ class ClipLoader:
     """Batches of clips for one rank: iterate it; save `state_dict()` with your checkpoint.
 
     Each batch is a dict:
-      "pixels"      float32 (B, C=3, F=num_frames, H, W) in [-1, 1]   (not with use_latents)
+      "pixels"      float32 (B, C=3, F=num_frames, H, W) in [-1, 1]   (not with use_latents;
+                    uint8 0..255 with pixel_dtype="uint8")
       "latents"     float32 (B, C, F, h, w), already scaled by the VAE's scaling_factor (use_latents)
       "text_embeds" float32 (B, L, D) when the shards carry text embeddings (use_latents)
       "captions"    list[str];  "keys" list[str] (unique sample ids);  "meta" list[dict] (the sample json)

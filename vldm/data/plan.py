@@ -9,7 +9,6 @@ depends on timing: that is what makes "rerun after kill -9 gives every clip exac
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -116,7 +115,3 @@ def check_settings(plan: Plan, cfg: ShardConfig) -> None:
             if k != "input" and plan.settings.get(k) != now[k]]
     if diff:
         raise PlanMismatch("OUTPUT was made with other settings (" + "; ".join(diff) + "): rerun with the same options, or use a new OUTPUT")
-
-
-def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(ShardConfig)]

@@ -210,6 +210,7 @@ def write_test_corpus(directory: str | Path, seed: int = 0, seconds: float = 1.0
         "vp9.webm": (encode_frames(clip(2, "32", 16), 16, codec="libvpx-vp9", container="webm"), "ok"),
         "mjpeg.avi": (encode_frames(clip(3, "32", 16), 16, codec="mjpeg", container="avi"), "ok"),
         "ffv1.mkv": (encode_frames(clip(4, "32", 16), 16, codec="ffv1", container="mkv"), "ok"),
+        "av1.mp4": (encode_frames(clip(18, "64", 16), 16, codec="libsvtav1", crf=None, preset=None), "ok"),
         "odd size 61x97.mp4": (encode_frames(clip(5, "62x98", 16)[:, :61, :97].copy(), 16, codec="ffv1", container="mkv"), "ok"),
         "portrait.mp4": (encode_frames(clip(6, "64x32", 16), 16), "ok"),
         "rotated phone.mp4": (set_rotation(encode_frames(clip(7, "32x48", 16), 16), 90), "ok"),

@@ -84,7 +84,7 @@ def train_vae(
     latent_channels: int = 4,
     channels: tuple[int, ...] = (32, 64, 64),
     seed: int = 0,
-    log_every: int = 100,
+    log_every: int = 50,
 ) -> tuple[AutoencoderKL, dict]:
     """Train on random frames; return the model (scaling_factor set) and a small report.
 

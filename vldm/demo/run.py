@@ -50,6 +50,7 @@ class Plan:
     image_steps: int
     temporal_steps: int
     temporal_every: int  # checkpoint interval of the temporal run (the eval pool measures each)
+    warmup_steps: int  # linear LR warm-up of both LDM stages
     eval_samples: int
     num_prompts: int  # demo samples per mode (prompts are held-out captions, seeds 0..n-1)
     sample_steps: int
@@ -57,10 +58,10 @@ class Plan:
 
 
 FULL = Plan("full", videos=288, video_frames=16, clip_frames=8, clip_stride=4, samples_per_shard=72, ae_steps=500,
-            image_steps=1000, temporal_steps=800, temporal_every=400, eval_samples=4, num_prompts=8, sample_steps=25,
+            image_steps=1000, temporal_steps=800, temporal_every=400, warmup_steps=50, eval_samples=4, num_prompts=8, sample_steps=25,
             real_clips=32)
 FAST = Plan("fast", videos=48, video_frames=8, clip_frames=8, clip_stride=8, samples_per_shard=16, ae_steps=40,
-            image_steps=20, temporal_steps=16, temporal_every=8, eval_samples=2, num_prompts=2, sample_steps=8,
+            image_steps=20, temporal_steps=16, temporal_every=8, warmup_steps=2, eval_samples=2, num_prompts=2, sample_steps=8,
             real_clips=8)
 GUIDANCE = 3.0  # text guidance of the demo samples: the tiny model overshoots at SD's 7.5
 
@@ -162,8 +163,10 @@ class Demo:
     def ray_job(self, args: list[str], log: str, show: str | None = None, timeout: float = 900) -> str:
         # --working-dir . uploads the checkout (outputs/ and .venv/ are git-ignored, so not uploaded);
         # the job's python is this venv's (PATH), and every path it gets is absolute.
-        return self.run(["ray", "job", "submit", "--address", RAY_ADDRESS, "--working-dir", ".", "--", "python", *args],
-                        log, show, timeout)
+        # a job's driver gets the cluster's environment, not ours: pass W&B's settings explicitly
+        env_vars = {k: v for k, v in self.env.items() if k.startswith("WANDB_")}
+        return self.run(["ray", "job", "submit", "--address", RAY_ADDRESS, "--working-dir", ".",
+                         "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", "python", *args], log, show, timeout)
 
     def make_shards(self) -> None:
         p = self.plan
@@ -190,7 +193,7 @@ class Demo:
 
     def train(self, config: str, run_dir: Path, pretrained: Path, steps: int, every: int, log: str, slurm: bool) -> None:
         overrides = [f"run_dir={run_dir}", f"model.pretrained={pretrained}", f"data.shards={self.shards}",
-                     f"train.max_steps={steps}", f"checkpoint.every={every}",
+                     f"train.max_steps={steps}", f"checkpoint.every={every}", f"optim.warmup_steps={self.plan.warmup_steps}",
                      f"train.log_every={max(1, min(50, steps // 10))}"]
         script = "slurm/train_temporal.sbatch"
         if slurm:
@@ -294,7 +297,10 @@ class Demo:
         from vldm.demo.summary import grid_image, save_png
         from vldm.sample.api import Cascade, generate
 
-        torch.set_num_threads(2)
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # see scripts/demo.sh
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars of the tiny text encoder
         p = self.plan
         prompts = self.prompts()
         seeds = list(range(len(prompts)))

@@ -24,7 +24,7 @@ from vldm.checkpoint import RUN_CONFIG, checkpoint_step, complete_checkpoints
 from vldm.config import Config, build_config
 from vldm.config.core import atomic_write_text, dump_yaml
 from vldm.config.eval import EvalSuite
-from vldm.eval.layout import RESULT, default_reference_cache, step_dir, suite_dir
+from vldm.eval.layout import RESULT, SHARDS, VIDEOS, default_reference_cache, step_dir, suite_dir
 from vldm.eval.results import finalize_checkpoint, finalize_reference, load_reference, write_error
 from vldm.eval.suite import prompts, protocol, protocol_hash, resolve
 from vldm.eval.tasks import ShardTask, checkpoint_tasks, partial_done, reference_key, reference_tasks
@@ -106,6 +106,9 @@ class Coordinator:
         self.protocol = protocol(suite)  # hashes weight files once; refuses a pinned sha256 that differs
         self.suite_hash = protocol_hash(self.protocol)
         self.run_cfg = build_config(Config, [str(self.run_dir / RUN_CONFIG)])
+        if self.run_cfg.stage != "temporal":
+            raise ValueError(f"{self.run_dir} is a stage={self.run_cfg.stage} run: the eval pool evaluates video "
+                             "(stage=temporal) checkpoints")
         self.resolved = resolve(suite, self.run_cfg)
         self.prompts = prompts(suite)
         self.cache_dir = Path(suite.pool.reference_cache).expanduser() if suite.pool.reference_cache else default_reference_cache()
@@ -182,12 +185,21 @@ class Coordinator:
             except FileNotFoundError as e:
                 self._fail(name, step, "plan", str(e), 0)
                 continue
+            self._remove_stale_temp_files(name)
             self.jobs[name] = _Job(name, tasks, {t.name for t in tasks if not partial_done(t)}, ckpt, step,
                                    needs=self._needs())
             new += 1
             done = len(tasks) - len(self.jobs[name].remaining)
             self.log(f"{name}: {len(tasks)} shards planned" + (f" ({done} already done)" if done else ""))
         return new
+
+    def _remove_stale_temp_files(self, ckpt_name: str) -> None:
+        """Half-written files of a worker killed mid-write. Safe before any shard of this checkpoint is
+        dispatched: the suite lock excludes other coordinators, and only ours start workers on it."""
+        sdir = step_dir(self.run_dir, self.suite_hash, ckpt_name)
+        for pattern in (f"{SHARDS}/.*.tmp", f"{VIDEOS}/*/.*.tmp.mp4", ".*.tmp", ".*.tmp.png"):
+            for f in sdir.glob(pattern):
+                f.unlink(missing_ok=True)
 
     def queue(self) -> list[ShardTask]:
         out = [t for job in (*self.refs.values(), *self.jobs.values()) if not job.failed

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from vldm.config.core import ConfigError, atomic_write_text, from_dict
+from vldm.config.core import ConfigError, from_dict
 from vldm.config.sample import SampleConfig
 
 CASCADE_ARGS = ("run", "predict_run", "interp_run", "decoder_run", "upsampler_run", "personalized", "lora", "lora_scale",
@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     # a sidecar with everything that made the videos: prompts, seeds, models, sampling settings
     record = {**summary, "prompts": prompts, "seeds": seeds, "config": dataclasses.asdict(cfg),
               "models": {k: a[k] for k in ("run", "predict_run", "interp_run", "decoder_run", "upsampler_run", "personalized", "lora", "pipeline") if a[k]}}
-    atomic_write_text(Path(a["out"]).with_suffix(".json"), json.dumps(record, indent=1))
+    from vldm.data.fsutil import atomic_write
+
+    atomic_write(Path(a["out"]).with_suffix(".json"), json.dumps(record, indent=1).encode())
     print(json.dumps(summary))
     return 0
 

@@ -26,13 +26,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vldm.checkpoint import RUN_CONFIG
+from vldm.config.core import from_dict, load_yaml, to_dict
+from vldm.config.model import ModelConfig
 from vldm.config.sample import SampleConfig
 from vldm.diffusion.sampler import decode_latents
-from vldm.models.base import Components, encode_text
+from vldm.models.base import Components, encode_text, load_components
+from vldm.models.personalize import fuse_lora, personalize
 from vldm.models.temporal_decoder import VideoDecoder
+from vldm.models.upsampler import load_low_res_scheduler
 from vldm.sample import stages
+from vldm.sample.runs import checkpoint_dir, load_decoder, load_stage
 from vldm.sample.stages import Run, StageModel, TextInputs
 from vldm.sample.video import write_mp4
+from vldm.tasks.paper import UpsampleOptions
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -62,6 +69,15 @@ class Cascade:
     low_res_scheduler: Any = None
     temporal_text: Components | None = None
 
+    def __post_init__(self) -> None:
+        expected = {"keyframes": ("generate", "predict"), "predictor": ("predict",), "interpolator": ("interpolate",),
+                    "upsampler": ("upsample",)}
+        for name, tasks in expected.items():
+            stage = getattr(self, name)
+            if stage is not None and stage.task not in tasks:
+                raise ValueError(f"the {name} stage needs a model trained with task {' or '.join(tasks)}, "
+                                 f"got task={stage.task!r} ({stage.source or 'in memory'})")
+
     @property
     def device(self) -> torch.device:
         return self.keyframes.model.device
@@ -86,24 +102,17 @@ class Cascade:
         encoder feeds them; the temporal layers keep the runs' original text encoder. `lora` is fused
         into that UNet first.
         """
-        from vldm.sample.runs import load_decoder, load_stage
-
         dev, dt = resolve_device(device), DTYPES[dtype]
-        key, comps = load_stage(run, ema, dev, dt)
-        pred = load_stage(predict_run, ema, dev, dt)[0] if predict_run else None
-        interp = load_stage(interp_run, ema, dev, dt)[0] if interp_run else None
+        shared: dict[str, Components] = {}  # one frozen image model per base, whatever the number of stages on it
+        key, comps = load_stage(run, ema, dev, dt, shared)
+        pred = load_stage(predict_run, ema, dev, dt, shared)[0] if predict_run else None
+        interp = load_stage(interp_run, ema, dev, dt, shared)[0] if interp_run else None
         dec = load_decoder(decoder_run, dev, dt) if decoder_run else None
         up = up_comps = low_res = None
         if upsampler_run:
-            from vldm.models.upsampler import load_low_res_scheduler
-            from vldm.sample.runs import checkpoint_dir
-
-            up, up_comps = load_stage(upsampler_run, ema, dev, dt)
-            from vldm.checkpoint import RUN_CONFIG
-            from vldm.config.core import load_yaml
-
+            up, up_comps = load_stage(upsampler_run, ema, dev, dt, shared)
             pretrained = load_yaml(checkpoint_dir(upsampler_run) / RUN_CONFIG).get("model", {}).get("pretrained", "")
-            low_res = load_low_res_scheduler(pretrained)
+            low_res = load_low_res_scheduler(pretrained)  # the upscaler's own noise-augmentation schedule
         cascade = cls(key, comps, pred, interp, dec, up, up_comps.vae if up_comps else None, up_comps, low_res)
         if personalized:
             cascade.personalize(personalized, lora, lora_scale)
@@ -111,9 +120,6 @@ class Cascade:
 
     def personalize(self, model_dir: str | Path, lora: str | Path | None = None, lora_scale: float = 1.0) -> None:
         """Put the temporal layers onto a fine-tuned (e.g. DreamBooth) image model (paper §4.2)."""
-        from vldm.models.base import ModelConfig, load_components
-        from vldm.models.personalize import fuse_lora, personalize
-
         tuned = load_components(ModelConfig(pretrained=str(model_dir)), load_vae=False)
         if lora is not None:
             fuse_lora(tuned.unet2d, lora, lora_scale)
@@ -172,8 +178,6 @@ def encode_prompts(cascade: Cascade, comps: Components, prompts: list[str], cfg:
 def generate(cascade: Cascade, prompts: list[str] | str, cfg: SampleConfig | None = None, seeds: list[int] | None = None,
              progress: bool = True, **overrides: Any) -> VideoOutput:
     """Generate one video per prompt with the whole cascade; `overrides` are SampleConfig fields."""
-    from vldm.config.core import from_dict, to_dict
-
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     cfg = from_dict(SampleConfig, {**to_dict(cfg or SampleConfig()), **overrides})
     seeds = list(seeds) if seeds is not None else [cfg.seed + i for i in range(len(prompts))]
@@ -246,9 +250,6 @@ def generate(cascade: Cascade, prompts: list[str] | str, cfg: SampleConfig | Non
 
 
 def _upsample(cascade: Cascade, prompts: list[str], run: Run, videos: torch.Tensor) -> torch.Tensor:
-    from vldm.config.core import from_dict
-    from vldm.tasks.paper import UpsampleOptions
-
     up = cascade.upsampler
     o = from_dict(UpsampleOptions, up.task_options, prefix="task_options")
     vae = cascade.upsampler_vae

@@ -6,8 +6,9 @@
     out = pipe("a red car at night", num_frames=32)          # VideoOutput; out.save("car.mp4")
 
 Components: `unet` (key frames, a VideoLDMUNet), `vae`, `text_encoder`, `tokenizer`, `scheduler`, and the
-optional `predictor`, `interpolator`, `decoder` (VideoDecoder), `upsampler` + `upsampler_vae`,
-`temporal_text_encoder` + `temporal_tokenizer` (personalised models). What each model's training run
+optional `predictor`, `interpolator`, `decoder` (VideoDecoder), `upsampler` + `upsampler_vae` (+ its own
+`upsampler_text_encoder` / `upsampler_tokenizer` when it has one, as SD x4), `temporal_text_encoder` +
+`temporal_tokenizer` (personalised models). What each model's training run
 said about it (task, task options, clip length and size) is the `stages` entry of model_index.json.
 """
 
@@ -29,15 +30,18 @@ _MODEL_OF = {"keyframes": "unet", "predictor": "predictor", "interpolator": "int
 class VideoLDMPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->unet->decoder->vae"
     _optional_components = ["vae", "text_encoder", "tokenizer", "predictor", "interpolator", "decoder", "upsampler",
-                            "upsampler_vae", "temporal_text_encoder", "temporal_tokenizer"]
+                            "upsampler_vae", "upsampler_text_encoder", "upsampler_tokenizer", "low_res_scheduler",
+                            "temporal_text_encoder", "temporal_tokenizer"]
 
     def __init__(self, unet, scheduler, vae=None, text_encoder=None, tokenizer=None, predictor=None, interpolator=None,
-                 decoder=None, upsampler=None, upsampler_vae=None, temporal_text_encoder=None, temporal_tokenizer=None,
-                 stages: dict | None = None):
+                 decoder=None, upsampler=None, upsampler_vae=None, upsampler_text_encoder=None, upsampler_tokenizer=None,
+                 low_res_scheduler=None, temporal_text_encoder=None, temporal_tokenizer=None, stages: dict | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               predictor=predictor, interpolator=interpolator, decoder=decoder, upsampler=upsampler,
-                              upsampler_vae=upsampler_vae, temporal_text_encoder=temporal_text_encoder,
+                              upsampler_vae=upsampler_vae, upsampler_text_encoder=upsampler_text_encoder,
+                              upsampler_tokenizer=upsampler_tokenizer, low_res_scheduler=low_res_scheduler,
+                              temporal_text_encoder=temporal_text_encoder,
                               temporal_tokenizer=temporal_tokenizer)
         self.register_to_config(stages=stages or {})
 
@@ -52,13 +56,15 @@ class VideoLDMPipeline(DiffusionPipeline):
                 info[name] = {"task": st.task, "task_options": st.task_options, "clip_frames": st.clip_frames,
                               "size": st.size, "width": st.width, "scheduler_config": dict(st.scheduler_config)}
         comps, tt = cascade.components, cascade.temporal_text
-        if cascade.upsampler_text is not None and cascade.upsampler_text.text_encoder is not comps.text_encoder:
-            raise NotImplementedError("an upsampler with its own text encoder is not stored in the pipeline yet")
+        up_text = cascade.upsampler_text
+        own_up_text = up_text is not None and up_text.text_encoder is not comps.text_encoder  # e.g. SD x4's OpenCLIP
         return cls(unet=cascade.keyframes.model, scheduler=DDIMScheduler.from_config(cascade.keyframes.scheduler_config),
                    vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer,
                    predictor=None if cascade.predictor is cascade.keyframes else (cascade.predictor.model if cascade.predictor else None),
                    interpolator=cascade.interpolator.model if cascade.interpolator else None, decoder=cascade.decoder,
                    upsampler=cascade.upsampler.model if cascade.upsampler else None, upsampler_vae=cascade.upsampler_vae,
+                   upsampler_text_encoder=up_text.text_encoder if own_up_text else None,
+                   upsampler_tokenizer=up_text.tokenizer if own_up_text else None, low_res_scheduler=cascade.low_res_scheduler,
                    temporal_text_encoder=tt.text_encoder if tt else None, temporal_tokenizer=tt.tokenizer if tt else None,
                    stages=info)
 
@@ -78,9 +84,12 @@ class VideoLDMPipeline(DiffusionPipeline):
         tt = None
         if self.temporal_text_encoder is not None:
             tt = Components(unet2d=self.unet.unet, text_encoder=self.temporal_text_encoder, tokenizer=self.temporal_tokenizer)
-        up_text = comps if self.upsampler is not None else None
-        low_res = None
+        up_text = None
         if self.upsampler is not None:
+            up_text = comps if self.upsampler_text_encoder is None else Components(
+                unet2d=self.upsampler.unet, text_encoder=self.upsampler_text_encoder, tokenizer=self.upsampler_tokenizer)
+        low_res = self.low_res_scheduler
+        if self.upsampler is not None and low_res is None:
             from vldm.tasks.paper import low_res_scheduler
 
             low_res = low_res_scheduler()

@@ -7,6 +7,7 @@ length and size from the resolved config. Decoder runs (stage=decoder) give a `V
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -36,17 +37,31 @@ def run_stage(run_or_checkpoint: str | Path) -> str:
     return str(load_yaml(checkpoint_dir(run_or_checkpoint) / RUN_CONFIG).get("stage", "temporal"))
 
 
+def _base_key(cfg_tree: dict) -> str:
+    model = cfg_tree.get("model", {})
+    return model.get("pretrained") or json.dumps(model.get("unet", {}), sort_keys=True)
+
+
 def load_stage(run_or_checkpoint: str | Path, ema: bool = False, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[StageModel, Components]:
+               dtype: torch.dtype = torch.float32, shared: dict[str, Components] | None = None) -> tuple[StageModel, Components]:
     """A diffusion stage and its base model's components (VAE, text encoder) from a run or checkpoint.
 
     An image-stage run becomes a VideoLDMUNet whose temporal layers are the identity (the image model).
+    `shared` maps base models to loaded components: stages on the same base model (key frames,
+    prediction, interpolation on SD) then share one frozen image UNet, VAE and text encoder.
     """
     ck = checkpoint_dir(run_or_checkpoint)
-    cfg, comps, model = load_checkpoint_model(ck, ema=ema)
+    tree = load_yaml(ck / RUN_CONFIG)
+    key = _base_key(tree)
+    reuse = shared.get(key) if shared is not None and tree.get("stage", "temporal") == "temporal" else None
+    cfg, comps, model = load_checkpoint_model(ck, ema=ema, components=reuse)
+    if shared is not None and tree.get("stage", "temporal") == "temporal":
+        shared.setdefault(key, comps)
     if not isinstance(model, VideoLDMUNet):
         model = VideoLDMUNet.from_unet2d(model)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device).eval()
+    if dtype != torch.float32:
+        model = model.to(dtype=dtype)
     for m in (comps.vae, comps.text_encoder):
         if m is not None:
             m.to(device)

@@ -8,8 +8,6 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from vldm.config.core import atomic_write_bytes
-
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
     """(3, f, H, W) in [-1, 1] -> (f, H, W, 3) uint8."""
@@ -23,11 +21,13 @@ def write_mp4(path: str | Path, video: torch.Tensor | np.ndarray, fps: float = 8
     yuv420p needs even sizes: odd sizes are padded by repeating the last row/column.
     """
     from vldm.data.codec import encode_frames
+    from vldm.data.fsutil import atomic_write  # umask permissions, unlike mkstemp's 0600
 
     frames = to_uint8(video) if isinstance(video, torch.Tensor) else video
     _, h, w, _ = frames.shape
     if h % 2 or w % 2:
         frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     path = Path(path)
-    atomic_write_bytes(path, encode_frames(np.ascontiguousarray(frames), fps, crf=crf))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, encode_frames(np.ascontiguousarray(frames), fps, crf=crf))
     return path

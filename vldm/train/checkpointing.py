@@ -208,13 +208,12 @@ def restore(plan: ResumePlan, cfg: Config, built: Built, engine, ema: EMA, sourc
     same_world = int(st["world_size"]) == world.world_size
     loaders = st.get("loader") or []
     if loaders and hasattr(source, "load_state_dict"):
-        if same_world:
-            source.load_state_dict(_from_jsonable(loaders[world.rank]))
-        elif isinstance(source.state_dict(), dict) and source.state_dict().get("kind") == "synthetic":
-            # the synthetic source counts global samples: its position carries over to any world size
-            source.load_state_dict(_from_jsonable(loaders[0]))
-        else:
-            dist.print0(f"data: world size changed ({st['world_size']} -> {world.world_size}): the loader starts a fresh epoch order")
+        # same world size: each rank continues exactly where it stopped. Otherwise the source gets rank
+        # 0's state and decides: the synthetic source counts global samples and carries over exactly; the
+        # shard loader logs the layout change and starts a fresh epoch order at the next epoch.
+        source.load_state_dict(_from_jsonable(loaders[world.rank] if same_world else loaders[0]))
+        if not same_world:
+            dist.print0(f"data: world size changed ({st['world_size']} -> {world.world_size}); the data source was given rank 0's position")
     rngs = st.get("rng") or []
     if same_world and rngs:
         set_rng_state(rngs[world.rank])

@@ -56,6 +56,14 @@ def _slurm_master_addr(env: dict) -> str:
         return nodelist.split(",")[0]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _default_port(env: dict) -> int:
     job = env.get("SLURM_JOB_ID", "")
     # a port per job: two jobs sharing a node (or one requeued on the same node) do not collide
@@ -75,7 +83,8 @@ def detect_world(env: dict | None = None) -> World:
         local = int(env.get("SLURM_LOCALID", 0))
         launcher = "slurm"
     else:
-        return World(master_port=int(env.get("MASTER_PORT", 29500)))
+        # one process: any free port (a fixed default collides with other runs on the machine)
+        return World(master_port=int(env.get("MASTER_PORT") or _free_port()))
     addr = env.get("MASTER_ADDR") or (_slurm_master_addr(env) if launcher == "slurm" else "127.0.0.1")
     port = int(env.get("MASTER_PORT") or _default_port(env))
     if not 0 <= rank < world:

@@ -65,7 +65,7 @@ class WandbLogger:
             dir=os.environ.get("WANDB_DIR") or str(Path(cfg.run_dir)),
         )
         self.run.define_metric(STEP_METRIC)
-        for prefix in ("train/*", "perf/*", "ckpt/*"):
+        for prefix in ("train/*", "perf/*", "ckpt/*", "data/*"):
             self.run.define_metric(prefix, step_metric=STEP_METRIC)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

@@ -22,7 +22,7 @@ from vldm.train.sources import seed_of
 
 ENCODER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # batch keys that may carry precomputed text embeddings (b, L, D)
-TEXT_EMB_KEYS = ("text_embeddings", "encoder_hidden_states")
+TEXT_EMB_KEYS = ("text_embeds", "text_embeddings", "encoder_hidden_states")
 
 
 def _dotted(d: Any, key: str) -> Any:
@@ -34,8 +34,8 @@ def _dotted(d: Any, key: str) -> Any:
 
 
 class Objective:
-    def __init__(self, cfg: Config, built: Built, device: torch.device, model_dtype: torch.dtype):
-        self.cfg, self.built, self.device, self.model_dtype = cfg, built, device, model_dtype
+    def __init__(self, cfg: Config, built: Built, device: torch.device):
+        self.cfg, self.built, self.device = cfg, built, device
         comps = built.comps
         self.scheduler = make_scheduler(scheduler_config(cfg.diffusion, comps.scheduler_config), "ddpm")
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
@@ -62,7 +62,10 @@ class Objective:
         vae = self.built.comps.vae
         if vae is None:
             raise RuntimeError("batch has pixels but the base model has no vae/ (set data.use_latents=true for latent shards)")
-        return encode_pixels(vae, torch.as_tensor(batch["pixels"]).to(self.device)).float()
+        pixels = torch.as_tensor(batch["pixels"]).to(self.device, non_blocking=True)
+        if pixels.dtype == torch.uint8:  # data.pixel_dtype=uint8: 4x less host memory and copy; scaled here
+            pixels = pixels.float() / 127.5 - 1.0
+        return encode_pixels(vae, pixels).float()
 
     @torch.no_grad()
     def context(self, captions: list[str], drop: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -75,7 +78,7 @@ class Objective:
         else:
             texts = ["" if d else c for c, d in zip(captions, drop.tolist())]
             ctx = encode_text(comps, texts, self.device, torch.float32)
-        return ctx.to(self.model_dtype)
+        return ctx
 
     def null_context(self, shape: torch.Size) -> torch.Tensor:
         if self._null_ctx is None:
@@ -136,7 +139,9 @@ class Objective:
             image_rows.append(bool(u[2] < cfg.train.image_ratio))
         noise_t = torch.stack(noise).to(self.device, target.dtype)
         timesteps = torch.tensor(t, device=self.device)
-        ctx = self.context(captions, torch.tensor(drop_text), batch)
+        # inputs in the dtype the model runs in (DeepSpeed casts it for bf16/fp16; the FLOP count runs it in fp32)
+        dtype = next((getattr(model, "module", model)).parameters()).dtype
+        ctx = self.context(captions, torch.tensor(drop_text), batch).to(dtype)
 
         kwargs: dict[str, Any] = dict(inputs.model_kwargs)
         if labels is not None and "class_labels" not in kwargs:
@@ -154,7 +159,7 @@ class Objective:
 
         def model_fn(noisy: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
             x = noisy if extra is None else torch.cat([noisy, extra.to(noisy.dtype)], 1)
-            return self.forward(model, x.to(self.model_dtype), tt, ctx, kwargs)
+            return self.forward(model, x.to(dtype), tt, ctx, kwargs)
 
         if inputs.loss_mask is None:
             per = diffusion_loss(model_fn, target, self.scheduler, weighting=cfg.diffusion.loss_weighting,

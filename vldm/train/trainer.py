@@ -27,7 +27,7 @@ from vldm.train import dist
 from vldm.train.build import build, count
 from vldm.train.checkpointing import Checkpointer, dir_bytes, plan_resume, restore
 from vldm.train.ema import EMA
-from vldm.train.engine import grad_norm, model_dtype, parallelize, resolve_backend, resolve_precision, set_lr
+from vldm.train.engine import grad_norm, parallelize, resolve_backend, resolve_precision, set_lr
 from vldm.train.logger import build_logger
 from vldm.train.lr import lr_at
 from vldm.train.objective import Objective
@@ -86,7 +86,7 @@ def train(cfg: Config, source=None) -> int:
     # ---------------------------------------------------------------- model, objective, data
     built = build(cfg)
     precision = resolve_precision(cfg, device)
-    objective = Objective(cfg, built, device, model_dtype(precision))
+    objective = Objective(cfg, built, device)
     channels, latent_hw, vae_scale = latent_geometry(cfg, built)
     num_labels = objective.num_labels if cfg.diffusion.label_key else 0
     source = source or build_source(cfg, world.rank, world.world_size, channels, latent_hw, vae_scale,
@@ -98,7 +98,9 @@ def train(cfg: Config, source=None) -> int:
          f"precision {precision}; ZeRO-{cfg.deepspeed.zero_stage}")
 
     built.model.to(device)
-    flops_per_micro, tokens_per_clip = 0, cfg.data.num_frames * latent_hw[0] * latent_hw[1]  # tokens: latent positions
+    # tokens = latent positions of one clip (of one image in stage=image, where every frame is a sample)
+    tokens_per_clip = (1 if cfg.stage == "image" else cfg.data.num_frames) * latent_hw[0] * latent_hw[1]
+    flops_per_micro = 0
     if cfg.train.count_flops:
         # a synthetic batch of the real shapes: the data position is untouched
         kind = "latents" if (built.comps.vae is None or cfg.data.use_latents) else "pixels"
@@ -205,6 +207,10 @@ def train(cfg: Config, source=None) -> int:
                 }
                 if precision == "fp16":
                     metrics["train/loss_scale"] = float(engine.optimizer.loss_scale)
+                data_stats = getattr(source, "stats", None)
+                if isinstance(data_stats, dict):  # the shard loader: epochs and corrupt samples skipped
+                    metrics["data/epoch"] = data_stats.get("epoch", 0)
+                    metrics["data/corrupt_samples"] = data_stats.get("corrupt", 0)
                 if objective.missing_labels:
                     metrics["train/missing_labels"] = objective.missing_labels
                 if flops_per_micro:

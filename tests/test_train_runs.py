@@ -1,13 +1,15 @@
-"""Real multi-process training on this machine (DeepSpeed ZeRO-2 over gloo, the tiny config): the
-checkpoint holds only the trained part, 1 rank = 2 ranks at the same global batch, resume at another
-world size, a killed rank ends the job, and non-finite steps are skipped, counted and bounded.
-(Interrupt + requeue + exact resume under SLURM: test_train_slurm.py.)"""
+"""Real multi-process training (DeepSpeed ZeRO-2 over gloo, the tiny config, synthetic data): under a
+real SLURM cluster with two nodes, USR1 -> checkpoint -> requeue -> resume continues exactly the
+uninterrupted run and W&B holds every step once; on one machine, the checkpoint holds only the trained
+part, 1 rank = 2 ranks at the same global batch, resume at another world size, a killed rank ends the
+job, and non-finite steps are skipped, counted and bounded. One uninterrupted reference run serves all."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import signal
+import subprocess
 import textwrap
 import time
 from pathlib import Path
@@ -15,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import STEPS, TINY_RUN, describe, losses, metrics, run_local, spawn_ranks, train_env
+from train_helpers import ROOT, SBATCH, STEPS, TINY, TINY_RUN, describe, losses, metrics, run_local, spawn_ranks, train_env
 
 from vldm.checkpoint import complete_checkpoints, load_checkpoint_model
+from vldm.eval.wandb_reader import history, metric_definitions, run_info
 
 TWO_RANKS = [*TINY_RUN, "data.batch_size=1", "wandb.mode=disabled"]  # global batch 2
 ONE_RANK = [*TINY_RUN, "data.batch_size=2", "wandb.mode=disabled"]  # global batch 2
@@ -163,3 +166,129 @@ def test_non_finite_steps_are_skipped_counted_and_bounded(tmp_path):
     by_step = {m["step"]: m for m in metrics(run) if "train/loss" in m}
     assert by_step[2]["train/loss"] != by_step[2]["train/loss"]  # NaN is logged as NaN, not hidden
     assert by_step[3]["train/skipped_steps"] == 1 and by_step[6]["train/skipped_steps"] == 4
+
+
+# ---------------------------------------------------------------------------------------------- SLURM
+SBATCH_OPTS = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none"]  # the EDIT lines, for CPU nodes
+REQUIRED = ("train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "perf/clips_per_s", "perf/clips_per_s_per_gpu",
+            "perf/tokens_per_s", "perf/step_time_s", "perf/data_wait_frac", "perf/peak_mem_gb", "perf/tflops_per_gpu")
+
+
+def sbatch(tmp_path: Path, env: dict, *args: str) -> str:
+    out = subprocess.run(["sbatch", "--parsable", *SBATCH_OPTS, f"--output={tmp_path}/slurm-%j.out", str(SBATCH), str(TINY), *args],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout.strip().split(";")[0]
+
+
+def job_field(job: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30).stdout
+    return next((f.split("=", 1)[1] for f in out.split() if f.startswith(name + "=")), "")
+
+
+def wait_job(job: str, timeout: float, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = job_field(job, "JobState")
+        if st in states:
+            return st
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], timeout=30)
+    raise TimeoutError(f"job {job} still {job_field(job, 'JobState')} after {timeout} s")
+
+
+def test_slurm_preemption_requeues_and_resumes_the_same_trajectory(slurm_cluster, ref_run, tmp_path):
+    env = train_env(tmp_path, wandb=True)
+    run = tmp_path / "run"
+    overrides = [f"run_dir={run}", *TWO_RANKS[:-1], "wandb.mode=offline"]  # the reference's run, with W&B offline
+    job = sbatch(tmp_path, env, *overrides)
+    log = tmp_path / f"slurm-{job}.out"
+    deadline = time.time() + 180
+    while time.time() < deadline and not ((run / "logs" / "metrics.jsonl").exists() and losses(run)):
+        assert job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text() if log.exists() else job
+        time.sleep(0.2)
+    # what SLURM does --signal=B:USR1@grace seconds before the time limit, now
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+    assert wait_job(job, 300) == "COMPLETED", log.read_text()[-5000:]
+    text = log.read_text()
+    assert job_field(job, "Restarts") == "1", text[-3000:]
+    assert "got USR1" in text and "requeueing job" in text and "restart 1:" in text
+    final = json.loads((run / "logs" / "last_exit.json").read_text())
+    assert final["status"] == "done" and final["step"] == STEPS and final["restart"] == 1
+
+    # every step exactly once over the two jobs, and the same losses as the uninterrupted run
+    rows = [m for m in metrics(run) if "train/loss" in m]
+    by_job = {r: [m["step"] for m in rows if m["restart"] == r] for r in (0, 1)}
+    assert by_job[0] and by_job[1] and by_job[0] + by_job[1] == list(range(1, STEPS + 1)), by_job
+    assert f"resuming from {run}/checkpoints/step_{by_job[0][-1]:08d}" in text
+    ref = losses(ref_run)
+    for m in rows:
+        assert m["train/loss"] == pytest.approx(ref[m["step"]], rel=1e-6, abs=1e-7), (m["step"], m["train/loss"], ref[m["step"]])
+    a = load_file(str(complete_checkpoints(run)[-1] / "temporal.safetensors"))
+    b = load_file(str(complete_checkpoints(ref_run)[-1] / "temporal.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+    # W&B offline: one run id over both jobs, every metric, every step once against trainer/global_step
+    files = sorted((tmp_path / "wandb_home" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2, files
+    infos = [run_info(f) for f in files]
+    assert infos[0]["id"] == infos[1]["id"] and infos[0]["group"] == "tiny_cpu"
+    hist = [row for f in files for row in history(f)]
+    steps = [row["trainer/global_step"] for row in hist if "train/loss" in row]
+    assert steps == list(range(1, STEPS + 1))
+    keys = set().union(*hist)
+    assert set(REQUIRED) <= keys and {"ckpt/save_s", "ckpt/restore_s"} <= keys, sorted(keys)
+    defs = metric_definitions(files[0])
+    assert defs.get("train/*") == "trainer/global_step" and defs.get("perf/*") == "trainer/global_step"
+
+
+def test_slurm_bad_config_fails_the_job_before_srun(slurm_cluster, tmp_path):
+    job = sbatch(tmp_path, train_env(tmp_path), f"run_dir={tmp_path / 'run'}", "optim.lrr=1")
+    assert wait_job(job, 120) == "FAILED"
+    text = (tmp_path / f"slurm-{job}.out").read_text()
+    assert "optim.lrr" in text and "did you mean 'lr'" in text
+    assert "vldm.train " not in text and "restart 0" not in text  # no srun step, no rank
+
+
+# ----------------------------------------------------------------------------------- real shards
+def make_shards(root: Path) -> Path:
+    """A tiny moving-shapes corpus sharded with the sharder's plain functions (no Ray)."""
+    from vldm.config.data import ShardConfig, SyntheticConfig
+    from vldm.data.clips import ClipSpec
+    from vldm.data.plan import make_plan
+    from vldm.data.report import aggregate
+    from vldm.data.shards import write_shard
+    from vldm.data.sources import list_inputs
+    from vldm.data.synthetic import write_corpus
+
+    write_corpus(SyntheticConfig(output=str(root / "videos"), count=8, size="32", frames=16, fps=8, seed=3))
+    cfg = ShardConfig(input=str(root / "videos"), output=str(root / "shards"), videos_per_shard=4, frames=8, fps=8, size="32")
+    (root / "shards").mkdir(parents=True)
+    records, dups = list_inputs(cfg.input, ("mp4",))
+    spec = ClipSpec.from_config(cfg)
+    plan = make_plan(cfg, records, dups, spec)
+    for i in range(plan.num_shards):
+        write_shard(root / "shards", plan.shard_name(i), plan.shard_inputs(i), spec, run_id="t")
+    aggregate(root / "shards", plan, {"run_id": "t", "elapsed": 1.0})
+    return root / "shards"
+
+
+def test_shards_vae_and_text_encoder_with_exact_loader_resume(tmp_path):
+    from vldm.models.base import build_tiny_base
+
+    base = build_tiny_base(tmp_path / "base", vae_channels=(8, 8))  # VAE factor 2, CLIP text encoder
+    shards = make_shards(tmp_path)
+    run = tmp_path / "run"
+    args = [f"model.pretrained={base}", f"data.shards={shards}", "data.size=32", "data.num_frames=4", "data.frame_stride=2",
+            "data.batch_size=2", "data.shuffle_buffer=4", "train.max_steps=4", "checkpoint.every=100", "wandb.mode=disabled"]
+    first = run_local(run, *args, "train.stop_after_steps=2", nproc=2)
+    assert first.returncode == 75, describe(first)
+    assert "stopped after a checkpoint: run the same command again to resume" in first.stdout
+    second = run_local(run, *args, nproc=2)
+    assert second.returncode == 0, describe(second)
+    assert "resuming from" in second.stdout and "step_00000002" in second.stdout
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+    state = json.loads((complete_checkpoints(run)[-1] / "trainer_state.json").read_text())
+    # each rank's loader went on from its own position: 4 batches in all, none read twice
+    assert [s["epoch"] * 1000 + s["batch_in_epoch"] for s in state["loader"]] == [4, 4] or \
+        all(s["stats"]["batches"] == 4 for s in state["loader"]), state["loader"]
+    assert all(s["stats"]["batches"] == 4 and s["stats"]["samples"] == 8 for s in state["loader"])

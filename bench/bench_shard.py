@@ -1,0 +1,232 @@
+"""Sharder and loader throughput against the codec limit, scaling 1 -> 2 Ray workers, peak RSS vs corpus size.
+
+Measured in this process / its children, on a generated corpus (moving shapes, H.264):
+1. codec limit: the same decode + resample + resize + encode as the sharder, in a plain
+   single-process PyAV loop (no Ray, no tar, no bookkeeping): clips/s and input MB/s;
+2. the sharder (`data_prep/shard_videos.py`, standalone: attaches to the local Ray cluster or starts
+   one) with --workers 1 and 2: clips/s and MB/s per core in steady state (from the shards' own
+   timings: Ray's start-up is reported apart), the ratio to the codec limit, and 1 -> 2 scaling;
+3. the training loader (num_workers 0 and 2) over those shards against a raw PyAV decode loop;
+4. peak RSS of the sharder's driver and of one worker as the corpus grows (x1, x2, x4 inputs).
+
+    python bench/bench_shard.py [--videos 32 --src-size 256 --src-frames 160 --size 128 --frames 16]
+
+Targets (issue 3): sharder >= 0.85x the codec limit per core, >= 1.7x with 2 workers; loader >= 0.9x
+raw decode; peak RSS flat as the corpus grows. The machine's load average is printed with each
+figure: on a shared 2-core box other work moves these numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vldm.config.data import DataConfig, SyntheticConfig  # noqa: E402
+from vldm.data import build_loader  # noqa: E402
+from vldm.data.synthetic import write_corpus  # noqa: E402
+from vldm.data.tario import read_all  # noqa: E402
+
+
+def load() -> str:
+    return f"load {os.getloadavg()[0]:.1f}"
+
+
+def corpus(root: Path, count: int, size: int, frames: int, fps: float) -> tuple[Path, list[Path]]:
+    d = root / f"corpus-{count}x{size}px-{frames}f-{fps:g}fps"
+    if not (d / ".complete").exists():
+        t = time.time()
+        write_corpus(SyntheticConfig(output=str(d), count=count, size=str(size), frames=frames, fps=fps, seed=11))
+        (d / ".complete").touch()
+        print(f"  generated {count} videos ({size}px, {frames} frames at {fps:g} fps) in {time.time() - t:.1f} s", flush=True)
+    return d, sorted(d.glob("*.mp4"))
+
+
+def codec_limit(paths: list[Path], frames: int, fps: float, size: int, crf: int, preset: str) -> tuple[float, float, int]:
+    """Plain loop: decode every frame, take the nearest frame to each k/fps, resize, encode clips."""
+    target = Fraction(fps).limit_denominator(1001)
+    clips = 0
+    nbytes = 0
+    t0 = time.perf_counter()
+    for p in paths:
+        nbytes += p.stat().st_size
+        picked: list[np.ndarray] = []
+        with av.open(str(p)) as c:
+            s = c.streams.video[0]
+            s.codec_context.thread_count = 1
+            tb = Fraction(s.time_base)
+            k, first, prev, prev_t = 0, None, None, None
+            for f in c.decode(s):
+                t = f.pts * tb
+                first = t if first is None else first
+                while first + Fraction(k) / target <= t:
+                    g = first + Fraction(k) / target
+                    src = prev if prev is not None and g - prev_t <= t - g else f
+                    picked.append(src.reformat(width=size, height=size, format="rgb24", interpolation="AREA", threads=1).to_ndarray())
+                    k += 1
+                prev, prev_t = f, t
+        for i in range(0, len(picked) - frames + 1, frames):
+            buf = io.BytesIO()
+            with av.open(buf, "w", format="mp4") as out:
+                st = out.add_stream("libx264", rate=target, options={"crf": str(crf), "preset": preset, "x264-params": "threads=1"})
+                st.width = st.height = size
+                st.pix_fmt = "yuv420p"
+                for a in picked[i : i + frames]:
+                    for pkt in st.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                        out.mux(pkt)
+                for pkt in st.encode():
+                    out.mux(pkt)
+            clips += 1
+    dt = time.perf_counter() - t0
+    return clips / dt, nbytes / 1e6 / dt, clips
+
+
+class RSSSampler(threading.Thread):
+    """Peak RSS of the driver process and of the largest shard worker, sampled every 50 ms."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.stop, self.driver, self.worker = pid, False, 0, 0
+
+    def run(self) -> None:
+        while not self.stop:
+            try:
+                self.driver = max(self.driver, psutil.Process(self.pid).memory_info().rss)
+            except psutil.Error:
+                pass
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
+                try:
+                    if "ray::write_shard" in " ".join(p.info["cmdline"] or []):
+                        self.worker = max(self.worker, p.info["memory_info"].rss)
+                except (psutil.Error, TypeError):
+                    pass
+            time.sleep(0.05)
+
+
+def shard(src: Path, out: Path, workers: int, args: argparse.Namespace, videos_per_shard: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, str(ROOT / "data_prep" / "shard_videos.py"), str(src), str(out), "--workers", str(workers),
+           "--frames", str(args.frames), "--fps", str(args.fps), "--size", str(args.size), "--crf", str(args.crf),
+           "--preset", args.preset, "--videos-per-shard", str(videos_per_shard), "--log-every", "30"]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    rss = RSSSampler(proc.pid)
+    rss.start()
+    log = proc.communicate()[0]
+    rss.stop = True
+    rss.join()
+    wall = time.time() - t0
+    if proc.returncode:
+        raise SystemExit(f"sharder failed:\n{log[-3000:]}")
+    stats = json.loads((out / "_stats.json").read_text())
+    done = [json.loads(p.read_text()) for p in out.glob("*.done.json")]
+    # steady state: from the first shard task's start to the last one's end (Ray start-up excluded)
+    window = max(d["finished"] for d in done) - min(d["finished"] - d["elapsed"] for d in done)
+    return {"clips": stats["clips"], "wall": wall, "window": window, "clips_per_s": stats["clips"] / window,
+            "mb_per_s": stats["source_bytes"] / 1e6 / window, "wall_clips_per_s": stats["clips"] / wall,
+            "driver_rss_mb": rss.driver / 2**20, "worker_rss_mb": rss.worker / 2**20}
+
+
+def raw_decode(out: Path) -> float:
+    mp4s = [m["mp4"] for p in sorted(out.glob("*.tar")) for _, m in read_all(str(p))]
+    t0 = time.perf_counter()
+    for b in mp4s:
+        with av.open(io.BytesIO(b)) as c:
+            s = c.streams.video[0]
+            s.codec_context.thread_count = 1
+            np.stack([f.reformat(format="rgb24", threads=1).to_ndarray() for f in c.decode(s)])
+    return len(mp4s) / (time.perf_counter() - t0)
+
+
+def loader_rate(out: Path, args: argparse.Namespace, workers: int) -> float:
+    cfg = DataConfig(shards=str(out), num_frames=args.frames, size=args.size, batch_size=8, num_workers=workers,
+                     shuffle_buffer=0, clip_start="start", drop_last=False)
+    ld = build_loader(cfg, seed=0)
+    it = iter(ld)
+    t0 = time.perf_counter()
+    n = sum(len(next(it)["keys"]) for _ in range(len(ld)))
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--videos", type=int, default=32)
+    ap.add_argument("--src-size", type=int, default=256)
+    ap.add_argument("--src-frames", type=int, default=160)
+    ap.add_argument("--src-fps", type=float, default=30.0)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--fps", type=float, default=8.0)
+    ap.add_argument("--crf", type=int, default=20)
+    ap.add_argument("--preset", default="veryfast")
+    ap.add_argument("--videos-per-shard", type=int, default=4)
+    ap.add_argument("--rss-videos", default="150,300,600", help="corpus sizes (64 px, 16 frames) for the RSS check")
+    ap.add_argument("--workdir", default="", help="keep corpora here between runs (default: a temp dir, removed)")
+    ap.add_argument("--json", default="", help="also write the figures here")
+    args = ap.parse_args()
+    tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_shard_"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    res: dict = {"cpus": os.cpu_count()}
+    try:
+        print(f"corpus: {args.videos} videos {args.src_size}px x {args.src_frames} frames at {args.src_fps:g} fps -> "
+              f"clips of {args.frames} frames at {args.fps:g} fps, {args.size}px, crf {args.crf} {args.preset}", flush=True)
+        src, paths = corpus(tmp, args.videos, args.src_size, args.src_frames, args.src_fps)
+        mb = sum(p.stat().st_size for p in paths) / 1e6
+        codec_limit(paths[:2], args.frames, args.fps, args.size, args.crf, args.preset)  # warm caches
+        lim, lim_mb, lim_clips = codec_limit(paths, args.frames, args.fps, args.size, args.crf, args.preset)
+        print(f"1. codec limit (plain loop, 1 core): {lim:7.1f} clips/s  {lim_mb:6.2f} input MB/s  ({lim_clips} clips, {mb:.1f} MB)  [{load()}]", flush=True)
+        res["codec_limit"] = {"clips_per_s": lim, "mb_per_s": lim_mb}
+        for w in (1, 2):
+            r = shard(src, tmp / f"out-w{w}", w, args, args.videos_per_shard)
+            res[f"sharder_w{w}"] = r
+            print(f"2. sharder, {w} worker(s): {r['clips_per_s']:7.1f} clips/s  {r['mb_per_s']:6.2f} MB/s  = "
+                  f"{r['clips_per_s'] / w:6.1f} clips/s per core ({r['clips_per_s'] / w / lim:4.2f}x the codec limit)  | "
+                  f"wall incl. Ray start-up {r['wall']:.1f} s ({r['wall_clips_per_s']:.1f} clips/s)  [{load()}]", flush=True)
+        scale = res["sharder_w2"]["clips_per_s"] / res["sharder_w1"]["clips_per_s"]
+        res["scaling_1_to_2"] = scale
+        print(f"   scaling 1 -> 2 workers: {scale:4.2f}x", flush=True)
+        out = tmp / "out-w2"
+        raw = raw_decode(out)
+        l0 = loader_rate(out, args, 0)
+        l2 = loader_rate(out, args, 2)
+        res["loader"] = {"raw_decode": raw, "workers0": l0, "workers2": l2}
+        print(f"3. raw PyAV decode (1 core): {raw:7.1f} clips/s | loader num_workers=0: {l0:7.1f} clips/s ({l0 / raw:4.2f}x) | "
+              f"num_workers=2: {l2:7.1f} clips/s ({l2 / raw:4.2f}x)  [{load()}]", flush=True)
+        rss = []
+        for n in (int(v) for v in args.rss_videos.split(",")):
+            small, _ = corpus(tmp, n, 64, 16, 8.0)
+            sm = argparse.Namespace(**{**vars(args), "size": 64, "frames": 16})
+            r = shard(small, tmp / f"out-rss-{n}", 2, sm, 25)
+            rss.append((n, r["driver_rss_mb"], r["worker_rss_mb"]))
+            print(f"4. {n:5d} inputs: peak RSS driver {r['driver_rss_mb']:6.1f} MiB, largest worker {r['worker_rss_mb']:6.1f} MiB", flush=True)
+        res["rss"] = rss
+        print("summary (target):")
+        print(f"  sharder per core / codec limit : {res['sharder_w1']['clips_per_s'] / lim:4.2f}  (>= 0.85)")
+        print(f"  2 workers / 1 worker           : {scale:4.2f}  (>= 1.7 on 2 free cores)")
+        print(f"  loader / raw decode            : {l0 / raw:4.2f}  (>= 0.9)")
+        print(f"  peak RSS x{rss[-1][0] // rss[0][0]} inputs         : driver {rss[-1][1] / rss[0][1]:4.2f}x, worker {rss[-1][2] / max(rss[0][2], 1):4.2f}x  (flat)")
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
