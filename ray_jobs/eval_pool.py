@@ -9,6 +9,7 @@ each into shards, and runs them on worker actors (one GPU each when the cluster 
 checkpoint; a rerun does nothing for finished work; a killed worker's shard is redone.
 `key=value` arguments override suite fields (e.g. `pool.num_workers=4 sampling.num_samples=64`).
 `--local` runs everything in this process, without Ray.
+Exit status: 0 all evaluated, 1 some checkpoint failed, 2 error, 3 another pool holds this run's suite.
 """
 
 from __future__ import annotations

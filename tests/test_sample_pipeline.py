@@ -36,15 +36,15 @@ def runs(cascade, tmp_path_factory):
 def test_full_cascade_gives_the_requested_frames(cascade):
     # a key-frame model trained on 2-frame clips: 9 frames at x4 need 3 key frames, so the rollout adds one
     short = dataclasses.replace(cascade, keyframes=dataclasses.replace(cascade.keyframes, clip_frames=2))
-    out = generate(short, ["a red square"], num_frames=9, **FAST)
-    # 2 key frames from the key-frame model + 1 by rollout; x4 interpolation; the upsampler makes 16 px 64 px
+    out = generate(short, ["a red square"], num_frames=9, height=8, width=8, **FAST)
+    # 2 key frames from the key-frame model + 1 by rollout; x4 interpolation; the upsampler makes 8 px 32 px
     assert out.frames == {"keyframes": 3, "interpolation1": 9, "decoder": 9, "upsampler": 9}
-    assert out.videos.shape == (1, 3, 9, 64, 64) and out.fps == 32.0
+    assert out.videos.shape == (1, 3, 9, 32, 32) and out.fps == 32.0
     assert out.videos.abs().max() <= 1.0
 
 
 def test_image_mode_skips_every_temporal_layer(cascade):
-    a = generate(cascade, ["x"], num_frames=3, image_mode=True, **FAST)
+    a = generate(cascade, ["x"], num_frames=3, image_mode=True, height=8, width=8, **FAST)
     assert a.frames == {"keyframes": 3, "decoder": 3}
     # frame i of image mode depends only on its own noise: equal to the image UNet sampling that frame alone
     from vldm.config.sample import SampleConfig
@@ -53,7 +53,7 @@ def test_image_mode_skips_every_temporal_layer(cascade):
 
     cfg = SampleConfig(steps=2, guidance_scale=2.0)
     run = stages.Run(cfg, [0])
-    z = stages.keyframes(cascade.keyframes, encode_prompts(cascade, cascade.components, ["x"], cfg), run, 3, (4, 4), image_mode=True)
+    z = stages.keyframes(cascade.keyframes, encode_prompts(cascade, cascade.components, ["x"], cfg), run, 3, (2, 2), image_mode=True)
     assert torch.allclose(a.latents, z)
 
 
@@ -83,7 +83,7 @@ def test_cli_help(capsys):
 
 def test_predict_run_alone_rolls_out_long_videos(runs):
     cascade = Cascade.from_runs(runs["pred"])
-    out = generate(cascade, ["a"], num_frames=6, interp_passes=0, steps=1, progress=False)
+    out = generate(cascade, ["a"], num_frames=6, interp_passes=0, steps=1, height=8, width=8, progress=False)
     assert out.frames["keyframes"] == 6 and out.videos.shape[2] == 6  # image frame, S=1 chunk, S=2 chunks
 
 
@@ -94,7 +94,7 @@ def test_pipeline_round_trips_through_save_pretrained(cascade, tmp_path):
     for name in ("unet", "predictor", "interpolator", "decoder", "upsampler", "vae", "upsampler_vae"):
         a, b = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    kw = dict(num_frames=6, steps=1, guidance_scale=2.0, progress=False, upsample=False)
+    kw = dict(num_frames=5, steps=1, guidance_scale=2.0, progress=False, upsample=False, height=8, width=8)
     assert torch.equal(pipe("a red square", **kw).videos, loaded("a red square", **kw).videos)
 
 
@@ -107,7 +107,7 @@ def test_personalized_cascade_reads_the_finetuned_unet_and_both_text_encoders(ru
     c = Cascade.from_runs(runs["key"], personalized=tuned)
     assert torch.equal(c.keyframes.model.unet.conv_in.weight, UNet2DConditionModel.from_pretrained(str(tuned / "unet")).conv_in.weight)
     assert c.temporal_text is not None and c.temporal_text.text_encoder is not c.components.text_encoder
-    out = generate(c, ["a"], num_frames=2, interp_passes=0, steps=1, progress=False)
+    out = generate(c, ["a"], num_frames=2, interp_passes=0, steps=1, height=8, width=8, progress=False)
     assert out.videos.shape[2] == 2
 
 

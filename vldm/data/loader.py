@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from einops import rearrange
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vldm.config.data import DataConfig
@@ -151,7 +150,8 @@ class _EpochStream(IterableDataset):
             size = c.hw if (meta.get("height"), meta.get("width")) != c.hw else None
             # one decoder thread: parallelism comes from num_workers (FFmpeg's frame threads only add
             # latency on short clips, and oversubscribe the cores the workers already use)
-            out["frames"] = decode_window(members[EXT_MP4], start, c.num_frames, c.frame_stride, size=size, threads=1, format="mp4")
+            out["frames"] = decode_window(members[EXT_MP4], start, c.num_frames, c.frame_stride, size=size, threads=1,
+                                          format="mp4", channels_first=True)  # (C, F, H, W)
         return out
 
     def _collate(self, items: list[dict[str, Any]], dropped: list[tuple[str, str, str]], batch_id: int) -> dict[str, Any]:
@@ -164,20 +164,19 @@ class _EpochStream(IterableDataset):
             if items and all("text_embeds" in i for i in items):
                 batch["text_embeds"] = torch.from_numpy(np.stack([i["text_embeds"] for i in items]))
         else:
-            # (B, C, F, H, W) at module boundaries. Converted here, in numpy: single-threaded, in the worker,
-            # one pass per sample straight from the decoded (F, H, W, C) frames (torch's intra-op threads
-            # in the trainer process are slow to wake on busy cores)
+            # (B, C, F, H, W) at module boundaries; frames are decoded channels-first already. Converted
+            # here, in numpy: single-threaded, in the worker (torch's intra-op threads in the trainer
+            # process are slow to wake on busy cores), one contiguous pass per sample
             u8 = c.pixel_dtype == "uint8"
             out = torch.empty((len(items), 3, c.num_frames, *c.hw), dtype=torch.uint8 if u8 else torch.float32)
             if get_worker_info() is not None:
                 out.share_memory_()  # filled in place in shared memory: the DataLoader then passes a handle, no copy
             pixels = out.numpy()
             for b, item in enumerate(items):
-                src = rearrange(item["frames"], "f h w c -> c f h w")
                 if u8:
-                    pixels[b] = src
+                    pixels[b] = item["frames"]
                 else:
-                    np.multiply(src, np.float32(1 / 127.5), out=pixels[b])
+                    np.multiply(item["frames"], np.float32(1 / 127.5), out=pixels[b])
             if not u8:
                 np.subtract(pixels, np.float32(1.0), out=pixels)
             batch["pixels"] = out

@@ -45,6 +45,7 @@ def aggregate(out: Path, plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
         "shards": {"total": len(names), "complete": len(complete), "with_latents": sum(1 for d in complete if d.get("latents")),
                    "incomplete": [n for n, d in done.items() if not d]},
         "worker_seconds": round(sum(d["elapsed"] for d in complete), 3),
+        "worker_cpu_seconds": round(sum(d.get("cpu_s", 0.0) for d in complete), 3),
         "run": {
             "run_id": run["run_id"],
             "elapsed": round(run["elapsed"], 3),

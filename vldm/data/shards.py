@@ -156,7 +156,7 @@ def write_shard(out_dir: str | Path, name: str, items: list[tuple[int, InputReco
     done = read_done(out, name)
     if done is not None:
         return done  # completed by an earlier attempt (e.g. the task was retried after it finished)
-    t_start = time.time()
+    t_start, cpu_start = time.time(), time.process_time()
     run_id = run_id or uuid.uuid4().hex
     jpath = journal_path(out, name)
     crashed = crashed_inputs(read_journal(jpath), run_id)
@@ -197,7 +197,8 @@ def write_shard(out_dir: str | Path, name: str, items: list[tuple[int, InputReco
     atomic_write(manifest_path(out, name), b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows))
     summary = {"name": name, "samples": len(rows), "bytes": tar_bytes, "seconds": round(stats["seconds"], 3),
                "inputs": len(items), "ok": len(items) - len(failed), "failed": failed, "partial": partial,
-               "source_bytes": stats["source_bytes"], "elapsed": round(time.time() - t_start, 3), "run": run_id,
+               "source_bytes": stats["source_bytes"], "elapsed": round(time.time() - t_start, 3),
+               "cpu_s": round(time.process_time() - cpu_start, 3), "run": run_id,
                "finished": time.time(), "latents": None}
     atomic_write(done_path(out, name), json.dumps(summary, ensure_ascii=False, indent=1).encode())
     journal.close()

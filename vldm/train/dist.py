@@ -141,9 +141,15 @@ def barrier(timeout_s: float | None = None) -> None:
 
 
 def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce (sum | max | min); the identity on one process."""
+    """In-place all-reduce (sum | max | min) of a small tensor; the identity on one process."""
     if initialized() and tdist.get_world_size() > 1:
-        tdist.all_reduce(t, op={"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}[op])
+        red = {"sum": tdist.ReduceOp.SUM, "max": tdist.ReduceOp.MAX, "min": tdist.ReduceOp.MIN}[op]
+        if tdist.get_backend() == "nccl" and not t.is_cuda:  # NCCL reduces GPU tensors only
+            dev = t.to(torch.device("cuda", torch.cuda.current_device()))
+            tdist.all_reduce(dev, op=red)
+            t.copy_(dev.cpu())
+        else:
+            tdist.all_reduce(t, op=red)
     return t
 
 

@@ -34,7 +34,7 @@ class SyntheticClips:
     """Deterministic moving-texture clips; sample g (global index) depends only on (seed, g)."""
 
     def __init__(self, cfg: Config, rank: int, world_size: int, channels: int, height: int, width: int,
-                 kind: str = "latents", num_labels: int = 0):
+                 kind: str = "latents", num_labels: int = 0, text_shape: tuple[int, int] | None = None):
         self.seed = cfg.seed
         self.batch_size = cfg.data.batch_size
         self.num_frames = cfg.data.num_frames
@@ -42,6 +42,9 @@ class SyntheticClips:
         self.shape = (channels, height, width)
         self.kind = kind  # "latents" (UNet input) or "pixels" (VAE input, in [-1, 1])
         self.num_labels = num_labels
+        # (tokens, width): also yield zero "text_embeds" of this shape, as latent shards with text embeddings
+        # do (a text context of real length for benchmarks of a model without its text encoder)
+        self.text_shape = text_shape
         self.batches = 0  # micro-batches this rank has yielded
 
     def __iter__(self) -> Iterator[dict]:
@@ -70,12 +73,15 @@ class SyntheticClips:
         first = (self.batches * self.world_size + self.rank) * self.batch_size
         items = [self.sample(first + j) for j in range(self.batch_size)]
         self.batches += 1
-        return {
+        batch = {
             self.kind: torch.stack([x for x, _, _ in items]),
             "captions": [cap for _, cap, _ in items],
             "keys": [f"synthetic{first + j:010d}" for j in range(self.batch_size)],
             "meta": [m for _, _, m in items],
         }
+        if self.text_shape:
+            batch["text_embeds"] = torch.zeros(self.batch_size, *self.text_shape)
+        return batch
 
     def state_dict(self) -> dict:
         return {"kind": "synthetic", "batches": self.batches, "batch_size": self.batch_size, "world_size": self.world_size}

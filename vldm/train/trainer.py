@@ -105,7 +105,7 @@ def train(cfg: Config, source=None) -> int:
         # a synthetic batch of the real shapes: the data position is untouched
         kind = "latents" if (built.comps.vae is None or cfg.data.use_latents) else "pixels"
         ch, hw = (channels, latent_hw) if kind == "latents" else (3, (latent_hw[0] * vae_scale, latent_hw[1] * vae_scale))
-        probe = next(SyntheticClips(cfg, 0, 1, ch, hw[0], hw[1], kind, num_labels))
+        probe = next(SyntheticClips(cfg, 0, 1, ch, hw[0], hw[1], kind, num_labels, getattr(source, "text_shape", None)))
         flops_per_micro = step_flops(lambda: objective.loss(built.model, probe, step=-1, micro=0, rank=0), built.model,
                                      built.prefix, cfg.stage == "image")
     ema = EMA(trainable, cfg.train.ema_decay)  # from the fp32 weights, before DeepSpeed casts them
@@ -122,7 +122,9 @@ def train(cfg: Config, source=None) -> int:
     state = TrainState(**{k: plan.state[k] for k in ("step", "skipped_steps", "bad_streak", "clips_seen", "elapsed_s") if k in plan.state})
     checkpointer = Checkpointer(cfg, built, world)
     checkpointer.clean_partial()
-    logger = build_logger(cfg, world.is_main)
+    if plan.mode != "fresh":
+        checkpointer.last_saved_step = state.step  # the checkpoint we resumed from is this step's
+    logger = build_logger(dataclasses.replace(cfg, model=built.model_cfg), world.is_main)
     if world.is_main:
         dump_yaml(dataclasses.replace(cfg, model=built.model_cfg), Path(cfg.run_dir) / RUN_CONFIG)
         if plan.mode != "fresh":
