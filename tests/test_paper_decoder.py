@@ -80,3 +80,16 @@ def test_decoder_fine_tuning_trains_only_the_decoder_and_resumes(base, tmp_path)
     assert again.step == 2
     with pytest.raises(ConfigError, match="lpips_weights"):
         build_config(run_config_class(), [], ["decoder.lpips_weight=1.0"])
+
+
+def test_official_lpips_weights_convert_by_their_names():
+    """torchvision vgg16 keys (features.N.*, classifier ignored) + lpips lin{k}.model.1.weight -> one model."""
+    from vldm.models.lpips import VGG16_CHANNELS, convert_official
+
+    ref = LPIPS(VGG16_CHANNELS)
+    vgg = {k: torch.randn_like(v) for k, v in ref.state_dict().items() if k.startswith("features.")}
+    vgg["classifier.0.weight"] = torch.zeros(1)
+    lins = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(VGG16_CHANNELS)}
+    model = convert_official(vgg, lins)
+    assert torch.equal(model.features[28].weight, vgg["features.28.weight"])  # conv5_3
+    assert torch.equal(model.lins[4].weight, lins["lin4.model.1.weight"])

@@ -117,3 +117,13 @@ def test_windowed_model_equals_the_model_on_short_clips_and_blends_long_ones():
 def test_frame_plan():
     assert plan_key_frames(113, 4, 2) == 8 and plan_key_frames(29, 4, 1) == 8  # the paper's 8 -> 29 -> 113
     assert plan_key_frames(16, 4, 1) == 5 and plan_key_frames(16, 4, 0) == 16
+
+
+def test_long_key_frame_sequences_band_temporal_attention(unet, monkeypatch):
+    key = stage_model(unet, "generate", clip_frames=4)
+    seen = []
+    monkeypatch.setattr(stages, "_denoise", lambda stage, run, shape, tags, cond, **kw: seen.append(cond.cond.get("attn_band")) or torch.zeros(1))
+    run, _ = _run()
+    stages.keyframes(key, _text(), run, 12, (2, 2))
+    stages.keyframes(key, _text(), run, 4, (2, 2))  # within the trained length: full attention
+    assert seen == [8, None]

@@ -24,7 +24,7 @@ class SampleConfig:
     seed: int = field_(0, "seed of video i is seed + i; every chunk and window derives its noise from it")
     fps: float = field_(8.0, "frame rate of the key frames; each interpolation pass multiplies it (written to the mp4, and the fps condition)")
     interp_passes: int = field_(1, "interpolation passes when an interpolation model is given: 0, 1 (x4 frame rate) or 2 (x16; stage labels 0 then 1)")
-    attn_band: int = field_(8, "temporal self-attention sees only frames within this band when a model runs on more frames than that (0 = full)")
+    attn_band: int = field_(8, "when a model runs on more frames than it was trained on (and than the band), its temporal self-attention sees only frames within this band (0 = never)")
     decoder_window: int = field_(16, "frames the video decoder decodes at once (overlapping windows, cross-faded)")
     decoder_overlap: int = field_(4, "overlap of the decoder's windows")
     upsample: bool = field_(True, "run the upsampler when one is given")

@@ -28,6 +28,7 @@ Run level:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import re
@@ -164,7 +165,15 @@ def decode_sample(members: dict[str, bytes]) -> tuple[dict, str]:
     raw = members.get(EXT_JSON)
     if raw is None:
         raise ValueError("sample has no .json")
-    meta = json.loads(raw)
+    # json builds no reference cycles: the cyclic GC has nothing to find here, but with batches of
+    # metadata alive it would run during the parse and scan them (measured 1.5x the parse time)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        meta = json.loads(raw)
+    finally:
+        if enabled:
+            gc.enable()
     if not isinstance(meta, dict):
         raise ValueError(".json is not an object")
     cap = members.get(EXT_TXT)

@@ -96,17 +96,18 @@ def _denoise(stage: StageModel, run: Run, shape: tuple, tags: tuple, cond: Condi
                    sampler=run.cfg.sampler, device=m.device, dtype=m.dtype, on_step=run.on_step, eta=run.cfg.eta, **kw)
 
 
-def _band(run: Run, num_frames: int) -> dict:
+def _band(run: Run, num_frames: int, trained_frames: int) -> dict:
+    """Banded temporal self-attention for sequences longer than the model was trained on (and the band)."""
     band = run.cfg.attn_band
-    return {"attn_band": band} if band and num_frames > band else {}
+    return {"attn_band": band} if band and num_frames > max(band, trained_frames) else {}
 
 
 def keyframes(stage: StageModel, text: TextInputs, run: Run, num_frames: int, hw: tuple[int, int],
               image_mode: bool = False) -> torch.Tensor:
-    """`num_frames` frames in one pass (banded temporal attention beyond `attn_band` frames); with
-    `image_mode` every frame independently by the image model."""
+    """`num_frames` frames in one pass (temporal self-attention banded to `attn_band` frames beyond the
+    model's training length); with `image_mode` every frame independently by the image model."""
     c = stage.latent_channels
-    extra = {"image_only": True} if image_mode else _band(run, num_frames)
+    extra = {"image_only": True} if image_mode else _band(run, num_frames, stage.clip_frames)
     if stage.model.opts.temporal_cond_channels:  # a prediction model used unconditionally (S = 0)
         extra["temporal_cond"] = _empty_context(text.cond, c, num_frames, hw)
     return _denoise(stage, run, (c, num_frames, *hw), ("keyframes",), run.guidance(text, stage.model, extra))
@@ -187,7 +188,7 @@ def interpolate(stage: StageModel, text: TextInputs, run: Run, keys: torch.Tenso
         conds = {"stage": torch.full((b,), float(stage_label), device=keys.device)}
         if o.fps_condition:
             conds["fps"] = torch.full((b,), float(fps_out), device=keys.device)
-        extra = {"temporal_cond": context_condition(given, mask), "conditions": conds, **_band(run, n)}
+        extra = {"temporal_cond": context_condition(given, mask), "conditions": conds, **_band(run, n, interp_window(stage))}
         cond = run.guidance(text, stage.model, extra, no_context={"temporal_cond": _empty_context(given, c, n, (h, w))})
         x = _denoise(stage, run, (c, n, h, w), ("interpolate", stage_label, wi), cond, known=Known(given, mask))
         out[:, :, factor * k0: factor * k1 + 1] = x
