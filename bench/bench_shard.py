@@ -9,7 +9,7 @@ Measured in this process / its children, on a generated corpus (moving shapes, H
 3. the training loader (num_workers 0 and 2) over those shards against a raw PyAV decode loop;
 4. peak RSS of the sharder's driver and of one worker as the corpus grows (x1, x2, x4 inputs).
 
-    python bench/bench_shard.py [--videos 32 --src-size 320 --src-frames 160 --size 256 --frames 16]
+    python bench/bench_shard.py [--videos 96 --src-size 320 --src-frames 160 --size 256 --frames 16]
 
 Targets (issue 3): sharder >= 0.85x the codec limit per core, >= 1.7x with 2 workers; loader >= 0.9x
 raw decode; peak RSS flat as the corpus grows. Each throughput is given per wall-clock second and per
@@ -177,7 +177,7 @@ def loader_rate(out: Path, args: argparse.Namespace, workers: int, rounds: int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--videos", type=int, default=32)
+    ap.add_argument("--videos", type=int, default=96)
     ap.add_argument("--src-size", type=int, default=320)
     ap.add_argument("--src-frames", type=int, default=160)
     ap.add_argument("--src-fps", type=float, default=30.0)

@@ -135,10 +135,12 @@ def gpu_child(level: str, steps: int, sd15: str, result_path: str) -> None:
     from vldm.train.trainer import train
 
     run = Path(tempfile.mkdtemp(prefix=f"bench_gpu_{level}_"))
-    model = [f"model.pretrained={sd15}"] if sd15 else SD15_UNET
+    # a real SD-1.5 directory: 320x512 pixels through its VAE factor 8 = 40x64 latents; random weights of the
+    # same shape (no VAE): the synthetic latents are 40x64 directly
+    model = [f"model.pretrained={sd15}", "data.size=320", "data.width=512"] if sd15 else \
+        ["model.pretrained=", *SD15_UNET, "data.size=40", "data.width=64"]
     cfg = build_config(Config, [str(ROOT / "configs" / "sd15_t2v.yaml")], [
-        *model, f"run_dir={run}", "data.shards=", "data.size=40", "data.width=64", "data.num_frames=16", "data.batch_size=1",
-        "data.use_latents=true", f"train.max_steps={steps}", "train.log_every=1", "train.grad_accum=1", "checkpoint.every=100000",
+        *model, f"run_dir={run}", "data.shards=", "data.num_frames=16", "data.batch_size=1", "data.use_latents=true", f"train.max_steps={steps}", "train.log_every=1", "train.grad_accum=1", "checkpoint.every=100000",
         f"model.temporal.gradient_checkpointing={level}", "deepspeed.precision=bf16", "wandb.mode=disabled", "optim.warmup_steps=0"])
     # 16 x 40 x 64 latents directly (no VAE); a 77-token text context as SD's CLIP gives
     source = SyntheticClips(cfg, 0, 1, 4, 40, 64, "latents", 0, text_shape=(77, 768)) if not sd15 else None

@@ -6,6 +6,10 @@ export RAY_USAGE_STATS_ENABLED=0
 # Ray rewrites --node-ip-address=127.0.0.1 to the eth0 address unless this is 0 (then it stays on
 # loopback, but `ray start --address=...` worker nodes are refused: single-node only).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# Ray 2.60 turns on token auth for `ray start` as soon as ~/.ray/auth_token exists (any earlier local
+# `ray.init()` writes one); the job server then answers 401 to the curl checks below and to token-less
+# `ray job submit`. This cluster listens on loopback only: keep auth off unless the caller asks for it.
+export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 if curl -sf -o /dev/null http://127.0.0.1:8265/api/version; then echo "ray already up"; exit 0; fi
 ray start --head --num-cpus="${RAY_NUM_CPUS:-$(nproc)}" --node-ip-address=127.0.0.1 \
   --dashboard-host=127.0.0.1 --dashboard-port=8265 --disable-usage-stats \

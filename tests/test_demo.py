@@ -128,7 +128,7 @@ def test_fast_demo_summary_grid_and_wandb(fast_demo):
     out, _, s = fast_demo
     assert set(s["motion"]) == {"image_model", "video_model", "real_clips"}
     for m in s["motion"].values():
-        assert {"accel_median", "speed_median", "stable_presence", "presence", "num_videos"} <= set(m)
+        assert {"accel_median", "speed_median", "stable_presence", "presence", "flicker", "num_videos"} <= set(m)
     assert {"accel_gap_image", "accel_gap_video", "video_closer", "far_closer"} <= set(s["verdict"])
     assert {"corpus", "shards", "training", "eval", "samples", "total"} <= set(s["timings_s"])
     grid = Image.open(s["grid"])
@@ -141,10 +141,12 @@ def test_fast_demo_summary_grid_and_wandb(fast_demo):
 
 @pytest.mark.slow
 def test_fast_demo_motion_claim_weak_form(fast_demo):
-    """The full demo's claim (video model far closer to real motion than image mode) needs minutes of
-    training; what holds after the fast variant's few steps: the metric sees the held-out real clips as
-    near-constant velocity, and image mode (frames drawn independently) as far from it."""
+    """The full demo's claim (video model's motion far closer to the real clips' than image mode's) needs
+    minutes of training. What holds after the fast variant's few steps on a barely trained image model:
+    the metric sees the held-out real clips as near-constant velocity with a stable shape, and the
+    temporal layers already make consecutive frames more alike than image mode's independent frames
+    (identity at initialisation would make them equal)."""
     _, _, s = fast_demo
-    real, image = s["motion"]["real_clips"], s["motion"]["image_model"]
+    real, image, video = (s["motion"][k] for k in ("real_clips", "image_model", "video_model"))
     assert real["accel_median"] < 0.02 and real["stable_presence"] > 0.9
-    assert s["verdict"]["accel_gap_image"] is not None
+    assert video["flicker"] < image["flicker"]

@@ -38,7 +38,7 @@ def ref_run(tmp_path_factory) -> Path:
 
 def test_checkpoints_hold_only_the_trained_part(ref_run):
     ckpts = complete_checkpoints(ref_run)
-    assert [c.name for c in ckpts] == ["step_00000004", "step_00000008", "step_00000012"]
+    assert [c.name for c in ckpts] == ["step_00000004", "step_00000008", "step_00000012", "step_00000016"]
     assert not [p for p in (ref_run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     last = ckpts[-1]
     state = json.loads((last / "trainer_state.json").read_text())

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "slurm" / "train_temporal.sbatch"
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
 # the tiny config at 2 ranks x 1 clip (global batch 2); 1 rank x 2 clips is the same global batch
-STEPS = 12
+STEPS = 16
 TINY_RUN = [f"train.max_steps={STEPS}", "checkpoint.every=4", "checkpoint.keep_last=5", "deepspeed.timeout_s=90"]
 
 

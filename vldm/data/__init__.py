@@ -14,8 +14,9 @@ Modules, one job each:
     report     _stats.json, failed.jsonl, _shards.json
     pipeline   the Ray driver (tasks + latent actors, progress)
     latents    VAE latents / text embeddings added to shards
-    urls, order, loader   the training loader
-    synthetic  the moving-shapes corpus
+    urls, order, loader   the training loader (shard lists, who reads what in which order, batches)
+    tario      tar writing/streaming; fsutil: atomic files, the output lock; cli: options from dataclasses
+    synthetic  the moving-shapes corpus (and a corpus of awkward/broken files for tests)
 
 Attributes are imported lazily, so Ray shard workers (which import vldm.data.shards) never load torch.
 """

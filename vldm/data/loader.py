@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -168,9 +169,7 @@ class _EpochStream(IterableDataset):
             # here, in numpy: single-threaded, in the worker (torch's intra-op threads in the trainer
             # process are slow to wake on busy cores), one contiguous pass per sample
             u8 = c.pixel_dtype == "uint8"
-            out = torch.empty((len(items), 3, c.num_frames, *c.hw), dtype=torch.uint8 if u8 else torch.float32)
-            if get_worker_info() is not None:
-                out.share_memory_()  # filled in place in shared memory: the DataLoader then passes a handle, no copy
+            out = _batch_tensor((len(items), 3, c.num_frames, *c.hw), torch.uint8 if u8 else torch.float32)
             pixels = out.numpy()
             for b, item in enumerate(items):
                 if u8:
@@ -181,6 +180,17 @@ class _EpochStream(IterableDataset):
                 np.subtract(pixels, np.float32(1.0), out=pixels)
             batch["pixels"] = out
         return batch
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised batch tensor to fill in place. In a DataLoader worker it is allocated in shared
+    memory, as torch's default collate does, so handing it to the trainer copies nothing; elsewhere it is
+    a numpy allocation (numpy asks for huge pages: page faults on a fresh 100 MB batch are a real cost)."""
+    if get_worker_info() is not None:
+        proto = torch.empty(0, dtype=dtype)
+        storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
+        return proto.new(storage).resize_(*shape)
+    return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:

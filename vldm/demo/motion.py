@@ -11,7 +11,8 @@ centroid is its position. Two numbers separate a video model from an image model
   area within `area_tol` of the video's median area. A shape that fades, splits or changes size fails.
 
 Speed (|c[t+1] - c[t]|) is reported too: a static shape also has zero acceleration, and speed tells
-"coherent and moving" from "coherent and frozen".
+"coherent and moving" from "coherent and frozen". Flicker (mean |frame[t+1] - frame[t]|, 0-255) needs no
+tracking at all: frames drawn independently differ everywhere a shape was or is.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class MotionStats:
     speed_median: float | None  # median |c[t+1] - c[t]| over frame pairs with a shape in both
     stable_presence: float  # fraction of frames with a shape of stable area
     presence: float  # fraction of frames with any shape
+    flicker: float | None  # mean |frame[t+1] - frame[t]| on the 0-255 scale
     num_videos: int
     num_triples: int
 
@@ -84,6 +86,7 @@ def motion_stats(videos: list[np.ndarray] | np.ndarray, **kw: float) -> MotionSt
     accel = np.concatenate([p["accel"] for p in per]) if per else np.zeros(0)
     speed = np.concatenate([p["speed"] for p in per]) if per else np.zeros(0)
     stable = np.concatenate([p["stable"] for p in per]) if per else np.zeros(0, bool)
+    diffs = [np.abs(np.diff(np.asarray(v, np.float32), axis=0)).mean() for v in videos if len(v) > 1]
     present = np.concatenate([p["present"] for p in per]) if per else np.zeros(0, bool)
 
     def stat(a: np.ndarray, fn) -> float | None:
@@ -92,6 +95,7 @@ def motion_stats(videos: list[np.ndarray] | np.ndarray, **kw: float) -> MotionSt
     return MotionStats(
         accel_median=stat(accel, np.median), accel_mean=stat(accel, np.mean), speed_median=stat(speed, np.median),
         stable_presence=float(stable.mean()) if stable.size else 0.0, presence=float(present.mean()) if present.size else 0.0,
+        flicker=float(np.mean(diffs)) if diffs else None,
         num_videos=len(per), num_triples=int(accel.size),
     )
 

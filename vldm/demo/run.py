@@ -61,7 +61,7 @@ FULL = Plan("full", videos=288, video_frames=16, clip_frames=8, clip_stride=4, s
             image_steps=1000, temporal_steps=800, temporal_every=400, warmup_steps=50, eval_samples=4, num_prompts=8, sample_steps=25,
             real_clips=32)
 FAST = Plan("fast", videos=48, video_frames=8, clip_frames=8, clip_stride=8, samples_per_shard=16, ae_steps=40,
-            image_steps=20, temporal_steps=16, temporal_every=8, warmup_steps=2, eval_samples=2, num_prompts=2, sample_steps=8,
+            image_steps=20, temporal_steps=40, temporal_every=20, warmup_steps=2, eval_samples=2, num_prompts=2, sample_steps=8,
             real_clips=8)
 GUIDANCE = 3.0  # text guidance of the demo samples: the tiny model overshoots at SD's 7.5
 
@@ -74,6 +74,8 @@ class Demo:
         self.timings: dict[str, float] = {}
         self.info: dict = {}
         self.started_ray = False
+        self.mem = None  # PeakMemory while main() runs
+        self._prompts: list[str] | None = None
         self.env = dict(os.environ)
         venv_bin = str(Path(self.py).parent)
         self.env["PATH"] = venv_bin + os.pathsep + self.env.get("PATH", "")
@@ -84,6 +86,7 @@ class Demo:
             self.env.setdefault(var, str(wandb_dir / sub))
         self.env.setdefault("WANDB_SILENT", "true")
         self.env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        self.env.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only cluster: see scripts/ray_local_up.sh
         self.env.setdefault("PYTHONUNBUFFERED", "1")
 
     # ------------------------------------------------------------------ paths
@@ -284,9 +287,9 @@ class Demo:
         return clips[:n], caps[:n]
 
     def prompts(self) -> list[str]:
-        if not hasattr(self, "_prompts"):
-            _, caps = self.real_clips(self.plan.num_prompts)
-            self._prompts = caps
+        """The demo's prompts: captions of held-out clips (the eval pool samples the first four too)."""
+        if self._prompts is None:
+            self._prompts = self.real_clips(self.plan.num_prompts)[1]
         return self._prompts
 
     def samples(self) -> None:
@@ -382,8 +385,6 @@ class Demo:
                 return self.summarize(t_start)
             finally:
                 self.ray_down()
-
-    mem = None
 
     def ray_down(self) -> None:
         if self.started_ray and os.environ.get("VLDM_KEEP_CLUSTERS") != "1":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ def save_png(img: Image.Image, path: str | Path) -> Path:
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
     atomic_write_bytes(path, buf.getvalue())
+    os.chmod(path, 0o644)  # the atomic write's temp file is private (0600); a picture is for everyone
     return Path(path)
 
 
@@ -54,12 +56,13 @@ def verdict(image: MotionStats, video: MotionStats, real: MotionStats) -> dict:
 
 def table(rows: dict[str, MotionStats]) -> str:
     """The printed table: one line per source of videos."""
-    head = f"{'videos':<22}{'n':>4}  {'accel (median)':>15}  {'speed (median)':>15}  {'stable shape':>13}"
+    head = f"{'videos':<24}{'n':>3}  {'accel (median)':>14}  {'speed (median)':>14}  {'stable shape':>12}  {'flicker':>7}"
     lines = [head, "-" * len(head)]
     for name, s in rows.items():
         acc = f"{s.accel_median:.4f}" if s.accel_median is not None else "n/a"
         spd = f"{s.speed_median:.4f}" if s.speed_median is not None else "n/a"
-        lines.append(f"{name:<22}{s.num_videos:>4}  {acc:>15}  {spd:>15}  {s.stable_presence:>12.0%}")
+        flk = f"{s.flicker:.1f}" if s.flicker is not None else "n/a"
+        lines.append(f"{name:<24}{s.num_videos:>3}  {acc:>14}  {spd:>14}  {s.stable_presence:>12.0%}  {flk:>7}")
     return "\n".join(lines)
 
 

@@ -31,7 +31,6 @@ def _wandb_key_available() -> bool:
 def check(cfg: Config, cuda: bool | None = None) -> list[str]:
     """Raise ConfigError for a config that cannot run here; return warnings for ones that can."""
     warnings: list[str] = []
-    cuda = _has_cuda() if cuda is None else cuda
     m = cfg.model
     if m.pretrained:
         root = Path(m.pretrained).expanduser()
@@ -69,7 +68,8 @@ def check(cfg: Config, cuda: bool | None = None) -> list[str]:
         except TypeError as e:
             raise ConfigError(f"task_options: task {cfg.task!r} takes no such options ({e})") from None
     d = cfg.deepspeed
-    if not cuda:
+    # torch is imported only when the answer matters: --check stays fast for the sbatch script
+    if (d.precision == "fp16" or d.backend == "nccl") and not (_has_cuda() if cuda is None else cuda):
         if d.precision == "fp16":
             raise ConfigError("deepspeed.precision: fp16 needs a GPU (use fp32 or bf16 on CPU)")
         if d.backend == "nccl":

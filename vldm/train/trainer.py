@@ -76,9 +76,10 @@ def train(cfg: Config, source=None) -> int:
         dist.print0(f"[vldm.train {time.strftime('%H:%M:%S')}] {msg}", world=world)
 
     log0(f"rank {world.rank}/{world.world_size} via {world.launcher}, master {world.master_addr}:{world.master_port}, device {device}")
-    # not under the watchdog: DeepSpeed JIT-builds its CPU comm op here the first time (minutes on a busy
-    # machine), and a process killed while holding torch's build lock makes every later run wait on it.
-    # The rendezvous itself is bounded by the process-group timeout.
+    # a generous bound here: DeepSpeed JIT-builds its CPU comm op in this call the first time (minutes on a
+    # busy machine), and a process killed while holding torch's build lock would leave a stale lock that
+    # makes every later run wait on it; the rendezvous itself is bounded by the process-group timeout
+    watchdog.arm(max(cfg.deepspeed.timeout_s, 1800.0))
     dist.init_process_group(world, resolve_backend(cfg, device), cfg.deepspeed.timeout_s)
     watchdog.arm()  # from here on, start-up (model loading, DeepSpeed engine) is bounded
     torch.manual_seed(seed_of("init", cfg.seed))  # identical temporal-layer init on every rank
