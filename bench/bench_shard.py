@@ -61,7 +61,8 @@ def corpus(root: Path, count: int, size: int, frames: int, fps: float) -> tuple[
 
 
 def codec_limit(paths: list[Path], frames: int, fps: float, size: int, crf: int, preset: str) -> dict:
-    """Plain loop: decode every frame, take the nearest frame to each k/fps, resize, encode clips."""
+    """Plain loop doing only the codec work the clips need: decode up to the last frame used, take the
+    nearest frame to each k/fps, resize it, encode the clips."""
     target = Fraction(fps).limit_denominator(1001)
     clips = 0
     nbytes = 0
@@ -73,15 +74,18 @@ def codec_limit(paths: list[Path], frames: int, fps: float, size: int, crf: int,
             s = c.streams.video[0]
             s.codec_context.thread_count = 1
             tb = Fraction(s.time_base)
+            needed = int(float(s.duration * tb) * fps + 1e-6) // frames * frames  # resampled frames the clips use
             k, first, prev, prev_t = 0, None, None, None
             for f in c.decode(s):
                 t = f.pts * tb
                 first = t if first is None else first
-                while first + Fraction(k) / target <= t:
+                while k < needed and first + Fraction(k) / target <= t:
                     g = first + Fraction(k) / target
                     src = prev if prev is not None and g - prev_t <= t - g else f
                     picked.append(src.reformat(width=size, height=size, format="rgb24", interpolation="AREA", threads=1).to_ndarray())
                     k += 1
+                if k >= needed:
+                    break
                 prev, prev_t = f, t
         for i in range(0, len(picked) - frames + 1, frames):
             buf = io.BytesIO()

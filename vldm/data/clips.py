@@ -183,10 +183,14 @@ def _clips(container: Any, info: VideoInfo, spec: ClipSpec) -> Iterator[Clip]:
     src_fps = fps_fraction(info.fps) if info.fps else spec.fps
     cutter = _Cutter(spec, spec.planned_starts(info.duration))
     deadline = time.monotonic() + spec.timeout
+    # once no further clip fits in what the header says is left, stop decoding (the tail of a video is
+    # often a quarter of its frames); 2% + 1 frame of slack for headers that round the duration down
+    last_useful = spec.resampled_frames(info.duration) * 1.02 + 1 if info.duration else math.inf
     t0 = prev_t = None
     prev = None
     k = 0  # next resampled frame
     n = 0  # decoded source frames
+    stopped = False  # decoding stopped before the end: no further clip would fit
     try:
         for frame in container.decode(stream):
             if time.monotonic() > deadline:
@@ -211,8 +215,11 @@ def _clips(container: Any, info: VideoInfo, spec: ClipSpec) -> Iterator[Clip]:
                 if cutter.done:
                     return
             prev, prev_t = frame, t
-        if prev is not None:
-            # the last source frame is shown for one frame period
+            if cutter.next_start + spec.frames > last_useful:
+                stopped = True
+                break
+        if prev is not None and not stopped:
+            # the stream ended: the last source frame is shown for one frame period
             t_end = prev_t + 1 / src_fps
             while t0 + Fraction(k) / spec.fps < t_end and not cutter.done:
                 clip = cutter.push(k, prev)
@@ -226,7 +233,7 @@ def _clips(container: Any, info: VideoInfo, spec: ClipSpec) -> Iterator[Clip]:
     if n == 0:
         raise VideoError("decode_error", "no frame could be decoded")
     decoded = float((prev_t - t0) + 1 / src_fps) if prev_t is not None else 0.0
-    if info.duration and decoded < 0.9 * info.duration and info.duration * spec.fps >= spec.frames:
+    if not stopped and info.duration and decoded < 0.9 * info.duration and info.duration * spec.fps >= spec.frames:
         raise VideoError("decode_error", f"truncated: decoded {decoded:.2f} s of {info.duration:.2f} s")
     why = f" ({cutter.cuts} scene cuts)" if cutter.cuts else ""
     raise VideoError("too_short", f"{k} frames at {float(spec.fps):g} fps < {spec.frames}{why}")

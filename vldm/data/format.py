@@ -32,7 +32,7 @@ import gc
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -126,7 +126,8 @@ class ClipMeta:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), ensure_ascii=False, sort_keys=True).encode()
+        # not dataclasses.asdict: it deep-copies `meta` (a whole trajectory, say) for every clip
+        return json.dumps({f: getattr(self, f) for f in self.__dataclass_fields__}, ensure_ascii=False, sort_keys=True).encode()
 
 
 CLIP_META_FIELDS = tuple(f for f in ClipMeta.__dataclass_fields__)

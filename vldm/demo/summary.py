@@ -19,7 +19,7 @@ def _label(img: Image.Image, xy: tuple[int, int], text: str) -> None:
     ImageDraw.Draw(img).text(xy, text, fill=(230, 230, 230))  # PIL's built-in bitmap font: no font files needed
 
 
-def grid_image(image_mode: list[np.ndarray], video: list[np.ndarray], scale: int = 3, header: int = 14) -> Image.Image:
+def grid_image(image_mode: list[np.ndarray], video: list[np.ndarray], scale: int = 2, header: int = 14) -> Image.Image:
     """One row per prompt: its image-mode frames | its video-model frames ((F, H, W, 3) uint8 each)."""
     f, h, w = image_mode[0].shape[:3]
     half = f * w
