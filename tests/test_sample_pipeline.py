@@ -95,7 +95,9 @@ def test_pipeline_round_trips_through_save_pretrained(cascade, tmp_path):
         a, b = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     kw = dict(num_frames=5, steps=1, guidance_scale=2.0, progress=False, upsample=False, height=8, width=8)
-    assert torch.equal(pipe("a red square", **kw).videos, loaded("a red square", **kw).videos)
+    # weights are equal bit for bit (above); outputs may differ in the last bits when another test
+    # changed torch's thread count (reduction order), so compare them at float tolerance
+    assert torch.allclose(pipe("a red square", **kw).videos, loaded("a red square", **kw).videos, atol=1e-5)
 
 
 def test_personalized_cascade_reads_the_finetuned_unet_and_both_text_encoders(runs, tmp_path):

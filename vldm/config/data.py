@@ -71,7 +71,7 @@ class ShardConfig:
     videos_per_shard: int = field_(0, "inputs per shard; 0 = derived from --samples-per-shard")
     prefix: str = field_("shard", "shard file names: {prefix}-{shard:06d}.tar")
     workers: int = field_(0, "shard-writing tasks in flight, one CPU each (0 = every CPU of the Ray cluster)")
-    ray_address: str = field_("", "Ray cluster to use; empty = the `ray job submit` cluster, RAY_ADDRESS or a running local one, else start a private local Ray")
+    ray_address: str = field_("", "Ray cluster to use; empty = the `ray job submit` cluster, RAY_ADDRESS or a running local one, else start a private local Ray; 'local' = always a private one")
     video_timeout: float = field_(600.0, "seconds one video may take before it is recorded as failed (timeout)")
     source_hash: bool = field_(False, "record each source's sha256 in the clip json (reads every input once more); off = size + mtime")
     extensions: str = field_("mp4,mov,mkv,webm,avi,m4v,mpg,mpeg,ts,flv,wmv,3gp,ogv", "video file extensions picked up when INPUT is a directory")

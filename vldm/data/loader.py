@@ -176,8 +176,7 @@ class _EpochStream(IterableDataset):
                     pixels[b] = item["frames"]
                 else:
                     np.multiply(item["frames"], np.float32(1 / 127.5), out=pixels[b])
-            if not u8:
-                np.subtract(pixels, np.float32(1.0), out=pixels)
+                    np.subtract(pixels[b], np.float32(1.0), out=pixels[b])
             batch["pixels"] = out
         return batch
 
@@ -211,7 +210,7 @@ class ClipLoader:
       "text_embeds" float32 (B, L, D) when the shards carry text embeddings (use_latents)
       "captions"    list[str];  "keys" list[str] (unique sample ids);  "meta" list[dict] (the sample json)
     B == batch_size except: the epoch's last batch when drop_last is off, and batches from which a
-    corrupt sample was dropped. A corrupt sample (unreadable mp4, broken json, truncated shard...) is
+    corrupt sample was dropped (B == 0 only if all of a batch's samples are corrupt). A corrupt sample (unreadable mp4, broken json, truncated shard...) is
     logged, counted in `stats["corrupt"]` / `stats["corrupt_by_reason"]` and dropped from its batch;
     it is never fatal and never silently replaced. Dropping keeps the number of batches per epoch
     fixed, so every rank yields exactly `len(loader)` batches per epoch (DDP-safe: no rank waits).

@@ -69,7 +69,7 @@ def _loopback_only(address: str) -> bool:
 
 def connect(address: str, workers: int) -> str:
     """Attach to a Ray cluster, or start a private local one. Returns how."""
-    if not in_ray_job() and "ray" not in sys.modules and _loopback_only(address):
+    if not in_ray_job() and "ray" not in sys.modules and (address == "local" or _loopback_only(address)):
         # Ray rewrites a 127.0.0.1 address to the host's eth0 address unless this is 0, and a head
         # started on loopback (scripts/ray_local_up.sh) is not reachable there: ray.init hangs.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -82,6 +82,10 @@ def connect(address: str, workers: int) -> str:
         ray.init(**quiet)  # the job's cluster; its runtime_env (working dir) already carries vldm
         return "ray job cluster"
     env = _runtime_env()
+    if address == "local":  # a private instance even when a cluster is running (benchmarks, isolation)
+        ray.init(address="local", num_cpus=workers or None, object_store_memory=128 << 20, include_dashboard=False,
+                 runtime_env=env, **quiet)
+        return "private local Ray"
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None, runtime_env=env, **quiet)
         return f"cluster at {address or os.environ['RAY_ADDRESS']}"
@@ -130,6 +134,7 @@ class _Progress:
         self.t0 = self.last = time.time()
         self.videos = self.clips = self.failed = 0  # finished shards of this run
         self.shards_done = 0
+        self.last_msg = ""
 
     def shard_finished(self, summary: dict[str, Any]) -> None:
         self.shards_done += 1
@@ -155,9 +160,12 @@ class _Progress:
         todo_videos = self.todo_videos
         rate = videos / elapsed
         eta = (todo_videos - videos) / rate if rate > 0 else float("nan")
-        log.info("%d/%d shards (%d skipped) | %d/%d videos | %d clips | %.1f clips/s | %d failed | ETA %s%s",
-                 self.shards_done + skipped, total_shards, skipped, videos, todo_videos, clips, clips / elapsed, self.failed,
-                 time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?", latents)
+        msg = (f"{self.shards_done + skipped}/{total_shards} shards ({skipped} skipped) | {videos}/{todo_videos} videos | "
+               f"{clips} clips | {clips / elapsed:.1f} clips/s | {self.failed} failed | "
+               f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta)) if eta == eta else '?'}{latents}")
+        if msg != self.last_msg:
+            log.info("%s", msg)
+            self.last_msg = msg
 
 
 def run(cfg: ShardConfig) -> int:
@@ -188,8 +196,11 @@ def _run_locked(cfg: ShardConfig, out: Path) -> int:
     latent_todo = [n for n in names if cfg.encode_latents and needs_latents(read_done(out, n), cfg.vae, cfg.text_encoder)]
     errors: dict[str, str] = {}
     workers = cfg.workers
+    startup = 0.0
     if todo or latent_todo:
+        t_connect = time.time()
         how = connect(cfg.ray_address, cfg.workers)
+        startup = time.time() - t_connect
         import ray
 
         workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
@@ -199,14 +210,14 @@ def _run_locked(cfg: ShardConfig, out: Path) -> int:
     else:
         log.info("all %d shards complete%s: nothing to do", len(names), " with latents" if cfg.encode_latents else "")
     stats = aggregate(out, plan, {"run_id": run_id, "elapsed": time.time() - t0, "shards_skipped": skipped,
-                                  "errors": errors, "workers": workers})
+                                  "errors": errors, "workers": workers, "ray_startup_s": startup})
     inp = stats["inputs"]
     reasons = ", ".join(f"{k} {v}" for k, v in inp["failed_by_reason"].items())
     log.info("done: %d/%d shards complete | %d inputs: %d ok, %d failed%s | %d clips (%.0f s of video, %.1f MB) | "
-             "this run: %d clips in %.1f s = %.1f clips/s",
+             "this run: %d clips in %.1f s (Ray start-up %.1f s) = %.1f clips/s",
              stats["shards"]["complete"], stats["shards"]["total"], inp["unique"], inp["ok"], inp["failed"],
              f" ({reasons})" if reasons else "", stats["clips"], stats["seconds"], stats["bytes"] / 1e6,
-             stats["run"]["clips"], stats["run"]["elapsed"], stats["run"]["clips_per_s"])
+             stats["run"]["clips"], stats["run"]["elapsed"], startup, stats["run"]["clips_per_s"])
     if inp["failed"]:
         log.info("failed inputs are listed in %s; retry them with: shard_videos.py %s NEW_OUTPUT",
                  out / "failed.jsonl", out / "failed.jsonl")

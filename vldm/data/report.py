@@ -49,6 +49,7 @@ def aggregate(out: Path, plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
         "run": {
             "run_id": run["run_id"],
             "elapsed": round(run["elapsed"], 3),
+            "ray_startup_s": round(run.get("ray_startup_s", 0.0), 3),
             "shards_written": len(this_run),
             "shards_skipped": run.get("shards_skipped", 0),
             "shard_errors": run.get("errors", {}),
