@@ -232,3 +232,15 @@ def test_shards_are_plain_webdataset(shards):
     assert json.loads(first["json"])["key"] == first["__key__"]
     with pytest.raises(ValueError):
         build_loader(replace(cfg_for(shards), batch_size=100), world_size=1)
+
+
+def test_pixels_are_the_same_with_and_without_workers(shards):
+    def by_key(workers: int, dtype: str) -> dict[str, torch.Tensor]:
+        loader = build_loader(cfg_for(shards, num_workers=workers, clip_start="start", drop_last=False, pixel_dtype=dtype), seed=0)
+        return {k: px for b in take(loader, len(loader)) for k, px in zip(b["keys"], b["pixels"])}
+
+    f0, f2, u2 = by_key(0, "float32"), by_key(2, "float32"), by_key(2, "uint8")
+    assert f0.keys() == f2.keys() == u2.keys() and len(f0) == 88
+    for k in f0:
+        assert f0[k].dtype == torch.float32 and u2[k].dtype == torch.uint8
+        assert torch.equal(f0[k], f2[k]) and torch.allclose(f0[k], u2[k].float() / 127.5 - 1, atol=1e-6)

@@ -10,6 +10,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -17,7 +18,20 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import ROOT, SBATCH, STEPS, TINY, TINY_RUN, describe, losses, metrics, run_local, spawn_ranks, train_env
+from train_helpers import (
+    ROOT,
+    SBATCH,
+    STEPS,
+    TINY,
+    TINY_RUN,
+    describe,
+    free_port,
+    losses,
+    metrics,
+    run_local,
+    spawn_ranks,
+    train_env,
+)
 
 from vldm.checkpoint import complete_checkpoints, load_checkpoint_model
 from vldm.eval.wandb_reader import history, metric_definitions, run_info
@@ -293,3 +307,29 @@ def test_shards_vae_and_text_encoder_with_exact_loader_resume(tmp_path):
     assert [s["epoch"] * 1000 + s["batch_in_epoch"] for s in state["loader"]] == [4, 4] or \
         all(s["stats"]["batches"] == 4 for s in state["loader"]), state["loader"]
     assert all(s["stats"]["batches"] == 4 and s["stats"]["samples"] == 8 for s in state["loader"])
+
+
+def test_image_stage_with_class_labels_then_export_for_the_temporal_stage(tmp_path):
+    """The driving recipe in miniature: a class-conditional image UNet trained on frames (unet/ +
+    unet_ema/ in the checkpoint), exported as a base model the temporal stage accepts."""
+    run = tmp_path / "run"
+    env = {**train_env(tmp_path), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-m", "vldm.train", "--config", str(TINY), f"run_dir={run}", "stage=image",
+                           "train.max_steps=2", "model.unet.num_class_embeds=3", "diffusion.label_key=label",
+                           "diffusion.class_names=[day,night]", "wandb.mode=disabled", "data.batch_size=1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, describe(proc)
+    ckpt = complete_checkpoints(run)[-1]
+    assert (ckpt / "unet" / "config.json").exists() and (ckpt / "unet_ema" / "diffusion_pytorch_model.safetensors").exists()
+    assert not (ckpt / "temporal.safetensors").exists()
+    _, _, unet = load_checkpoint_model(ckpt, ema=True)
+    assert type(unet).__name__ == "UNet2DConditionModel" and unet.config.num_class_embeds == 3
+    from vldm.train.export import export
+
+    base = export(run, tmp_path / "base")
+    assert sorted(p.name for p in base.iterdir()) == ["scheduler", "unet"]
+    check = subprocess.run([sys.executable, "-m", "vldm.train", "--config", str(TINY), f"model.pretrained={base}",
+                            "data.use_latents=true", "model.temporal.num_class_labels=2", "diffusion.label_key=label", "--check"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr

@@ -168,7 +168,10 @@ class _EpochStream(IterableDataset):
             # (B, C, F, H, W) at module boundaries; frames are decoded channels-first already. Converted
             # here, in numpy: single-threaded, in the worker (torch's intra-op threads in the trainer
             # process are slow to wake on busy cores), one contiguous pass per sample
-            u8 = c.pixel_dtype == "uint8"
+            # float32 is 4x the bytes: from worker processes pixels travel as uint8 (shared memory is
+            # freshly allocated for every batch, and its page faults cost more than the conversion)
+            # and ClipLoader converts them; without workers they are converted right here
+            u8 = c.pixel_dtype == "uint8" or get_worker_info() is not None
             out = _batch_tensor((len(items), 3, c.num_frames, *c.hw), torch.uint8 if u8 else torch.float32)
             pixels = out.numpy()
             for b, item in enumerate(items):
@@ -190,6 +193,16 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
         return proto.new(storage).resize_(*shape)
     return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+
+
+def _to_unit_range(u8: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 in [-1, 1], in numpy: single-threaded, whatever torch's thread settings."""
+    src = u8.numpy()
+    out = np.empty(src.shape, np.float32)
+    for b in range(src.shape[0]):  # per sample: its data is still in cache for the second pass
+        np.multiply(src[b], np.float32(1 / 127.5), out=out[b])
+        np.subtract(out[b], np.float32(1.0), out=out[b])
+    return torch.from_numpy(out)
 
 
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
@@ -314,6 +327,9 @@ class ClipLoader:
             self.batch_in_epoch = 0
 
     def _finish(self, raw: dict[str, Any]) -> dict[str, Any]:
+        px = raw.get("pixels")
+        if px is not None and px.dtype == torch.uint8 and self.cfg.pixel_dtype == "float32":
+            raw["pixels"] = _to_unit_range(px)
         for key, reason, msg in raw.pop("_dropped"):
             self._stats["corrupt"] += 1
             self._reasons[reason] += 1

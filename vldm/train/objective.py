@@ -145,14 +145,11 @@ class Objective:
 
         kwargs: dict[str, Any] = dict(inputs.model_kwargs)
         if labels is not None and "class_labels" not in kwargs:
-            dropped = labels.masked_fill(torch.tensor(drop_label), self.num_labels)
-            if self.image_stage:
-                kwargs["class_labels"] = dropped.to(self.device)
-            else:
-                kwargs["class_labels"] = dropped.to(self.device)
-                if self.unet_null_label > 0 and "unet_class_labels" not in kwargs:
-                    # a class-conditional image model (driving): its spatial layers see the label too
-                    kwargs["unet_class_labels"] = labels.masked_fill(torch.tensor(drop_label), self.unet_null_label).to(self.device)
+            drop = torch.tensor(drop_label)
+            kwargs["class_labels"] = labels.masked_fill(drop, self.num_labels).to(self.device)
+            if not self.image_stage and self.unet_null_label > 0 and "unet_class_labels" not in kwargs:
+                # a class-conditional image model (driving): its spatial layers see the same label, dropped together
+                kwargs["unet_class_labels"] = labels.masked_fill(drop, self.unet_null_label).to(self.device)
         if not self.image_stage and cfg.train.image_ratio > 0:
             kwargs["image_only_indicator"] = torch.tensor(image_rows, device=self.device)
         extra = inputs.extra_channels
@@ -192,7 +189,3 @@ class Objective:
                     class_labels=repeat(labels, "b -> (b f)", f=f) if labels is not None else None, return_dict=False)[0]
         return rearrange(out, "(b f) c h w -> b c f h w", f=f)
 
-    def tokens_per_clip(self, batch_latents_shape: tuple[int, ...]) -> int:
-        """Latent positions per clip (frames x h x w): the 'tokens' of perf/tokens_per_s."""
-        f, h, w = batch_latents_shape[-3:]
-        return f * h * w

@@ -67,6 +67,10 @@ def train(cfg: Config, source=None) -> int:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     world = dist.detect_world()
     device = dist.device_for(world)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed clip shapes: pick the fastest conv algorithms once
+        torch.backends.cuda.matmul.allow_tf32 = True  # the few fp32 matmuls (loss, VAE in fp32) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
     # signals only set a flag from here on: a USR1 during start-up is honoured at the first step
     stop = StopRequest(cfg.train.stop_after_steps, cfg.train.stop_after_minutes)
     watchdog = dist.Watchdog(cfg.deepspeed.timeout_s)
