@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT))
 FRAGMENTS = {
     "QUICKSTART": ["quickstart.md"],
     "SECTIONS": ["data.md", "training.md", "eval.md", "models.md", "sampling.md"],
+    "STATUS": ["status.md"],
+    "BENCHMARKS": ["benchmarks.md"],
 }
 
 
