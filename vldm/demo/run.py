@@ -291,7 +291,9 @@ class Demo:
     def prompts(self) -> list[str]:
         """The demo's prompts: captions of held-out clips (the eval pool samples the first four too)."""
         if self._prompts is None:
-            self._prompts = self.real_clips(self.plan.num_prompts)[1]
+            # overlapping clips of one video share its caption: keep distinct captions, in held-out order
+            caps = self.real_clips(4 * self.plan.num_prompts)[1]
+            self._prompts = list(dict.fromkeys(caps))[: self.plan.num_prompts]
         return self._prompts
 
     def samples(self) -> None:

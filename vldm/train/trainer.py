@@ -198,9 +198,9 @@ def train(cfg: Config, source=None) -> int:
                 mem = dist.all_reduce(torch.tensor([peak_memory_gb(device)], dtype=torch.float64), "max")
                 per_step = window["time"] / window["steps"]
                 clips_per_s = window["clips"] / window["time"]
-                loss_value = agreed[0].item() / max(1, world.world_size - nonfinite_ranks) if nonfinite_ranks < world.world_size else float("nan")
                 metrics = {
-                    "train/loss": loss_value if nonfinite_ranks == 0 else float("nan"),
+                    # mean of the ranks' losses; NaN (not a partial mean) when any rank's was not finite
+                    "train/loss": agreed[0].item() / world.world_size if nonfinite_ranks == 0 else float("nan"),
                     "train/lr": lr,
                     "train/grad_norm": grad_norm(engine),
                     "train/skipped_steps": state.skipped_steps,
