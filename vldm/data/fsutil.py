@@ -16,21 +16,10 @@ def _umask() -> int:
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: readers see the old file or the whole new one.
-    Permissions follow the umask like a plain open() (mkstemp alone would leave 0600)."""
-    p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Temp + fsync + rename (the project's one implementation lives in vldm.config.core)."""
+    from vldm.config.core import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
 
 
 def open_temp(directory: Path, prefix: str, suffix: str) -> tuple[IO[bytes], str]:
