@@ -58,8 +58,8 @@ class Plan:
 
 
 # 288 videos x 3 overlapping clips = 864 clips (72 held out); ~12 min of the 15 on 2 quiet cores is training
-FULL = Plan("full", videos=288, video_frames=16, clip_frames=8, clip_stride=4, samples_per_shard=72, ae_steps=500,
-            image_steps=1000, temporal_steps=800, temporal_every=400, warmup_steps=None, eval_samples=4,
+FULL = Plan("full", videos=288, video_frames=16, clip_frames=8, clip_stride=4, samples_per_shard=72, ae_steps=400,
+            image_steps=800, temporal_steps=800, temporal_every=400, warmup_steps=None, eval_samples=4,
             num_prompts=8, sample_steps=25, real_clips=32)
 FAST = Plan("fast", videos=48, video_frames=8, clip_frames=8, clip_stride=8, samples_per_shard=16, ae_steps=40,
             image_steps=20, temporal_steps=40, temporal_every=20, warmup_steps=2, eval_samples=2,
