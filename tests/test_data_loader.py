@@ -244,3 +244,57 @@ def test_pixels_are_the_same_with_and_without_workers(shards):
     for k in f0:
         assert f0[k].dtype == torch.float32 and u2[k].dtype == torch.uint8
         assert torch.equal(f0[k], f2[k]) and torch.allclose(f0[k], u2[k].float() / 127.5 - 1, atol=1e-6)
+
+
+def test_shards_sized_by_bytes_land_near_the_target(tmp_path):
+    """--shard-bytes: bytes per clip are measured on probed inputs, shards come out near the target and
+    every clip is written once; a bad size names the option."""
+    from vldm.config.core import ConfigError
+    from vldm.config.data import parse_bytes
+
+    assert (parse_bytes("500MB"), parse_bytes("1GiB"), parse_bytes("2e4"), parse_bytes("")) == (500 * 10**6, 2**30, 20000, 0)
+    with pytest.raises(ConfigError, match="shard_bytes"):
+        ShardConfig(input="x", output="y", shard_bytes="12 parsecs").validate()
+    write_corpus(SyntheticConfig(output=str(tmp_path / "videos"), count=40, size="64", frames=24, fps=8, seed=3))
+    target = 120_000
+    cfg = shard_corpus(tmp_path / "videos", tmp_path / "shards", videos_per_shard=0, frames=8, fps=8, size="64",
+                       crf=18, shard_bytes=str(target))
+    stats = json.loads((tmp_path / "shards" / "_stats.json").read_text())
+    tars = sorted((tmp_path / "shards").glob("*.tar"))
+    sizes = [p.stat().st_size for p in tars]
+    assert len(tars) >= 3, sizes
+    assert stats["bytes_per_clip_estimate"] > 0 and stats["shard_size"]["bytes_max"] == max(sizes)
+    for b in sizes[:-1]:  # every shard but the remainder near the target (same kind of content throughout)
+        assert 0.6 * target < b < 1.4 * target, sizes
+    keys = [k for p in tars for k, _ in read_all(str(p))]
+    assert len(keys) == len(set(keys)) == 40 * 3 == stats["clips"]
+    assert stats["settings"]["shard_bytes"] == cfg.shard_bytes
+
+
+def test_resized_pixels_are_the_same_in_float_and_uint8(shards):
+    """Stored 32 px, read at 16 px: the resize path decodes into the batch slot in both dtypes alike."""
+    def first(dtype: str) -> dict:
+        return next(iter(build_loader(cfg_for(shards, size=16, clip_start="start", shuffle_buffer=0, pixel_dtype=dtype), seed=0)))
+
+    f, u = first("float32"), first("uint8")
+    assert f["keys"] == u["keys"] and f["pixels"].shape == (4, 3, 4, 16, 16)
+    assert torch.equal(f["pixels"], u["pixels"].float() * np.float32(1 / 127.5) - 1)
+
+
+def test_batch_buffers_are_reused_only_once_nothing_holds_them(shards):
+    """The loader recycles batch memory (a fresh 100 MB batch costs page faults and zeroing), but never
+    under a batch, or a view of one, that the consumer still holds."""
+    loader = build_loader(cfg_for(shards, clip_start="start", shuffle_buffer=0, drop_last=False), seed=0)
+    it = iter(loader)
+    kept = next(it)
+    kept_copy = kept["pixels"].clone()
+    view = next(it)["pixels"][1:3, :, ::2]  # only a strided view of the second batch survives
+    view_copy = view.clone()
+    ptrs = []
+    for _ in range(len(loader) - 2):
+        b = next(it)
+        ptrs.append(b["pixels"].data_ptr())
+        del b  # the usual training loop: the batch is dropped before the next one is asked for
+    assert torch.equal(kept["pixels"], kept_copy) and torch.equal(view, view_copy)
+    assert loader._pool.reused > 0 and len(set(ptrs)) < len(ptrs)  # dropped batches' memory came back
+    assert kept["pixels"].data_ptr() not in ptrs and view.untyped_storage().data_ptr() not in ptrs

@@ -4,10 +4,28 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 from vldm.config.core import ConfigError, field_
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int, key: str = "shard_bytes") -> int:
+    """'500MB' -> 500_000_000, '1GiB' -> 2**30, '2e9' -> 2_000_000_000; '' or 0 -> 0 (unset)."""
+    s = str(text).strip().lower().replace(" ", "")
+    if s in ("", "0"):
+        return 0
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([a-z]*)", s)
+    if not m or m.group(2) not in _UNITS:
+        raise ConfigError(f"{key}: {text!r} is not a byte size (e.g. 500MB, 1GiB, 2e9)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if n <= 0:
+        raise ConfigError(f"{key}: {text!r} must be positive")
+    return n
 
 
 def parse_size(text: str | int) -> tuple[int, int]:
@@ -68,7 +86,8 @@ class ShardConfig:
     crf: int = field_(20, "x264 constant rate factor of the stored clips (lower = better quality, bigger shards)")
     preset: str = field_("veryfast", "x264 preset")
     samples_per_shard: int = field_(1000, "target clips per shard (inputs are assigned to shards up front from a probe of a sample of them)")
-    videos_per_shard: int = field_(0, "inputs per shard; 0 = derived from --samples-per-shard")
+    shard_bytes: str = field_("", "target shard size instead of a clip count, e.g. 500MB or 1GiB: bytes per clip are measured by encoding one clip of each probed input, and inputs are assigned up front (that is what makes reruns exact), so real sizes land near the target, not at it (see _stats.json)")
+    videos_per_shard: int = field_(0, "inputs per shard; 0 = derived from --shard-bytes or --samples-per-shard")
     prefix: str = field_("shard", "shard file names: {prefix}-{shard:06d}.tar")
     workers: int = field_(0, "shard-writing tasks in flight, one CPU each (0 = every CPU of the Ray cluster)")
     ray_address: str = field_("", "Ray cluster to use; empty = the `ray job submit` cluster, RAY_ADDRESS or a running local one, else start a private local Ray; 'local' = always a private one")
@@ -95,6 +114,7 @@ class ShardConfig:
             raise ConfigError("frames and fps must be positive")
         if self.clip_stride < 0 or self.max_clips < 0 or self.samples_per_shard < 1 or self.videos_per_shard < 0:
             raise ConfigError("clip_stride, max_clips, videos_per_shard must be >= 0 and samples_per_shard >= 1")
+        parse_bytes(self.shard_bytes, "shard_bytes")
         if not 0 <= self.crf <= 51:
             raise ConfigError("crf: must be in 0..51")
         if "." in self.prefix or "/" in self.prefix or not self.prefix:
@@ -118,6 +138,7 @@ class SyntheticConfig:
     min_speed: float = field_(0.02, "slowest speed, as a fraction of the short side per frame")
     max_speed: float = field_(0.05, "fastest speed, as a fraction of the short side per frame")
     background: str = field_("black", "background colour name, or 'random' (a dark colour per video)")
+    texture: float = field_(0.0, "amplitude (grey levels) of a random texture on the background that pans like a moving camera; 0 = flat. Flat frames decode ~10x faster than camera footage: benchmarks use a texture so codec costs are realistic")
     codec: str = field_("libx264", "encoder (libx264, libx265, libvpx-vp9, mjpeg, ffv1, ...)")
     crf: int = field_(12, "quality of the source videos (x264/x265/vp9)")
     container: str = field_("mp4", "file extension / container: mp4, mkv, webm, avi, mov")
@@ -127,6 +148,8 @@ class SyntheticConfig:
         parse_size(self.size)
         if self.count < 0 or self.frames < 1 or self.fps <= 0:
             raise ConfigError("count >= 0, frames >= 1 and fps > 0 required")
+        if not 0 <= self.texture <= 255:
+            raise ConfigError("texture: must be in 0..255")
         if self.max_shapes not in (1, 2):
             raise ConfigError("max_shapes: 1 or 2")
         if not 0 < self.min_speed <= self.max_speed:

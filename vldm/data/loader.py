@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import math
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vldm.config.data import DataConfig
-from vldm.data.codec import decode_window
+from vldm.data.codec import decode_window, u8_to_unit_range
 from vldm.data.format import EXT_LATENTS, EXT_MP4, EXT_TEXT_EMB, decode_sample
 from vldm.data.latents import npy_load
 from vldm.data.order import Segment, WorkerPlan, batches_per_epoch, worker_plan
@@ -32,6 +33,41 @@ from vldm.data.urls import expand, open_shard, sample_counts
 
 log = logging.getLogger("vldm.data")
 STATE_VERSION = 1
+
+
+class BufferPool:
+    """Batch buffers handed out again once nothing uses them any more.
+
+    Why: a float32 batch is ~100 MB (8 clips of 16 x 256 x 256); glibc serves blocks that large with a
+    fresh mmap and unmaps them on free, so every new batch costs a page fault and a kernel zeroing per
+    page. On clips that decode fast that costs more than decoding them (measured: the float32 loader
+    at 0.46x raw decode with fresh buffers). Whether a buffer is free is read from its refcount:
+    `torch.from_numpy` makes the tensor's storage hold a reference to the array and every view or
+    slice shares that storage, so the count falls back only when the consumer has dropped all of them
+    (a batch kept anywhere, e.g. saved for backward, is never overwritten).
+    """
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self.reused = 0
+        self._arrays: list[np.ndarray] = []
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        for i in range(len(self._arrays)):
+            a = self._arrays[i]
+            # references: the list, `a`, getrefcount's argument; any more means a tensor still uses it
+            if a.shape == shape and a.dtype == dtype and sys.getrefcount(a) == 3:
+                self.reused += 1
+                return a
+            del a
+        arr = np.empty(shape, dtype)
+        self._arrays.append(arr)
+        if len(self._arrays) > self.keep:  # the consumer keeps batches: track only the newest
+            self._arrays.pop(0)
+        return arr
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"keep": self.keep, "reused": 0, "_arrays": []}  # worker copies start empty
 
 
 class SampleError(Exception):
@@ -85,8 +121,9 @@ class _EpochStream(IterableDataset):
     """One epoch of one rank from batch `skip_batches` on; yields collated batches (uint8 pixels)."""
 
     def __init__(self, urls: list[str], counts: list[int], cfg: DataConfig, *, seed: int, epoch: int, rank: int,
-                 world_size: int, skip_batches: int, shuffle: bool, drop_last: bool):
+                 world_size: int, skip_batches: int, shuffle: bool, drop_last: bool, pool: BufferPool | None = None):
         super().__init__()
+        self.pool = pool
         self.urls, self.counts, self.cfg = urls, counts, cfg
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
         self.skip_batches, self.shuffle, self.drop_last = skip_batches, shuffle, drop_last
@@ -106,22 +143,31 @@ class _EpochStream(IterableDataset):
         done = sum(1 for j in plan.batch_ids if j < self.skip_batches)
         t = sum(plan.batch_sizes[:done])
         reader = _Reader(self.urls, plan.segments, set(plan.order[:t]))
+        c = self.cfg
+        # pixels go straight into the batch tensor (slot = samples kept so far; a dropped sample's slot is
+        # overwritten by the next one). uint8 from worker processes (shared memory is freshly allocated
+        # for every batch, and its page faults cost more than the conversion): ClipLoader converts them.
+        u8 = c.pixel_dtype == "uint8" or info is not None
         for b in range(done, len(plan.batch_sizes)):
             items, dropped = [], []
+            batch_px = None if c.use_latents else _batch_tensor((plan.batch_sizes[b], 3, c.num_frames, *c.hw),
+                                                                torch.uint8 if u8 else torch.float32, self.pool)
             for pos in plan.order[t : t + plan.batch_sizes[b]]:
                 key, members, err = reader.get(pos)
                 try:
                     if err is not None:
                         raise err
-                    items.append(self._decode(key, members, plan.offset + pos))
+                    slot = None if batch_px is None else batch_px.numpy()[len(items)]
+                    items.append(self._decode(key, members, plan.offset + pos, slot))
                 except SampleError as e:
                     dropped.append((key, e.reason, str(e)))
                 except Exception as e:  # a corrupt sample must never stop training
                     dropped.append((key, "decode_error", f"{type(e).__name__}: {e}"))
             t += plan.batch_sizes[b]
-            yield self._collate(items, dropped, plan.batch_ids[b])
+            yield self._collate(items, dropped, plan.batch_ids[b], batch_px)
 
-    def _decode(self, key: str, members: dict[str, bytes], seq_pos: int) -> dict[str, Any]:
+    def _decode(self, key: str, members: dict[str, bytes], seq_pos: int, slot: np.ndarray | None = None) -> dict[str, Any]:
+        """One sample -> its fields; pixels are decoded into `slot` (its place in the batch tensor)."""
         c = self.cfg
         try:
             meta, caption = decode_sample(members)
@@ -151,11 +197,12 @@ class _EpochStream(IterableDataset):
             size = c.hw if (meta.get("height"), meta.get("width")) != c.hw else None
             # one decoder thread: parallelism comes from num_workers (FFmpeg's frame threads only add
             # latency on short clips, and oversubscribe the cores the workers already use)
-            out["frames"] = decode_window(members[EXT_MP4], start, c.num_frames, c.frame_stride, size=size, threads=1,
-                                          format="mp4", channels_first=True)  # (C, F, H, W)
+            decode_window(members[EXT_MP4], start, c.num_frames, c.frame_stride, size=size, threads=1,
+                          format="mp4", channels_first=True, out=slot)  # (C, F, H, W)
         return out
 
-    def _collate(self, items: list[dict[str, Any]], dropped: list[tuple[str, str, str]], batch_id: int) -> dict[str, Any]:
+    def _collate(self, items: list[dict[str, Any]], dropped: list[tuple[str, str, str]], batch_id: int,
+                 pixels: torch.Tensor | None) -> dict[str, Any]:
         c = self.cfg
         batch: dict[str, Any] = {"keys": [i["key"] for i in items], "captions": [i["caption"] for i in items],
                                  "meta": [i["meta"] for i in items], "_dropped": dropped, "_batch": batch_id,
@@ -165,43 +212,28 @@ class _EpochStream(IterableDataset):
             if items and all("text_embeds" in i for i in items):
                 batch["text_embeds"] = torch.from_numpy(np.stack([i["text_embeds"] for i in items]))
         else:
-            # (B, C, F, H, W) at module boundaries; frames are decoded channels-first already. Converted
-            # here, in numpy: single-threaded, in the worker (torch's intra-op threads in the trainer
-            # process are slow to wake on busy cores), one contiguous pass per sample
-            # float32 is 4x the bytes: from worker processes pixels travel as uint8 (shared memory is
-            # freshly allocated for every batch, and its page faults cost more than the conversion)
-            # and ClipLoader converts them; without workers they are converted right here
-            u8 = c.pixel_dtype == "uint8" or get_worker_info() is not None
-            out = _batch_tensor((len(items), 3, c.num_frames, *c.hw), torch.uint8 if u8 else torch.float32)
-            pixels = out.numpy()
-            for b, item in enumerate(items):
-                if u8:
-                    pixels[b] = item["frames"]
-                else:
-                    np.multiply(item["frames"], np.float32(1 / 127.5), out=pixels[b])
-                    np.subtract(pixels[b], np.float32(1.0), out=pixels[b])
-            batch["pixels"] = out
+            # (B, C, F, H, W) at module boundaries; the samples were decoded into it already
+            batch["pixels"] = pixels if len(items) == len(pixels) else pixels[: len(items)]
         return batch
 
 
-def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, pool: BufferPool | None = None) -> torch.Tensor:
     """An uninitialised batch tensor to fill in place. In a DataLoader worker it is allocated in shared
-    memory, as torch's default collate does, so handing it to the trainer copies nothing; elsewhere it is
-    a numpy allocation (numpy asks for huge pages: page faults on a fresh 100 MB batch are a real cost)."""
+    memory, as torch's default collate does, so handing it to the trainer copies nothing; in the main
+    process it comes from the loader's buffer pool (or a plain numpy allocation without one)."""
     if get_worker_info() is not None:
         proto = torch.empty(0, dtype=dtype)
         storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
         return proto.new(storage).resize_(*shape)
-    return torch.from_numpy(np.empty(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    return torch.from_numpy(pool.take(shape, np_dtype) if pool is not None else np.empty(shape, np_dtype))
 
 
-def _to_unit_range(u8: torch.Tensor) -> torch.Tensor:
+def _to_unit_range(u8: torch.Tensor, pool: BufferPool | None = None) -> torch.Tensor:
     """uint8 0..255 -> float32 in [-1, 1], in numpy: single-threaded, whatever torch's thread settings."""
     src = u8.numpy()
-    out = np.empty(src.shape, np.float32)
-    for b in range(src.shape[0]):  # per sample: its data is still in cache for the second pass
-        np.multiply(src[b], np.float32(1 / 127.5), out=out[b])
-        np.subtract(out[b], np.float32(1.0), out=out[b])
+    out = pool.take(src.shape, np.dtype(np.float32)) if pool is not None else np.empty(src.shape, np.float32)
+    u8_to_unit_range(src, out)
     return torch.from_numpy(out)
 
 
@@ -263,6 +295,7 @@ class ClipLoader:
         self.batch_in_epoch = 0
         self._stats: Counter = Counter()
         self._reasons: Counter = Counter()
+        self._pool = BufferPool()
 
     def __len__(self) -> int:
         """Batches per epoch (the same on every rank)."""
@@ -313,7 +346,7 @@ class ClipLoader:
         if self.batch_in_epoch < self.num_batches:
             ds = _EpochStream(self.urls, self.counts, c, seed=self.seed, epoch=self.epoch, rank=self.rank,
                               world_size=self.world_size, skip_batches=self.batch_in_epoch, shuffle=self.train,
-                              drop_last=self.drop_last)
+                              drop_last=self.drop_last, pool=None if c.num_workers else self._pool)
             dl = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=c.num_workers, worker_init_fn=_worker_init if c.num_workers else None,
                             prefetch_factor=2 if c.num_workers else None, persistent_workers=False)
             for raw in dl:
@@ -329,7 +362,7 @@ class ClipLoader:
     def _finish(self, raw: dict[str, Any]) -> dict[str, Any]:
         px = raw.get("pixels")
         if px is not None and px.dtype == torch.uint8 and self.cfg.pixel_dtype == "float32":
-            raw["pixels"] = _to_unit_range(px)
+            raw["pixels"] = _to_unit_range(px, self._pool)
         for key, reason, msg in raw.pop("_dropped"):
             self._stats["corrupt"] += 1
             self._reasons[reason] += 1

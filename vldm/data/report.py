@@ -60,6 +60,11 @@ def aggregate(out: Path, plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
         },
         "settings": plan.settings,
         "videos_per_shard": plan.videos_per_shard,
+        # how close the up-front assignment came to --shard-bytes / --samples-per-shard (the last shard is
+        # left out of min: it holds the remainder)
+        "shard_size": _spread([d["bytes"] for d in complete], [d["samples"] for d in complete],
+                              [n == names[-1] for n, d in done.items() if d] if names else []),
+        "bytes_per_clip_estimate": round(plan.bytes_per_clip),
     }
     atomic_write(out / STATS_FILE, json.dumps(stats, indent=1, ensure_ascii=False).encode())
     atomic_write(out / FAILED_FILE, b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in failed))
@@ -68,3 +73,12 @@ def aggregate(out: Path, plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
         for n, d in done.items() if d]}
     atomic_write(out / INDEX_FILE, json.dumps(index, indent=1).encode())
     return stats
+
+
+def _spread(sizes: list[int], samples: list[int], is_last: list[bool]) -> dict[str, Any]:
+    full = [b for b, last in zip(sizes, is_last) if not last] or sizes
+    full_n = [n for n, last in zip(samples, is_last) if not last] or samples
+    if not sizes:
+        return {}
+    return {"bytes_min": min(full), "bytes_mean": round(sum(sizes) / len(sizes)), "bytes_max": max(sizes),
+            "samples_min": min(full_n), "samples_mean": round(sum(samples) / len(samples), 2), "samples_max": max(samples)}

@@ -88,11 +88,33 @@ def _coverage(shape: str, cx: float, cy: float, r: float, height: int, width: in
     return slice(y0, y1), slice(x0, x1), cov
 
 
-def render(tracks: list[Track], background: tuple[int, int, int], height: int, width: int) -> np.ndarray:
-    """(F, H, W, 3) uint8 frames; later tracks are drawn over earlier ones."""
+def panning_texture(rng: np.random.Generator, amplitude: float, frames: int, height: int, width: int) -> np.ndarray:
+    """(F, H, W, 1) float32 texture of mean `amplitude` (so a black background keeps it) moving at a
+    constant 1-2 px per frame: coarse blobs plus fine grain, roughly the detail (and so the bitrate and
+    decode cost) of handheld camera footage, and per-frame grain."""
+    vx, vy = (int(v) * int(s) for v, s in zip(rng.integers(1, 3, size=2), rng.choice([-1, 1], size=2)))
+    th, tw = height + abs(vy) * frames + 8, width + abs(vx) * frames + 8
+    coarse = rng.normal(size=(th // 8 + 2, tw // 8 + 2)).astype(np.float32)
+    coarse = np.repeat(np.repeat(coarse, 8, axis=0), 8, axis=1)[:th, :tw]
+    for axis in (0, 1):  # box blur of the 8x8 blocks: smooth blobs, not tiles
+        coarse = sum(np.roll(coarse, k, axis=axis) for k in range(-4, 4)) / 8
+    tex = amplitude * (1.0 + 0.8 * coarse / max(float(coarse.std()), 1e-6) + 0.35 * rng.normal(size=(th, tw)).astype(np.float32))
+    y0, x0 = (abs(vy) * frames + 4 if vy < 0 else 4), (abs(vx) * frames + 4 if vx < 0 else 4)
+    moving = np.stack([tex[y0 + vy * i : y0 + vy * i + height, x0 + vx * i : x0 + vx * i + width] for i in range(frames)])
+    # sensor-like grain, fresh every frame: what motion compensation cannot predict (without it x264 codes
+    # a rigid integer-pixel pan almost for free)
+    grain = rng.normal(scale=0.12 * amplitude, size=moving.shape).astype(np.float32)
+    return (moving + grain)[..., None]
+
+
+def render(tracks: list[Track], background: tuple[int, int, int], height: int, width: int,
+           texture: np.ndarray | None = None) -> np.ndarray:
+    """(F, H, W, 3) uint8 frames; later tracks are drawn over earlier ones (shapes stay solid)."""
     frames = len(tracks[0].positions)
     out = np.empty((frames, height, width, 3), np.float32)
     out[:] = np.asarray(background, np.float32)
+    if texture is not None:
+        out += texture
     for t in tracks:
         rgb = np.asarray(PALETTE[t.color], np.float32)
         for i, (cx, cy) in enumerate(t.positions):
@@ -129,7 +151,9 @@ def make_video(cfg: SyntheticConfig, index: int) -> tuple[np.ndarray, dict]:
         x, y = float(rng.uniform(r, width - r)), float(rng.uniform(r, height - r))
         pos, bounces = simulate(x, y, vx, vy, r, width, height, cfg.frames)
         tracks.append(Track(shape, list(PALETTE)[int(colors[j])], r, (vx, vy), DIRECTIONS[d], pos, bounces))
-    frames = render(tracks, bg, height, width)
+    # drawn from its own stream: texture=0 leaves every other random draw (and file) as it was
+    tex = panning_texture(np.random.default_rng([cfg.seed, index, 1]), cfg.texture, cfg.frames, height, width) if cfg.texture else None
+    frames = render(tracks, bg, height, width, tex)
     side = {"caption": caption(tracks), "index": index, "seed": cfg.seed, "fps": cfg.fps, "frames": cfg.frames,
             "height": height, "width": width, "background": bg_name, "background_rgb": list(bg),
             "shapes": [t.as_dict() for t in tracks]}
