@@ -298,3 +298,14 @@ def test_batch_buffers_are_reused_only_once_nothing_holds_them(shards):
     assert torch.equal(kept["pixels"], kept_copy) and torch.equal(view, view_copy)
     assert loader._pool.reused > 0 and len(set(ptrs)) < len(ptrs)  # dropped batches' memory came back
     assert kept["pixels"].data_ptr() not in ptrs and view.untyped_storage().data_ptr() not in ptrs
+
+
+def test_skipping_the_probe_decode_gives_the_same_frames(shards):
+    """The loader opens its own clips without FFmpeg's probe decoding: same frames, bit for bit."""
+    from vldm.data.codec import decode_window
+
+    tar = sorted(shards.glob("*.tar"))[0]
+    for _, members in read_all(str(tar))[:3]:
+        a = decode_window(members["mp4"], 1, 3, 2, channels_first=True, format="mp4")
+        b = decode_window(members["mp4"], 1, 3, 2, channels_first=True, format="mp4", probe_decode=False)
+        assert a.shape == (3, 3, 32, 32) and np.array_equal(a, b)
