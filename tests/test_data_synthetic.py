@@ -134,3 +134,36 @@ def test_texture_is_deterministic_keeps_the_shapes_and_costs_bits():
     assert np.array_equal(a[shape_px], flat[shape_px])
     assert a[~shape_px].std() > 10 and np.abs(np.diff(a[:, ~shape_px[0]].astype(int), axis=0)).mean() > 3  # moving detail
     assert len(encode_frames(a, 8, crf=20)) > 3 * len(encode_frames(flat, 8, crf=20))  # 3.4x at 64 px (10x at 256)
+
+
+def test_fsspec_inputs_directory_manifest_and_sidecars_give_clips(tmp_path):
+    """A non-local fsspec filesystem (memory://, standing in for s3:// or gs://): directory listing,
+    sidecar captions, a manifest with relative paths, and the videos read through fsspec into clips."""
+    import fsspec
+
+    from vldm.config.data import ShardConfig
+    from vldm.data.clips import ClipSpec
+    from vldm.data.shards import write_shard
+    from vldm.data.tario import read_all
+
+    fs = fsspec.filesystem("memory")
+    write_corpus(SyntheticConfig(output=str(tmp_path / "local"), count=2, size="32", frames=16, fps=8, seed=2))
+    for p in sorted((tmp_path / "local").glob("*.mp4")):
+        fs.pipe(f"/corpus/{p.name}", p.read_bytes())
+    fs.pipe("/corpus/syn_00000.txt", b"a caption from a sidecar\n")
+    fs.pipe("/corpus/list.csv", b"path,caption,take\nsyn_00001.mp4,from the manifest,3\n")
+    try:
+        records, _ = list_inputs("memory://corpus/", ("mp4",))
+        assert [r.path.replace(":///", "://") for r in records] == ["memory://corpus/syn_00000.mp4", "memory://corpus/syn_00001.mp4"]
+        assert records[0].caption == "a caption from a sidecar"
+        listed, _ = list_inputs("memory://corpus/list.csv", ("mp4",))
+        assert [(r.path.replace(":///", "://"), r.caption, r.meta) for r in listed] == [("memory://corpus/syn_00001.mp4", "from the manifest", {"take": "3"})]  # csv cells are text
+        out = tmp_path / "out"
+        out.mkdir()
+        summary = write_shard(out, "s", list(enumerate(records)),
+                              ClipSpec.from_config(ShardConfig(input="x", output="y", frames=8, fps=8, size="32")))
+        assert summary["failed"] == [] and summary["samples"] == 4
+        metas = [json.loads(m["json"]) for _, m in read_all(str(out / "s.tar"))]
+        assert {m["source"] for m in metas} == {r.path for r in records} and all(m["source_size"] > 0 for m in metas)
+    finally:
+        fs.rm("/corpus", recursive=True)
