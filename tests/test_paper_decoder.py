@@ -55,16 +55,17 @@ def test_discriminator_is_patchwise_over_space_and_time():
 
 
 def test_decoder_fine_tuning_trains_only_the_decoder_and_resumes(base, tmp_path):
+    from vldm.config import Config
     from vldm.sample.runs import load_decoder
-    from vldm.train.decoder import DecoderTrainer, run_config_class
+    from vldm.train.decoder import DecoderTrainer
 
     torch.manual_seed(0)
     sha = save_lpips(LPIPS((4, 8, 8, 8, 8)), tmp_path / "lpips.safetensors")
-    args = [f"model.pretrained={base}", f"run_dir={tmp_path / 'run'}", "wandb.mode=disabled", "train.max_steps=2",
+    args = ["stage=decoder", f"model.pretrained={base}", f"run_dir={tmp_path / 'run'}", "wandb.mode=disabled", "train.max_steps=2",
             f"decoder.lpips_weights={tmp_path / 'lpips.safetensors'}", f"decoder.lpips_sha256={sha}",
             "decoder.disc_channels=8", "data.num_frames=4", "data.size=16", "data.batch_size=1", "checkpoint.every=1",
             "optim.lr=1e-3"]
-    cfg = build_config(run_config_class(), [], args)
+    cfg = build_config(Config, [], args)
     trainer = DecoderTrainer(cfg)
     vae_before, spatial_before = snapshot(trainer.vae), snapshot(trainer.model.decoder)
     temporal_before = snapshot(trainer.model.temporal)
@@ -76,10 +77,11 @@ def test_decoder_fine_tuning_trains_only_the_decoder_and_resumes(base, tmp_path)
     loaded = load_decoder(tmp_path / "run")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trainer.model.state_dict().values()))
     # resume=auto continues from step 2
-    again = DecoderTrainer(build_config(run_config_class(), [], args[:-1] + ["train.max_steps=3"]))
+    again = DecoderTrainer(build_config(Config, [], args[:-1] + ["train.max_steps=3"]))
     assert again.step == 2
     with pytest.raises(ConfigError, match="lpips_weights"):
-        build_config(run_config_class(), [], ["decoder.lpips_weight=1.0"])
+        build_config(Config, [], ["stage=decoder", "decoder.lpips_weight=1.0"])
+    build_config(Config, [], ["decoder.lpips_weight=1.0"])  # other stages never read the section
 
 
 def test_official_lpips_weights_convert_by_their_names():

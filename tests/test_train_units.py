@@ -204,7 +204,7 @@ def test_help_documents_entry_points():
 
 
 TRAINING_KEYS = ("stage", "task", "task_options", "run_dir", "seed")
-TRAINING_SECTIONS = ("train.", "optim.", "diffusion.", "checkpoint.", "deepspeed.", "wandb.")
+TRAINING_SECTIONS = ("train.", "optim.", "diffusion.", "checkpoint.", "deepspeed.", "wandb.", "decoder.")
 
 
 def training_reference() -> str:

@@ -25,9 +25,12 @@ class DecoderConfig:
     disc_layers: int = field_(3, "discriminator strided layers")
 
     def validate(self) -> None:
-        if self.lpips_weight > 0 and not self.lpips_weights:
-            raise ConfigError("decoder.lpips_weights: a local LPIPS file is needed when lpips_weight > 0 (or set lpips_weight=0)")
         if min(self.l1_weight, self.lpips_weight, self.disc_weight) < 0:
             raise ConfigError("decoder.*_weight: must be >= 0")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ConfigError("decoder.kernel_size: must be odd")
+
+    def validate_for_training(self) -> None:
+        """Checks that only matter when this section is used (stage=decoder; Config.validate calls it)."""
+        if self.lpips_weight > 0 and not self.lpips_weights:
+            raise ConfigError("decoder.lpips_weights: a local LPIPS file is needed when lpips_weight > 0 (or set lpips_weight=0)")

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from vldm.config.core import field_
 from vldm.config.data import DataConfig
+from vldm.config.decoder import DecoderConfig
 from vldm.config.model import ModelConfig
 from vldm.config.train import (
     CheckpointConfig,
@@ -20,7 +21,7 @@ from vldm.config.train import (
 
 @dataclass
 class Config:
-    stage: Literal["image", "temporal"] = field_("temporal", "image: train the whole image UNet on frames; temporal: freeze it, train temporal layers")
+    stage: Literal["image", "temporal", "decoder"] = field_("temporal", "image: train the whole image UNet on frames; temporal: freeze it, train temporal layers; decoder: fine-tune the autoencoder's video decoder (vldm.train.decoder)")
     task: str = field_("generate", "what the temporal model learns: generate | predict | interpolate | upsample (vldm.tasks)")
     task_options: dict[str, Any] = field_(default_factory=dict, help="options of the task, e.g. {context_frames: [0, 1, 2]} for predict (vldm.tasks.paper *Options); unknown keys are errors")
     run_dir: str = field_("outputs/run", "where checkpoints, the resolved config and logs go")
@@ -33,3 +34,9 @@ class Config:
     checkpoint: CheckpointConfig = field_(default_factory=CheckpointConfig, help="checkpoints and resume")
     deepspeed: DeepSpeedConfig = field_(default_factory=DeepSpeedConfig, help="DeepSpeed engine (built in code from these fields)")
     wandb: WandbConfig = field_(default_factory=WandbConfig, help="Weights & Biases logging")
+    decoder: DecoderConfig = field_(default_factory=DecoderConfig, help="video decoder fine-tuning (stage=decoder)")
+
+    def validate(self) -> None:
+        if self.stage == "decoder":
+            # only a decoder run needs its LPIPS file: every other run carries the section's defaults
+            self.decoder.validate_for_training()

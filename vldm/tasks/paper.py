@@ -131,8 +131,8 @@ class InterpolateOptions:
     window: int = field_(0, "frames per training window, factor * k + 1 (0 = the longest that fits the clip)")
     stages: tuple[int, ...] = field_((0, 1), "stage labels trained: 1 = the last (finest) stage uses the clip's own frame rate, 0 = the stage before it uses every factor-th frame (needs clips of factor * (window - 1) + 1 frames)")
     stage_probs: tuple[float, ...] = field_((), "probabilities of stages (empty = uniform)")
-    fps_key: str = field_("fps", "batch key (or key of each clip's meta) holding the clip's frame rate; with data.frame_stride > 1 set `fps` instead")
-    fps: float = field_(8.0, "frame rate of training clips when the batch does not carry one")
+    fps_key: str = field_("fps", "batch key (or key of each clip's meta) holding the frame rate of the stored video; the training clips' rate is it / data.frame_stride (the trainer passes the stride as batch['frame_stride'])")
+    fps: float = field_(8.0, "frame rate of the training clips (after data.frame_stride) when the batch carries none")
     fps_condition: bool = field_(True, "condition on the output frame rate (scalar condition 'fps')")
     context_dropout: float = field_(0.1, "probability of hiding the key frames of a clip (the unconditional branch of context guidance)")
     loss_frames: Literal["generated", "all"] = field_("generated", "frames in the loss: the in-between frames only, or all")
@@ -183,7 +183,11 @@ class InterpolateTask(_OptionsTask):
         clip = latents[:, :, start:start + span:stride]
         mask = key_frame_mask(n, o.factor, dev)[None].expand(b, -1)
         mask = mask & (_rand(b, generator) >= o.context_dropout).to(dev)[:, None]
-        fps = _clip_scalar(batch, o.fps_key, b, o.fps) / stride  # the output frame rate of this stage
+        # the clips' own rate: the stored rate over the loader's frame stride (or `fps`, already the clips'
+        # rate); the output rate of this stage is that over the stage's stride (every factor-th frame in stage 0)
+        stored = _clip_scalar(batch, o.fps_key, b, float("nan"))
+        clip_fps = torch.where(stored.isnan(), torch.full_like(stored, o.fps), stored / float(batch.get("frame_stride", 1)))
+        fps = clip_fps / stride
         conds = {"stage": torch.full((b,), float(stage), device=dev)}
         if o.fps_condition:
             conds["fps"] = fps.to(dev)

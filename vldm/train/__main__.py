@@ -26,23 +26,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _requested_stage(yamls: list[str], overrides: list[str]) -> str | None:
-    """The `stage` the files and overrides ask for, before validation (stage=decoder has another schema)."""
-    from vldm.config.core import ConfigError, load_yaml, merge_tree, parse_override
-
-    tree: dict = {}
-    try:
-        for y in yamls:
-            tree = merge_tree(tree, load_yaml(y))
-        for o in overrides:
-            k, v = parse_override(o)
-            if k == "stage":
-                tree["stage"] = v
-    except ConfigError:
-        return None  # reported by the real validation
-    return tree.get("stage")
-
-
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from vldm.config import Config, ConfigError, build_config, dump_yaml
@@ -51,19 +34,6 @@ def main(argv: list[str] | None = None) -> int:
 
     yamls = list(a.config) + [x for x in a.overrides if "=" not in x]  # a bare path is a config file too
     overrides = [x for x in a.overrides if "=" in x]
-    if _requested_stage(yamls, overrides) == "decoder":
-        # the video-decoder stage (paper §3.1.1) has its own single-process loop and schema
-        from vldm.train.decoder import main as decoder_main
-        from vldm.train.decoder import run_config_class
-
-        if a.check or a.print_key:
-            try:
-                print(dump_yaml(build_config(run_config_class(), yamls, overrides)), end="")
-            except ConfigError as e:
-                print(f"config error: {e}", file=sys.stderr)
-                return CONFIG_EXIT
-            return 0
-        return decoder_main([x for y in yamls for x in ("--config", y)] + overrides)
     try:
         cfg = build_config(Config, yamls, overrides)
         warnings = check(cfg)
@@ -94,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         # before deepspeed is imported: its accelerator is chosen at import
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if cfg.stage == "decoder":
+        # the video decoder (paper §3.1.1): a two-optimizer GAN loop with DDP, same launcher and run layout
+        from vldm.train.decoder import run_decoder
+
+        return run_decoder(cfg)
     from vldm.train.trainer import train
 
     return train(cfg)

@@ -120,9 +120,7 @@ class Objective:
             meta = [m for m in meta for _ in range(f)]
         n = z.shape[0]
         labels = self.labels(meta)
-        task_batch = dict(batch)
-        if labels is not None:
-            task_batch["class_labels"] = labels
+        task_batch = self.task_batch(batch, labels)
         batch_gen = torch.Generator().manual_seed(seed_of("task", cfg.seed, step, micro, rank))
         inputs = self.built.task.training_inputs(z, task_batch, batch_gen)
         target = inputs.target_latents if inputs.target_latents is not None else z
@@ -178,12 +176,24 @@ class Objective:
                              snr_gamma=cfg.diffusion.snr_gamma, timesteps=timesteps, noise=noise_t, reduce=False)
         return (per / m.flatten(1).mean(1).clamp(min=1e-8)).mean(), n
 
+    def task_batch(self, batch: dict, labels: torch.Tensor | None = None) -> dict:
+        """What the task sees: the batch, the class labels, and data.frame_stride (the clips' frames are
+        every frame_stride-th stored frame, so a stored frame rate in their metadata is frame_stride
+        times theirs: the interpolation task's fps condition divides by it)."""
+        out = dict(batch)
+        out.setdefault("frame_stride", self.cfg.data.frame_stride)
+        if labels is not None:
+            out["class_labels"] = labels
+        return out
+
     def forward(self, model, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """The model on (b, c, f, h, w) inputs: VideoLDMUNet as it is, the image UNet frame by frame."""
         if not self.image_stage:
             return model(x, t, ctx, **kwargs)
         f = x.shape[2]
-        labels = kwargs.get("class_labels")
+        # the image UNet's own class embedding: the task's label for it (an upscaler's noise level, the
+        # pixel-space upsampler of the driving model) or the clip's class label
+        labels = kwargs.get("unet_class_labels", kwargs.get("class_labels"))
         out = model(rearrange(x, "b c f h w -> (b f) c h w"), repeat(t, "b -> (b f)", f=f),
                     encoder_hidden_states=repeat(ctx, "b l d -> (b f) l d", f=f),
                     class_labels=repeat(labels, "b -> (b f)", f=f) if labels is not None else None, return_dict=False)[0]

@@ -36,15 +36,31 @@ def check(cfg: Config, cuda: bool | None = None) -> list[str]:
         root = Path(m.pretrained).expanduser()
         if not root.is_dir():
             raise ConfigError(f"model.pretrained: {root} is not a local directory (nothing is downloaded)")
-        if not (root / "unet").is_dir() and cfg.stage != "image":
+        if not (root / "unet").is_dir() and cfg.stage == "temporal":
             raise ConfigError(f"model.pretrained: {root} has no unet/ (diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
         if not cfg.data.use_latents and not (root / "vae").is_dir():
             raise ConfigError(f"data.use_latents: false needs a VAE, and {root} has no vae/ (use latent shards or add the VAE)")
     if m.temporal_weights and not Path(m.temporal_weights).exists():
         raise ConfigError(f"model.temporal_weights: {m.temporal_weights} does not exist")
-    if cfg.stage == "image":
+    if cfg.stage == "decoder":
+        # the decoder fine-tunes the autoencoder on pixels: no diffusion task, no latent shards
+        if not m.pretrained or not (Path(m.pretrained).expanduser() / "vae").is_dir():
+            raise ConfigError("model.pretrained: stage=decoder needs a model directory with vae/ (an AutoencoderKL)")
+        if cfg.data.use_latents:
+            raise ConfigError("data.use_latents: stage=decoder trains on pixels (the decoder reconstructs them); set it to false")
         if cfg.task != "generate":
+            raise ConfigError(f"task: stage=decoder has no diffusion task (got task={cfg.task!r})")
+    if cfg.stage == "image":
+        # an image model on frames: plain generation, or the image upscaler of a pixel-space video upsampler
+        # (driving case), whose class embedding takes the noise level
+        if cfg.task not in ("generate", "upsample"):
             raise ConfigError(f"task: stage=image trains the image model on frames; task={cfg.task!r} needs stage=temporal")
+        if cfg.task == "upsample":
+            if cfg.task_options.get("condition_via", "unet") != "unet":
+                raise ConfigError("task_options.condition_via: stage=image has no temporal layers; the image upscaler takes the "
+                                  "noise level as its class label (condition_via: unet)")
+            if cfg.diffusion.label_key:
+                raise ConfigError("diffusion.label_key: the image upscaler's class embedding holds the noise level; no class labels")
         if cfg.train.image_ratio:
             raise ConfigError("train.image_ratio: joint image/video batches are for stage=temporal")
     elif cfg.train.image_ratio:

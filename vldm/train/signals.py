@@ -10,8 +10,13 @@ and the job exits with REQUEUE_EXIT, which the sbatch script turns into `scontro
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import time
+from pathlib import Path
+
+from vldm.config.core import atomic_write_text
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again later"; the sbatch script requeues on it
 ABORT_EXIT = 3  # too many consecutive non-finite steps: requeueing would not help
@@ -19,6 +24,15 @@ CONFIG_EXIT = 2  # bad config (argparse uses 2 as well)
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 EXIT_STATUS_FILE = "logs/last_exit.json"  # under run_dir; written by rank 0 as the last thing it does
+
+
+def write_exit_status(run_dir: str | os.PathLike, code: int, step: int, max_steps: int, **extra: object) -> None:
+    """RUN/logs/last_exit.json, rank 0's last act: what the sbatch script reads to requeue or not."""
+    status = {"code": code, "step": step, "max_steps": max_steps, **extra,
+              "status": {0: "done", REQUEUE_EXIT: "stopped", ABORT_EXIT: "aborted"}.get(code, "error"),
+              "job": os.environ.get("SLURM_JOB_ID"), "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+              "time": time.time()}
+    atomic_write_text(Path(run_dir) / EXIT_STATUS_FILE, json.dumps(status) + "\n")
 
 
 def process_exit_code(code: int, launcher: str) -> int:

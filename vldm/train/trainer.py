@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from vldm.checkpoint import RUN_CONFIG
-from vldm.config.core import atomic_write_text, dump_yaml
+from vldm.config.core import dump_yaml
 from vldm.config.schema import Config
 from vldm.train import dist
 from vldm.train.build import build, count
@@ -32,7 +32,7 @@ from vldm.train.logger import build_logger
 from vldm.train.lr import lr_at
 from vldm.train.objective import Objective
 from vldm.train.perf import peak_memory_gb, peak_tflops, step_flops, sync
-from vldm.train.signals import ABORT_EXIT, EXIT_STATUS_FILE, REQUEUE_EXIT, StopRequest, process_exit_code
+from vldm.train.signals import ABORT_EXIT, REQUEUE_EXIT, StopRequest, process_exit_code, write_exit_status
 from vldm.train.sources import SyntheticClips, build_source, seed_of
 
 
@@ -256,11 +256,7 @@ def train(cfg: Config, source=None) -> int:
                  f"{time.time() - t_start:.1f} s with start-up")
         logger.finish(0 if exit_code == REQUEUE_EXIT else exit_code)
         if world.is_main:
-            status = {"code": exit_code, "step": state.step, "max_steps": cfg.train.max_steps,
-                      "status": {0: "done", REQUEUE_EXIT: "stopped", ABORT_EXIT: "aborted"}.get(exit_code, "error"),
-                      "job": os.environ.get("SLURM_JOB_ID"), "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-                      "time": time.time()}
-            atomic_write_text(Path(cfg.run_dir) / EXIT_STATUS_FILE, json.dumps(status) + "\n")
+            write_exit_status(cfg.run_dir, exit_code, state.step, cfg.train.max_steps)
         dist.barrier()  # nobody exits before rank 0 has finished W&B and written the status
         watchdog.disarm()
         stop.restore()
