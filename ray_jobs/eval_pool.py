@@ -114,9 +114,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+_STOP_SIGNAL = 0
+
+
 def _exit_on_sigterm(signum, frame):
     # SLURM's time limit / scancel: unwind through `finally` (W&B run closed, actors released); every
     # finished shard is already on disk, so the next pool continues from there
+    global _STOP_SIGNAL
+    if _STOP_SIGNAL:  # a second SIGTERM (scancel signals every process of the job, the batch shell forwards
+        return        # one more) must not cut the `finally` that is already running short
+    _STOP_SIGNAL = signum
     raise SystemExit(128 + signum)
 
 
@@ -143,8 +150,16 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             ray.init(address=args.address, log_to_driver=True)
+            # ray.init installs a C++ fatal-signal handler that turns SIGTERM into abort() (exit 134, no
+            # `finally`): put ours back so scancel / a time limit unwinds cleanly
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
             executor = RayExecutor(coord.run_dir, suite, coord.suite_hash)
         failed = coord.run(executor, once=args.once)
+    except SystemExit:
+        if _STOP_SIGNAL:  # raised inside ray.wait, Ray replaces our SystemExit(143) by SystemExit(1)
+            print(f"[eval] stopped by signal {_STOP_SIGNAL}: finished shards are kept, rerun to continue", flush=True)
+            raise SystemExit(128 + _STOP_SIGNAL) from None
+        raise
     except Exception:
         traceback.print_exc()
         return 2

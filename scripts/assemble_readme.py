@@ -46,7 +46,7 @@ def main() -> None:
         block = f"<!-- BEGIN {name} -->\n{body}\n<!-- END {name} -->"
         pat = re.compile(rf"<!-- BEGIN {name} -->.*?<!-- END {name} -->", re.S)
         if pat.search(text):
-            text = pat.sub(lambda _: block, text)
+            text = pat.sub(lambda _, b=block: b, text)  # a function: block is literal, not a template
         else:
             text = text.replace(f"<!-- {name} -->", block)
     path.write_text(text)

@@ -79,10 +79,11 @@ class FVDConfig:
 
 @dataclass
 class FIDConfig:
-    """Per-frame FID with the Inception-v3 TorchScript (NVlabs / clean-fid `inception-2015-12-05.pt`)."""
+    """Per-frame FID with Inception-v3: NVlabs / clean-fid TorchScript `inception-2015-12-05.pt` or pytorch-fid's
+    state dict `pt_inception-2015-12-05-6726825d.pth`."""
 
     enabled: bool = field_(False, "compute FID over frames (needs weights and real.videos)")
-    weights: str = field_("", "local Inception TorchScript file taking 0..255 images, returning 2048-d pool features")
+    weights: str = field_("", "local Inception file: TorchScript (0..255 images -> 2048-d pool features) or pytorch-fid's .pth state dict")
     sha256: str = field_("", "expected sha256 of `weights` (empty = record whatever is there)")
     num_frames: int = field_(0, "frames per video used (0 = all sampled frames; real clips read as many)")
     resize: int = field_(299, "bilinear resize of each frame to resize x resize")
@@ -168,7 +169,7 @@ class EvalSuite:
         if self.fvd.enabled and not self.fvd.weights:
             raise ConfigError("fvd.weights: FVD needs a local I3D file (nothing is downloaded)")
         if self.fid.enabled and not self.fid.weights:
-            raise ConfigError("fid.weights: FID needs a local Inception TorchScript file")
+            raise ConfigError("fid.weights: FID needs a local Inception file (TorchScript or pytorch-fid .pth)")
         if (self.fvd.enabled or self.fid.enabled) and not self.real.videos:
             raise ConfigError("real.videos: FVD/FID need real videos for the reference statistics")
         if self.clipsim.enabled and not self.clipsim.model_dir:

@@ -8,7 +8,9 @@ they go through identical preprocessing.
   return_features=True as in StyleGAN-V / fvd-comparison) or a pytorch-i3d state dict. Protocol: the
   first `num_frames` frames at `stride`, full-frame bilinear resize to 224x224, 400-d logits.
 - Inception (FID): TorchScript taking 0..255 images (NVlabs / clean-fid `inception-2015-12-05.pt`,
-  called with return_features=True), frames resized to 299x299, 2048-d pool features.
+  called with return_features=True), or pytorch-fid's state dict `pt_inception-2015-12-05-6726825d.pth`
+  (run through `vldm.eval.fid_inception`, input [0, 1]); frames resized to 299x299, 2048-d pool features.
+  The file type decides: a TorchScript archive holds code/, anything else must be that state dict.
 - CLIP (CLIPSIM): a transformers `CLIPModel` directory; CLIP preprocessing (shorter side bicubic to
   224, centre crop, CLIP mean/std); CLIPSIM = mean over frames of cos(image, text).
 """
@@ -152,6 +154,43 @@ class I3DExtractor:
         return feats
 
 
+def load_pytorch_fid_inception(path: str | os.PathLike):
+    """pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (a plain state dict) in FIDInceptionV3.
+
+    Every key must match: a missing or unexpected key (another Inception, torchvision's ImageNet
+    weights with AuxLogits, a different file) is refused with the keys named. BatchNorm's
+    num_batches_tracked counters are optional (older files lack them; inference never reads them).
+    """
+    from vldm.eval.fid_inception import FIDInceptionV3
+
+    path = Path(path)
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - say what the file should have been
+        raise ValueError(f"fid.weights: {path} is neither a TorchScript archive nor a loadable state dict "
+                         f"({type(e).__name__}: {e})") from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"fid.weights: {path} holds a {type(sd).__name__}, not a state dict of tensors")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    net = FIDInceptionV3()
+    expected = net.state_dict()
+    optional = {k for k in expected if k.endswith(".num_batches_tracked")}
+    missing = sorted(set(expected) - set(sd) - optional)
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        def show(keys):
+            return f"{len(keys)} {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+        raise ValueError(f"fid.weights: {path} is not pytorch-fid's FID Inception state dict "
+                         f"(pt_inception-2015-12-05-6726825d.pth): missing keys {show(missing)}, "
+                         f"unexpected keys {show(unexpected)}, wrong shapes "
+                         f"{show([f'{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}' for k in wrong])}")
+    net.load_state_dict(sd, strict=False)  # complete but for optional counters, checked above
+    return net
+
+
 class InceptionExtractor:
     """FID features: 2048-d Inception-v3 pool features of single frames resized to 299x299."""
 
@@ -161,16 +200,19 @@ class InceptionExtractor:
                  device: str | torch.device = "cpu", batch_size: int = 32):
         self.path = Path(path).expanduser()
         self.sha256 = verify_weights(self.path, sha256, "fid.weights (Inception)")
-        if not _is_torchscript(self.path):
-            raise ValueError(f"fid.weights: {self.path} is not a TorchScript archive. Use the NVlabs/clean-fid "
-                             "inception-2015-12-05.pt (pytorch-fid's .pth state dict needs torchvision's architecture)")
         self.resize, self.device, self.batch_size = resize, torch.device(device), batch_size
-        self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
-        self._kwargs = {"return_features": True} if "return_features" in _forward_args(self.net) else {}
+        if _is_torchscript(self.path):
+            self.format = "torchscript"
+            self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
+            self._kwargs = {"return_features": True} if "return_features" in _forward_args(self.net) else {}
+        else:
+            self.format = "pytorch-fid"
+            self.net, self._kwargs = load_pytorch_fid_inception(self.path).to(self.device).eval(), {}
 
     def protocol(self) -> dict:
-        return {"extractor": "inception", "sha256": self.sha256, "resize": f"bilinear {self.resize}x{self.resize}",
-                "input": "[0,255]"}
+        return {"extractor": "inception", "format": self.format, "sha256": self.sha256,
+                "resize": f"bilinear {self.resize}x{self.resize}",
+                "input": "[0,255]" if self.format == "torchscript" else "[0,1] (pytorch-fid maps it to [-1,1])"}
 
     @torch.no_grad()
     def frames(self, frames: torch.Tensor) -> torch.Tensor:
@@ -180,8 +222,11 @@ class InceptionExtractor:
             x = frames[i:i + self.batch_size].float()
             if tuple(x.shape[-2:]) != (self.resize, self.resize):
                 x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
-            x = ((x + 1) * 127.5).clamp(0, 255).to(self.device)
-            out = self.net(x, **self._kwargs)
+            if self.format == "torchscript":
+                x = ((x + 1) * 127.5).clamp(0, 255)
+            else:  # pytorch-fid's input: [0, 1] (u8 / 255 for 8-bit frames, as its image loader gives)
+                x = ((x + 1) / 2).clamp(0, 1)
+            out = self.net(x.to(self.device), **self._kwargs)
             outs.append(out.reshape(out.shape[0], -1).double().cpu())
         return torch.cat(outs)
 
