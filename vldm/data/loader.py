@@ -66,9 +66,6 @@ class BufferPool:
             self._arrays.pop(0)
         return arr
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {"keep": self.keep, "reused": 0, "_arrays": []}  # worker copies start empty
-
 
 class SampleError(Exception):
     def __init__(self, reason: str, message: str):
@@ -123,7 +120,8 @@ class _EpochStream(IterableDataset):
     def __init__(self, urls: list[str], counts: list[int], cfg: DataConfig, *, seed: int, epoch: int, rank: int,
                  world_size: int, skip_batches: int, shuffle: bool, drop_last: bool, pool: BufferPool | None = None):
         super().__init__()
-        self.pool = pool
+        self.pool = pool  # main process only (num_workers=0): workers allocate shared memory per batch
+        self._u8: np.ndarray | None = None  # the clip buffer float32 batches are decoded through
         self.urls, self.counts, self.cfg = urls, counts, cfg
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
         self.skip_batches, self.shuffle, self.drop_last = skip_batches, shuffle, drop_last
@@ -167,10 +165,9 @@ class _EpochStream(IterableDataset):
             yield self._collate(items, dropped, plan.batch_ids[b], batch_px)
 
     def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
-        buf = getattr(self, "_u8", None)
-        if buf is None or buf.shape != shape:
-            buf = self._u8 = np.empty(shape, np.uint8)
-        return buf
+        if self._u8 is None or self._u8.shape != shape:
+            self._u8 = np.empty(shape, np.uint8)
+        return self._u8
 
     def _decode(self, key: str, members: dict[str, bytes], seq_pos: int, slot: np.ndarray | None = None) -> dict[str, Any]:
         """One sample -> its fields; pixels are decoded into `slot` (its place in the batch tensor)."""

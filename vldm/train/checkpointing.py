@@ -220,6 +220,38 @@ def restore(plan: ResumePlan, cfg: Config, built: Built, engine, ema: EMA, sourc
 
 
 # ---------------------------------------------------------------------------- save
+def clean_partial_checkpoints(run_dir: str | Path) -> None:
+    """Remove .tmp-* directories left by a save that was interrupted (rank 0, at start)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def fresh_checkpoint_dirs(run_dir: str | Path, step: int) -> tuple[Path, Path]:
+    """(temp dir, final dir) for the checkpoint of `step`; the temp dir is created empty."""
+    final = Path(run_dir) / CHECKPOINTS / step_dir_name(step)
+    tmp = final.with_name(f"{TMP_PREFIX}{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp, final
+
+
+def publish_checkpoint(tmp: Path, final: Path, step: int, keep_last: int) -> None:
+    """Mark `tmp` complete, rename it to `final` (replacing a save at the same step, e.g. a stop right
+    after a periodic save) and drop all but the newest `keep_last` complete checkpoints."""
+    atomic_write_text(tmp / COMPLETE, f"step {step}\n")
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    done = complete_checkpoints(final.parent.parent)
+    for old in done[: max(0, len(done) - keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 class Checkpointer:
     def __init__(self, cfg: Config, built: Built, world: dist.World):
         self.cfg, self.built, self.world = cfg, built, world
@@ -227,11 +259,8 @@ class Checkpointer:
         self.last_saved_step = -1
 
     def clean_partial(self) -> None:
-        """Remove .tmp-* directories left by a save that was interrupted (rank 0, at start)."""
-        if self.world.is_main and self.root.is_dir():
-            for p in self.root.iterdir():
-                if p.name.startswith(TMP_PREFIX):
-                    shutil.rmtree(p, ignore_errors=True)
+        if self.world.is_main:
+            clean_partial_checkpoints(self.cfg.run_dir)
 
     def save(self, engine, ema: EMA, source, trainer_state: dict, reason: str) -> Path:
         """Write a complete checkpoint at trainer_state['step']; collective. Returns its directory."""
@@ -240,8 +269,7 @@ class Checkpointer:
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
         t0 = time.perf_counter()
         if self.world.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            fresh_checkpoint_dirs(self.cfg.run_dir, step)
         dist.barrier()
         loader_states = dist.all_gather_object(_jsonable(source.state_dict()) if hasattr(source, "state_dict") else None)
         rng_states = dist.all_gather_object(rng_state())
@@ -258,13 +286,7 @@ class Checkpointer:
                      "ema_updates": ema.num_updates, "loader": loader_states, "rng": rng_states,
                      "deepspeed": DEEPSPEED_DIR if self.cfg.checkpoint.save_optimizer else None}
             atomic_write_text(tmp / TRAINER_STATE, json.dumps(state, indent=1))
-            atomic_write_text(tmp / COMPLETE, f"step {step}\n")
-            _fsync_dir(tmp)
-            if final.exists():  # a second save at the same step (e.g. stop right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            self._prune()
+            publish_checkpoint(tmp, final, step, self.cfg.checkpoint.keep_last)
         dist.barrier()
         self.last_saved_step = step
         self.last_save_s = time.perf_counter() - t0
@@ -281,7 +303,3 @@ class Checkpointer:
         model.save_temporal(tmp, state_dict=weights)
         save_file({k: v.cpu().contiguous() for k, v in ema_weights.items()}, str(tmp / TEMPORAL_EMA_WEIGHTS), metadata={"format": "pt"})
 
-    def _prune(self) -> None:
-        done = complete_checkpoints(self.cfg.run_dir)
-        for old in done[: max(0, len(done) - self.cfg.checkpoint.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)

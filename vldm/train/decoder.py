@@ -30,10 +30,8 @@ continues from the newest complete checkpoint, at any world size.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import shutil
 import sys
 import time
 import traceback
@@ -41,16 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
 from vldm.checkpoint import (
     CHECKPOINTS,
-    COMPLETE,
     RUN_CONFIG,
     TRAINER_STATE,
-    complete_checkpoints,
     latest_checkpoint,
     step_dir_name,
 )
@@ -62,23 +57,17 @@ from vldm.models.discriminator3d import PatchDiscriminator3D, hinge_d_loss, hing
 from vldm.models.lpips import load_lpips
 from vldm.models.temporal_decoder import DECODER_DIR, VideoDecoder
 from vldm.train import dist
-from vldm.train.checkpointing import _from_jsonable, _jsonable
+from vldm.train.checkpointing import (
+    _from_jsonable,
+    _jsonable,
+    clean_partial_checkpoints,
+    fresh_checkpoint_dirs,
+    publish_checkpoint,
+)
 from vldm.train.signals import REQUEUE_EXIT, StopRequest, process_exit_code, write_exit_status
 
 DISC_WEIGHTS = "discriminator.safetensors"
 OPTIM_STATE = "optimizer.pt"
-TMP_PREFIX = ".tmp-"
-
-
-def init_process_group(world: dist.World, device: torch.device, timeout_s: float) -> None:
-    """torch.distributed for DDP (gloo on CPU, NCCL on GPUs); no DeepSpeed (and none of its JIT ops)."""
-    if world.world_size == 1 or dist.initialized():
-        return
-    dist.export_env(world)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=world.rank,
-                             world_size=world.world_size, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor, world_size: int = 1) -> torch.Tensor:
@@ -120,7 +109,7 @@ class DecoderTrainer:
         self.world = world or dist.detect_world()
         self.device = torch.device(device) if device is not None else dist.device_for(self.world)
         self.stop = stop or StopRequest(cfg.train.stop_after_steps, cfg.train.stop_after_minutes, install=False)
-        init_process_group(self.world, self.device, cfg.deepspeed.timeout_s)
+        dist.init_torch_process_group(self.world, self.device, cfg.deepspeed.timeout_s)
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank (DDP also broadcasts rank 0's)
         comps = load_components(cfg.model, load_vae=True, load_text=False)
         if comps.vae is None:
@@ -190,13 +179,10 @@ class DecoderTrainer:
 
     def save(self) -> Path:
         """Every rank calls this (the loader positions are gathered); rank 0 writes."""
-        root = self.run_dir / CHECKPOINTS
-        final = root / step_dir_name(self.step)
         loaders = dist.all_gather_object(_jsonable(self.source.state_dict()) if hasattr(self.source, "state_dict") else None)
+        final = self.run_dir / CHECKPOINTS / step_dir_name(self.step)
         if self.world.is_main:
-            tmp = root / f"{TMP_PREFIX}{final.name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            tmp, final = fresh_checkpoint_dirs(self.run_dir, self.step)
             self.model.save_pretrained(str(tmp / DECODER_DIR))
             save_file({k: v.detach().cpu().contiguous() for k, v in self.disc.state_dict().items()}, str(tmp / DISC_WEIGHTS))
             torch.save({"g": self.opt_g.state_dict(), "d": self.opt_d.state_dict()}, tmp / OPTIM_STATE)
@@ -204,12 +190,7 @@ class DecoderTrainer:
             state = {"step": self.step, "stage": "decoder", "world_size": self.world.world_size, "loader": loaders,
                      "saved_at": time.time()}
             atomic_write_text(tmp / TRAINER_STATE, json.dumps(state))
-            atomic_write_text(tmp / COMPLETE, f"step {self.step}\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in complete_checkpoints(self.run_dir)[: -self.cfg.checkpoint.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            publish_checkpoint(tmp, final, self.step, self.cfg.checkpoint.keep_last)
         dist.barrier()  # nobody reads the checkpoint or exits before it is complete
         return final
 
@@ -268,6 +249,7 @@ class DecoderTrainer:
         cfg, world = self.cfg, self.world
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            clean_partial_checkpoints(self.run_dir)  # a save cut short by a kill
             dump_yaml(cfg, self.run_dir / RUN_CONFIG)
         last = None
         last_saved, steps_this_job = self.step, 0

@@ -116,6 +116,18 @@ def init_process_group(world: World, backend: str, timeout_s: float) -> None:
                                rank=world.rank, world_size=world.world_size)
 
 
+def init_torch_process_group(world: World, device: torch.device, timeout_s: float) -> None:
+    """Plain torch.distributed for DDP (gloo on CPU, NCCL on GPUs), for loops that do not use DeepSpeed
+    (the decoder GAN: two optimizers) and so need none of its JIT-built communication ops."""
+    if world.world_size == 1 or initialized():
+        return
+    export_env(world)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=world.rank,
+                             world_size=world.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+
+
 def initialized() -> bool:
     return tdist.is_available() and tdist.is_initialized()
 
