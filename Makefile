@@ -24,7 +24,8 @@ demo: venv
 	bash scripts/demo.sh
 
 lint: venv
-	$(VENV)/bin/ruff check vldm data_prep ray_jobs bench tests
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 bench: venv
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

@@ -24,7 +24,7 @@ CORE = [
 ]
 TRAIN = ["deepspeed==0.19.8", "wandb==0.31.0", "moviepy>=2", "ninja"]
 RAY = ["ray[default,data]==2.60.0", "pandas"]
-TEST = ["pytest>=8", "pytest-timeout", "ruff", "psutil"]
+TEST = ["pytest>=8", "pytest-timeout", "ruff==0.17.6", "psutil"]
 
 setup(
     name="vldm",

@@ -66,8 +66,16 @@ def bench_frechet(dim: int, repeat: int) -> dict:
 
     t_ours, c_ours, fd = _cpu_timed(lambda: frechet_distance(mu1, s1, mu2, s2), repeat)
     t_ref, c_ref, fd_ref = _cpu_timed(baseline, 1)
-    return {"dim": dim, "eigh_s": t_ours, "eigh_cpu_s": c_ours, "sqrtm_s": t_ref, "sqrtm_cpu_s": c_ref,
-            "speedup": t_ref / t_ours, "rel_diff": abs(fd - fd_ref) / abs(fd_ref), "fd": fd}
+    return {
+        "dim": dim,
+        "eigh_s": t_ours,
+        "eigh_cpu_s": c_ours,
+        "sqrtm_s": t_ref,
+        "sqrtm_cpu_s": c_ref,
+        "speedup": t_ref / t_ours,
+        "rel_diff": abs(fd - fd_ref) / abs(fd_ref),
+        "fd": fd,
+    }
 
 
 def bench_features(clips: int, with_clip: bool) -> dict:
@@ -109,21 +117,45 @@ def bench_sampling(num_samples: int, steps: int) -> dict:
 
     with tempfile.TemporaryDirectory() as d:
         run = make_tiny_run(Path(d), steps=(100,))
-        suite = load_suite(None, [f"sampling.num_samples={num_samples}", f"sampling.steps={steps}",
-                                  f"pool.batch_size={num_samples}", "pool.save_videos=false", "wandb.log_videos=0"])
+        suite = load_suite(
+            None,
+            [
+                f"sampling.num_samples={num_samples}",
+                f"sampling.steps={steps}",
+                f"pool.batch_size={num_samples}",
+                "pool.save_videos=false",
+                "wandb.log_videos=0",
+            ],
+        )
         h = suite_hash(suite)
         worker = EvalWorker(run, suite, h, threads=os.cpu_count())
         ck = run / "checkpoints" / "step_00000100"
 
         def shard(i: int) -> None:
-            worker.run(ShardTask("samples", ck.name, 0, num_samples, str(Path(d) / f"p{i}.npz"), variant="ema",
-                                 ckpt=str(ck), step=100, fingerprint=(i,)))
+            worker.run(
+                ShardTask(
+                    "samples",
+                    ck.name,
+                    0,
+                    num_samples,
+                    str(Path(d) / f"p{i}.npz"),
+                    variant="ema",
+                    ckpt=str(ck),
+                    step=100,
+                    fingerprint=(i,),
+                )
+            )
 
         shard(0)  # warm-up: model load
         t, _ = _timed(lambda: shard(1), 1)
     r = worker.resolved
-    return {"device": str(worker.device), "videos_per_s": num_samples / t, "steps": steps,
-            "shape": f"{r.num_frames}x{r.height}x{r.width}", "model": "tiny run (embedded demo size)"}
+    return {
+        "device": str(worker.device),
+        "videos_per_s": num_samples / t,
+        "steps": steps,
+        "shape": f"{r.num_frames}x{r.height}x{r.width}",
+        "model": "tiny run (embedded demo size)",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,33 +163,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller problem sizes (smoke test)")
     p.add_argument("--no-clip", action="store_true", help="skip CLIP ViT-B/32 (saves ~600 MB of temp files)")
     p.add_argument("--json", default="", help="also write the figures to this file")
-    p.add_argument("--only", nargs="+", choices=("frechet", "features", "sampling"),
-                   default=("frechet", "features", "sampling"), help="run only these parts")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=("frechet", "features", "sampling"),
+        default=("frechet", "features", "sampling"),
+        help="run only these parts",
+    )
     a = p.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     load = os.getloadavg()[0]
-    print(f"machine: {os.cpu_count()} CPUs, load average {load:.2f}, torch {torch.__version__}, "
-          f"cuda={torch.cuda.is_available()}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {load:.2f}, torch {torch.__version__}, "
+        f"cuda={torch.cuda.is_available()}"
+    )
     res: dict = {"cpus": os.cpu_count(), "load_avg_1m": load}
 
     if "frechet" in a.only:
         res["frechet"] = fr = bench_frechet(256 if a.quick else 2048, 1 if a.quick else 3)
-        print(f"FD {fr['dim']}-d: eigh form {fr['eigh_s']:.2f} s wall ({fr['eigh_cpu_s']:.2f} s CPU)  vs scipy sqrtm "
-              f"{fr['sqrtm_s']:.2f} s wall ({fr['sqrtm_cpu_s']:.2f} s CPU)  -> {fr['speedup']:.1f}x faster, "
-              f"rel. diff {fr['rel_diff']:.1e}" + ("" if a.quick else f"  (target < 4 s: {'OK' if fr['eigh_s'] < 4 else 'MISSED'})"))
+        print(
+            f"FD {fr['dim']}-d: eigh form {fr['eigh_s']:.2f} s wall ({fr['eigh_cpu_s']:.2f} s CPU)  vs scipy sqrtm "
+            f"{fr['sqrtm_s']:.2f} s wall ({fr['sqrtm_cpu_s']:.2f} s CPU)  -> {fr['speedup']:.1f}x faster, "
+            f"rel. diff {fr['rel_diff']:.1e}"
+            + ("" if a.quick else f"  (target < 4 s: {'OK' if fr['eigh_s'] < 4 else 'MISSED'})")
+        )
     if "features" in a.only:
         res["features"] = ft = bench_features(2 if a.quick else 8, not (a.quick or a.no_clip))
         print("features: " + ", ".join(f"{k} {v:.2f}" for k, v in ft.items()))
     if "sampling" in a.only:
         res["sampling"] = sm = bench_sampling(4 if a.quick else 8, 10 if a.quick else 25)
-        print(f"sampling ({sm['device']}, {sm['model']}, {sm['shape']} frames x px, {sm['steps']} DDIM steps): "
-              f"{sm['videos_per_s']:.2f} videos/s")
+        print(
+            f"sampling ({sm['device']}, {sm['model']}, {sm['shape']} frames x px, {sm['steps']} DDIM steps): "
+            f"{sm['videos_per_s']:.2f} videos/s"
+        )
 
     res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if torch.cuda.is_available():
         res["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    print(f"peak host memory {res['peak_rss_gb']:.2f} GB" +
-          (f", peak GPU memory {res['peak_gpu_gb']:.2f} GB" if "peak_gpu_gb" in res else ""))
+    print(
+        f"peak host memory {res['peak_rss_gb']:.2f} GB"
+        + (f", peak GPU memory {res['peak_gpu_gb']:.2f} GB" if "peak_gpu_gb" in res else "")
+    )
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     return 0

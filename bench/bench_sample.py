@@ -74,7 +74,9 @@ def _stage(name: str, args: dict, root: str, q) -> None:
             new = zz.shape[2]
         elif name == "upsampler":
             px = torch.rand(1, 3, keys, args["size"], args["size"]) * 2 - 1
-            s, out = timed(lambda: stages.upsample(c.upsampler, text, run, px, (args["size"],) * 2, c.low_res_scheduler))
+            s, out = timed(
+                lambda: stages.upsample(c.upsampler, text, run, px, (args["size"],) * 2, c.low_res_scheduler)
+            )
             new = keys
         elif name == "cascade":
             s, out = timed(lambda: generate(c, ["a red square"], cfg, num_frames=4 * (keys - 1) + 1, progress=False), 1)
@@ -84,8 +86,17 @@ def _stage(name: str, args: dict, root: str, q) -> None:
             new = keys
         else:
             raise KeyError(name)
-    q.put({"stage": name, "seconds": s, "cpu_seconds": cpu["s"], "frames": int(new), "s_per_frame": s / new,
-           "cpu_s_per_frame": cpu["s"] / new, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    q.put(
+        {
+            "stage": name,
+            "seconds": s,
+            "cpu_seconds": cpu["s"],
+            "frames": int(new),
+            "s_per_frame": s / new,
+            "cpu_s_per_frame": cpu["s"] / new,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+    )
 
 
 def _keys_only(c, cfg, keys: int):
@@ -98,14 +109,25 @@ def _keys_only(c, cfg, keys: int):
     return generate(bare, ["a red square"], cfg, num_frames=keys, progress=False)
 
 
-STAGES = ("keyframes", "rollout", "interpolation", "decoder_image", "decoder_video", "upsampler", "keyframes_only", "cascade")
+STAGES = (
+    "keyframes",
+    "rollout",
+    "interpolation",
+    "decoder_image",
+    "decoder_video",
+    "upsampler",
+    "keyframes_only",
+    "cascade",
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10, help="denoising steps per stage (default: 10)")
     ap.add_argument("--size", type=int, default=32, help="key-frame pixel size; latents are size/4 (default: 32)")
-    ap.add_argument("--keys", type=int, default=8, help="key frames = the models' clip length (default: 8, the paper's)")
+    ap.add_argument(
+        "--keys", type=int, default=8, help="key frames = the models' clip length (default: 8, the paper's)"
+    )
     ap.add_argument("--repeat", type=int, default=1, help="timed repetitions after a warm-up (default: 1)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     ap.add_argument("--json", help="also write the results here")
@@ -121,8 +143,12 @@ def main(argv: list[str] | None = None) -> dict:
             rows[name] = q.get()
             p.join()
             r = rows[name]
-            print(f"{name:15s} {r['frames']:4d} frames  wall {r['seconds']:8.2f} s = {r['s_per_frame']:7.3f} s/frame  "
-                  f"cpu {r['cpu_seconds']:8.2f} s = {r['cpu_s_per_frame']:7.3f} s/frame  peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+            print(
+                f"{name:15s} {r['frames']:4d} frames  wall {r['seconds']:8.2f} s = {r['s_per_frame']:7.3f} s/frame  "
+                f"cpu {r['cpu_seconds']:8.2f} s = {r['cpu_s_per_frame']:7.3f} s/frame  peak RSS "
+                f"{r['peak_rss_mb']:6.0f} MB",
+                flush=True,
+            )
     per = {n: r["cpu_s_per_frame"] for n, r in rows.items()}  # ratios of CPU time (the machine may be shared)
     ratios = {
         "rollout_vs_keyframes_per_frame": per["rollout"] / per["keyframes"],
@@ -133,8 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
         "cascade_vs_keyframes_per_output_frame": per["cascade"] / per["keyframes_only"],
     }
     print(f"\nratios of CPU seconds; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"steps={a.steps} size={a.size}px (latents {a.size // 4}px) keys={a.keys} threads={a.threads}; "
-          f"cascade = {a.keys} key frames -> x4 interpolation ({4 * (a.keys - 1) + 1} frames) -> video decoder -> x4 upsampler ({4 * a.size}px)")
+    print(
+        f"steps={a.steps} size={a.size}px (latents {a.size // 4}px) keys={a.keys} threads={a.threads}; "
+        f"cascade = {a.keys} key frames -> x4 interpolation ({4 * (a.keys - 1) + 1} frames) -> video decoder -> x4 "
+        f"upsampler ({4 * a.size}px)"
+    )
     for name, v in ratios.items():
         print(f"{name:40s} {v:6.2f}x")
     result = {"args": args, "stages": rows, "ratios": ratios}

@@ -55,10 +55,16 @@ def corpus(root: Path, count: int, size: int, frames: int, fps: float, texture: 
     d = root / f"corpus-{count}x{size}px-{frames}f-{fps:g}fps-tex{texture:g}"
     if not (d / ".complete").exists():
         t = time.time()
-        write_corpus(SyntheticConfig(output=str(d), count=count, size=str(size), frames=frames, fps=fps, seed=11,
-                                     texture=texture))
+        write_corpus(
+            SyntheticConfig(
+                output=str(d), count=count, size=str(size), frames=frames, fps=fps, seed=11, texture=texture
+            )
+        )
         (d / ".complete").touch()
-        print(f"  generated {count} videos ({size}px, {frames} frames at {fps:g} fps) in {time.time() - t:.1f} s", flush=True)
+        print(
+            f"  generated {count} videos ({size}px, {frames} frames at {fps:g} fps) in {time.time() - t:.1f} s",
+            flush=True,
+        )
     return d, sorted(d.glob("*.mp4"))
 
 
@@ -84,7 +90,11 @@ def codec_limit(paths: list[Path], frames: int, fps: float, size: int, crf: int,
                 while k < needed and first + Fraction(k) / target <= t:
                     g = first + Fraction(k) / target
                     src = prev if prev is not None and g - prev_t <= t - g else f
-                    picked.append(src.reformat(width=size, height=size, format="rgb24", interpolation="AREA", threads=1).to_ndarray())
+                    picked.append(
+                        src.reformat(
+                            width=size, height=size, format="rgb24", interpolation="AREA", threads=1
+                        ).to_ndarray()
+                    )
                     k += 1
                 if k >= needed:
                     break
@@ -92,7 +102,9 @@ def codec_limit(paths: list[Path], frames: int, fps: float, size: int, crf: int,
         for i in range(0, len(picked) - frames + 1, frames):
             buf = io.BytesIO()
             with av.open(buf, "w", format="mp4") as out:
-                st = out.add_stream("libx264", rate=target, options={"crf": str(crf), "preset": preset, "x264-params": "threads=1"})
+                st = out.add_stream(
+                    "libx264", rate=target, options={"crf": str(crf), "preset": preset, "x264-params": "threads=1"}
+                )
                 st.width = st.height = size
                 st.pix_fmt = "yuv420p"
                 for a in picked[i : i + frames]:
@@ -102,8 +114,13 @@ def codec_limit(paths: list[Path], frames: int, fps: float, size: int, crf: int,
                     out.mux(pkt)
             clips += 1
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"clips": clips, "clips_per_s": clips / dt, "mb_per_s": nbytes / 1e6 / dt, "clips_per_cpu_s": clips / cpu,
-            "mb_per_cpu_s": nbytes / 1e6 / cpu}
+    return {
+        "clips": clips,
+        "clips_per_s": clips / dt,
+        "mb_per_s": nbytes / 1e6 / dt,
+        "clips_per_cpu_s": clips / cpu,
+        "mb_per_cpu_s": nbytes / 1e6 / cpu,
+    }
 
 
 class RSSSampler(threading.Thread):
@@ -130,10 +147,30 @@ class RSSSampler(threading.Thread):
 
 def shard(src: Path, out: Path, workers: int, args: argparse.Namespace, videos_per_shard: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(ROOT / "data_prep" / "shard_videos.py"), str(src), str(out), "--workers", str(workers),
-           "--frames", str(args.frames), "--fps", str(args.fps), "--size", str(args.size), "--crf", str(args.crf),
-           "--preset", args.preset, "--videos-per-shard", str(videos_per_shard), "--log-every", "30",
-           "--ray-address", "local"]  # a private Ray: other jobs on a shared cluster cannot hold our CPUs
+    cmd = [
+        sys.executable,
+        str(ROOT / "data_prep" / "shard_videos.py"),
+        str(src),
+        str(out),
+        "--workers",
+        str(workers),
+        "--frames",
+        str(args.frames),
+        "--fps",
+        str(args.fps),
+        "--size",
+        str(args.size),
+        "--crf",
+        str(args.crf),
+        "--preset",
+        args.preset,
+        "--videos-per-shard",
+        str(videos_per_shard),
+        "--log-every",
+        "30",
+        "--ray-address",
+        "local",
+    ]  # a private Ray: other jobs on a shared cluster cannot hold our CPUs
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     rss = RSSSampler(proc.pid)
@@ -149,10 +186,18 @@ def shard(src: Path, out: Path, workers: int, args: argparse.Namespace, videos_p
     # steady state: from the first shard task's start to the last one's end (Ray start-up excluded)
     window = max(d["finished"] for d in done) - min(d["finished"] - d["elapsed"] for d in done)
     cpu = sum(d["cpu_s"] for d in done)  # the shard tasks' own CPU time: what they cost, whatever else runs
-    return {"clips": stats["clips"], "wall": wall, "window": window, "clips_per_s": stats["clips"] / window,
-            "mb_per_s": stats["source_bytes"] / 1e6 / window, "wall_clips_per_s": stats["clips"] / wall,
-            "clips_per_cpu_s": stats["clips"] / cpu, "mb_per_cpu_s": stats["source_bytes"] / 1e6 / cpu,
-            "driver_rss_mb": rss.driver / 2**20, "worker_rss_mb": rss.worker / 2**20}
+    return {
+        "clips": stats["clips"],
+        "wall": wall,
+        "window": window,
+        "clips_per_s": stats["clips"] / window,
+        "mb_per_s": stats["source_bytes"] / 1e6 / window,
+        "wall_clips_per_s": stats["clips"] / wall,
+        "clips_per_cpu_s": stats["clips"] / cpu,
+        "mb_per_cpu_s": stats["source_bytes"] / 1e6 / cpu,
+        "driver_rss_mb": rss.driver / 2**20,
+        "worker_rss_mb": rss.worker / 2**20,
+    }
 
 
 def raw_decode(out: Path, rounds: int) -> tuple[float, float]:
@@ -169,11 +214,22 @@ def raw_decode(out: Path, rounds: int) -> tuple[float, float]:
     return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
 
 
-def loader_rate(out: Path, args: argparse.Namespace, workers: int, rounds: int, dtype: str = "float32") -> tuple[float, float]:
+def loader_rate(
+    out: Path, args: argparse.Namespace, workers: int, rounds: int, dtype: str = "float32"
+) -> tuple[float, float]:
     """(clips/s, clips per CPU-second of this process) over `rounds` epochs, after the first batch (worker
     start-up is per epoch and not counted; CPU time is meaningful without workers only)."""
-    cfg = DataConfig(shards=str(out), num_frames=args.frames, size=args.size, batch_size=8, num_workers=workers,
-                     shuffle_buffer=0, clip_start="start", drop_last=False, pixel_dtype=dtype)
+    cfg = DataConfig(
+        shards=str(out),
+        num_frames=args.frames,
+        size=args.size,
+        batch_size=8,
+        num_workers=workers,
+        shuffle_buffer=0,
+        clip_start="start",
+        drop_last=False,
+        pixel_dtype=dtype,
+    )
     ld = build_loader(cfg, seed=0)
     it = iter(ld)
     next(it)
@@ -186,22 +242,31 @@ def bench_sharder(src: Path, paths: list[Path], tmp: Path, args: argparse.Namesp
     mb = sum(p.stat().st_size for p in paths) / 1e6
     codec_limit(paths[:2], args.frames, args.fps, args.size, args.crf, args.preset)  # warm caches
     lim = res["codec_limit"] = codec_limit(paths, args.frames, args.fps, args.size, args.crf, args.preset)
-    print(f"1. codec limit (plain loop, 1 core): {lim['clips_per_s']:6.1f} clips/s, {lim['mb_per_s']:5.2f} input MB/s | "
-          f"per CPU-second: {lim['clips_per_cpu_s']:6.1f} clips, {lim['mb_per_cpu_s']:5.2f} MB  "
-          f"({lim['clips']} clips, {mb:.1f} MB)  [{load()}]", flush=True)
+    print(
+        f"1. codec limit (plain loop, 1 core): {lim['clips_per_s']:6.1f} clips/s, {lim['mb_per_s']:5.2f} input MB/s | "
+        f"per CPU-second: {lim['clips_per_cpu_s']:6.1f} clips, {lim['mb_per_cpu_s']:5.2f} MB  "
+        f"({lim['clips']} clips, {mb:.1f} MB)  [{load()}]",
+        flush=True,
+    )
     for w in (1, 2):
         r = res[f"sharder_w{w}"] = shard(src, tmp / f"out-w{w}-tex{args.texture:g}", w, args, args.videos_per_shard)
-        print(f"2. sharder, {w} worker(s): {r['clips_per_s']:6.1f} clips/s, {r['mb_per_s']:5.2f} MB/s steady "
-              f"({r['clips_per_s'] / w:5.1f} clips/s per core = {r['clips_per_s'] / w / lim['clips_per_s']:4.2f}x the codec limit) | "
-              f"per CPU-second: {r['clips_per_cpu_s']:5.1f} clips, {r['mb_per_cpu_s']:5.2f} MB "
-              f"({r['clips_per_cpu_s'] / lim['clips_per_cpu_s']:4.2f}x) | wall incl. Ray start-up {r['wall']:.1f} s  [{load()}]",
-              flush=True)
+        print(
+            f"2. sharder, {w} worker(s): {r['clips_per_s']:6.1f} clips/s, {r['mb_per_s']:5.2f} MB/s steady "
+            f"({r['clips_per_s'] / w:5.1f} clips/s per core = {r['clips_per_s'] / w / lim['clips_per_s']:4.2f}x the "
+            "codec limit) | "
+            f"per CPU-second: {r['clips_per_cpu_s']:5.1f} clips, {r['mb_per_cpu_s']:5.2f} MB "
+            f"({r['clips_per_cpu_s'] / lim['clips_per_cpu_s']:4.2f}x) | wall incl. Ray start-up {r['wall']:.1f} s  "
+            f"[{load()}]",
+            flush=True,
+        )
     w1 = res["sharder_w1"]
     scale = res["scaling_1_to_2"] = res["sharder_w2"]["clips_per_s"] / w1["clips_per_s"]
     print(f"   scaling 1 -> 2 workers (steady clips/s): {scale:4.2f}x", flush=True)
-    return [f"  sharder per core / codec limit : {w1['clips_per_s'] / lim['clips_per_s']:4.2f} wall, "
-            f"{w1['clips_per_cpu_s'] / lim['clips_per_cpu_s']:4.2f} per CPU-s  (>= 0.85)",
-            f"  2 workers / 1 worker           : {scale:4.2f}  (>= 1.7 on 2 free cores)"]
+    return [
+        f"  sharder per core / codec limit : {w1['clips_per_s'] / lim['clips_per_s']:4.2f} wall, "
+        f"{w1['clips_per_cpu_s'] / lim['clips_per_cpu_s']:4.2f} per CPU-s  (>= 0.85)",
+        f"  2 workers / 1 worker           : {scale:4.2f}  (>= 1.7 on 2 free cores)",
+    ]
 
 
 def bench_loader(out: Path, args: argparse.Namespace, res: dict) -> list[str]:
@@ -214,14 +279,27 @@ def bench_loader(out: Path, args: argparse.Namespace, res: dict) -> list[str]:
         runs["w2"].append(loader_rate(out, args, 2, args.loader_rounds))
     best = {k: (max(r[0] for r in v), max(r[1] for r in v)) for k, v in runs.items()}
     (raw, raw_cpu), (l0, l0_cpu), (u0, u0_cpu), (l2, _) = best["raw"], best["f32"], best["u8"], best["w2"]
-    res["loader"] = {"raw_decode": raw, "raw_decode_per_cpu_s": raw_cpu, "workers0": l0, "workers0_per_cpu_s": l0_cpu,
-                     "workers0_uint8": u0, "workers0_uint8_per_cpu_s": u0_cpu, "workers2": l2}
-    print(f"3. raw PyAV decode to RGB (1 core): {raw:6.1f} clips/s ({raw_cpu:6.1f} per CPU-s) | loader, no workers: "
-          f"float32 {l0:6.1f} clips/s ({l0 / raw:4.2f}x; per CPU-s {l0_cpu / raw_cpu:4.2f}x), uint8 {u0:6.1f} clips/s "
-          f"({u0 / raw:4.2f}x; per CPU-s {u0_cpu / raw_cpu:4.2f}x) | 2 workers float32 {l2:6.1f} clips/s ({l2 / raw:4.2f}x)  "
-          f"[{load()}]", flush=True)
-    return [f"  loader / raw decode            : {l0 / raw:4.2f} wall, {l0_cpu / raw_cpu:4.2f} per CPU-s (float32); "
-            f"{u0 / raw:4.2f} / {u0_cpu / raw_cpu:4.2f} (uint8)  (>= 0.9)"]
+    res["loader"] = {
+        "raw_decode": raw,
+        "raw_decode_per_cpu_s": raw_cpu,
+        "workers0": l0,
+        "workers0_per_cpu_s": l0_cpu,
+        "workers0_uint8": u0,
+        "workers0_uint8_per_cpu_s": u0_cpu,
+        "workers2": l2,
+    }
+    print(
+        f"3. raw PyAV decode to RGB (1 core): {raw:6.1f} clips/s ({raw_cpu:6.1f} per CPU-s) | loader, no workers: "
+        f"float32 {l0:6.1f} clips/s ({l0 / raw:4.2f}x; per CPU-s {l0_cpu / raw_cpu:4.2f}x), uint8 {u0:6.1f} clips/s "
+        f"({u0 / raw:4.2f}x; per CPU-s {u0_cpu / raw_cpu:4.2f}x) | 2 workers float32 {l2:6.1f} clips/s "
+        f"({l2 / raw:4.2f}x)  "
+        f"[{load()}]",
+        flush=True,
+    )
+    return [
+        f"  loader / raw decode            : {l0 / raw:4.2f} wall, {l0_cpu / raw_cpu:4.2f} per CPU-s (float32); "
+        f"{u0 / raw:4.2f} / {u0_cpu / raw_cpu:4.2f} (uint8)  (>= 0.9)"
+    ]
 
 
 def bench_rss(tmp: Path, args: argparse.Namespace, res: dict) -> list[str]:
@@ -230,11 +308,16 @@ def bench_rss(tmp: Path, args: argparse.Namespace, res: dict) -> list[str]:
         small, _ = corpus(tmp, n, 64, 16, 8.0)
         r = shard(small, tmp / f"out-rss-{n}", 2, argparse.Namespace(**{**vars(args), "size": 64, "frames": 16}), 25)
         rss.append((n, r["driver_rss_mb"], r["worker_rss_mb"]))
-        print(f"4. {n:5d} inputs: peak RSS driver {r['driver_rss_mb']:6.1f} MiB, largest worker {r['worker_rss_mb']:6.1f} MiB",
-              flush=True)
+        print(
+            f"4. {n:5d} inputs: peak RSS driver {r['driver_rss_mb']:6.1f} MiB, largest worker "
+            f"{r['worker_rss_mb']:6.1f} MiB",
+            flush=True,
+        )
     res["rss"] = rss
-    return [f"  peak RSS x{rss[-1][0] // rss[0][0]} inputs          : driver {rss[-1][1] / rss[0][1]:4.2f}x, "
-            f"worker {rss[-1][2] / max(rss[0][2], 1):4.2f}x  (flat)"]
+    return [
+        f"  peak RSS x{rss[-1][0] // rss[0][0]} inputs          : driver {rss[-1][1] / rss[0][1]:4.2f}x, "
+        f"worker {rss[-1][2] / max(rss[0][2], 1):4.2f}x  (flat)"
+    ]
 
 
 def main() -> None:
@@ -243,16 +326,22 @@ def main() -> None:
     ap.add_argument("--src-size", type=int, default=320)
     ap.add_argument("--src-frames", type=int, default=160)
     ap.add_argument("--src-fps", type=float, default=30.0)
-    ap.add_argument("--texture", type=float, default=30.0,
-                    help="panning texture + grain on the synthetic videos (grey levels): 30 gives ~5.7 KB per 256px frame "
-                         "at crf 20 and ~1400 fps decode, like camera footage; 0 = flat shapes (decode ~3x cheaper)")
+    ap.add_argument(
+        "--texture",
+        type=float,
+        default=30.0,
+        help="panning texture + grain on the synthetic videos (grey levels): 30 gives ~5.7 KB per 256px frame "
+        "at crf 20 and ~1400 fps decode, like camera footage; 0 = flat shapes (decode ~3x cheaper)",
+    )
     ap.add_argument("--size", type=int, default=256, help="clip size (the sharder's default)")
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--fps", type=float, default=8.0)
     ap.add_argument("--crf", type=int, default=20)
     ap.add_argument("--preset", default="veryfast")
     ap.add_argument("--videos-per-shard", type=int, default=4)
-    ap.add_argument("--loader-rounds", type=int, default=2, help="epochs over the shards per loader measurement (best of 3)")
+    ap.add_argument(
+        "--loader-rounds", type=int, default=2, help="epochs over the shards per loader measurement (best of 3)"
+    )
     ap.add_argument("--rss-videos", default="150,300,600", help="corpus sizes (64 px, 16 frames) for the RSS check")
     ap.add_argument("--parts", default="shard,loader,rss", help="which measurements: shard (1-2), loader (3), rss (4)")
     ap.add_argument("--workdir", default="", help="keep corpora here between runs (default: a temp dir, removed)")
@@ -263,8 +352,12 @@ def main() -> None:
     res: dict = {"cpus": os.cpu_count()}
     try:
         parts = set(args.parts.split(","))
-        print(f"corpus: {args.videos} videos {args.src_size}px x {args.src_frames} frames at {args.src_fps:g} fps, texture {args.texture:g} -> "
-              f"clips of {args.frames} frames at {args.fps:g} fps, {args.size}px, crf {args.crf} {args.preset}", flush=True)
+        print(
+            f"corpus: {args.videos} videos {args.src_size}px x {args.src_frames} frames at {args.src_fps:g} fps, "
+            f"texture {args.texture:g} -> "
+            f"clips of {args.frames} frames at {args.fps:g} fps, {args.size}px, crf {args.crf} {args.preset}",
+            flush=True,
+        )
         src, paths = corpus(tmp, args.videos, args.src_size, args.src_frames, args.src_fps, args.texture)
         summary = []
         if "shard" in parts:

@@ -39,26 +39,44 @@ def build_models(ch: tuple[int, ...], heads: int, ctx_dim: int, frames: int, whi
     n = len(ch)
     torch.manual_seed(0)
     unet2d = UNet2DConditionModel(
-        block_out_channels=ch, layers_per_block=2, cross_attention_dim=ctx_dim, attention_head_dim=heads,
+        block_out_channels=ch,
+        layers_per_block=2,
+        cross_attention_dim=ctx_dim,
+        attention_head_dim=heads,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1), norm_num_groups=32)
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        norm_num_groups=32,
+    )
     out = {}
     if NAMES[0] in which:
         out[NAMES[0]] = VideoLDMUNet.from_unet2d(unet2d)
     if NAMES[1] in which:
         svd = UNetSpatioTemporalConditionModel(
-            in_channels=4, out_channels=4, block_out_channels=ch, layers_per_block=2, cross_attention_dim=ctx_dim,
-            num_attention_heads=heads, num_frames=frames, addition_time_embed_dim=32,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=ch,
+            layers_per_block=2,
+            cross_attention_dim=ctx_dim,
+            num_attention_heads=heads,
+            num_frames=frames,
+            addition_time_embed_dim=32,
             projection_class_embeddings_input_dim=96,
             down_block_types=("CrossAttnDownBlockSpatioTemporal",) * (n - 1) + ("DownBlockSpatioTemporal",),
-            up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * (n - 1))
+            up_block_types=("UpBlockSpatioTemporal",) + ("CrossAttnUpBlockSpatioTemporal",) * (n - 1),
+        )
         for name, p in svd.named_parameters():
             p.requires_grad_(is_temporal_svd(name))
         out[NAMES[1]] = svd
     if NAMES[2] in which:
-        adapter = MotionAdapter(block_out_channels=ch, motion_layers_per_block=2, motion_mid_block_layers_per_block=1,
-                                motion_num_attention_heads=heads, motion_norm_num_groups=32, motion_max_seq_length=32,
-                                use_motion_mid_block=True)
+        adapter = MotionAdapter(
+            block_out_channels=ch,
+            motion_layers_per_block=2,
+            motion_mid_block_layers_per_block=1,
+            motion_num_attention_heads=heads,
+            motion_norm_num_groups=32,
+            motion_max_seq_length=32,
+            use_motion_mid_block=True,
+        )
         motion = UNetMotionModel.from_unet2d(unet2d, adapter)
         motion.freeze_unet2d_params()
         out[NAMES[2]] = motion
@@ -110,7 +128,8 @@ def time_it(fn, model, iters: int) -> float:
 def child_peak(args, name: str, ckpt: bool) -> float:
     """Peak MiB above the built model's RSS for one training step, in a fresh process."""
     cmd = [sys.executable, __file__, "--child", name, "--child-ckpt", str(int(ckpt))] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "child_ckpt", "iters")]
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "child_ckpt", "iters")
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     return json.loads(out)["peak_mib"]
 
@@ -141,18 +160,28 @@ def run_child(args, ch) -> None:
     print(json.dumps({"peak_mib": max(0.0, peak - base)}))
 
 
-
-
 def sd15_counts() -> dict[str, int]:
     with torch.device("meta"):
         sd = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
         ours = count_parameters(VideoLDMUNet.from_unet2d(sd).temporal)
-        svd = UNetSpatioTemporalConditionModel(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
-                                               num_attention_heads=(5, 10, 20, 20), in_channels=4)
+        svd = UNetSpatioTemporalConditionModel(
+            block_out_channels=(320, 640, 1280, 1280),
+            cross_attention_dim=768,
+            num_attention_heads=(5, 10, 20, 20),
+            in_channels=4,
+        )
         svd_n = sum(p.numel() for n, p in svd.named_parameters() if is_temporal_svd(n))
-        ad = count_parameters(MotionAdapter(block_out_channels=(320, 640, 1280, 1280), motion_layers_per_block=2,
-                                            motion_mid_block_layers_per_block=1, motion_num_attention_heads=8,
-                                            motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=True))
+        ad = count_parameters(
+            MotionAdapter(
+                block_out_channels=(320, 640, 1280, 1280),
+                motion_layers_per_block=2,
+                motion_mid_block_layers_per_block=1,
+                motion_num_attention_heads=8,
+                motion_norm_num_groups=32,
+                motion_max_seq_length=32,
+                use_motion_mid_block=True,
+            )
+        )
     return {"vldm VideoLDMUNet": ours, "diffusers SVD UNet": svd_n, "diffusers UNetMotionModel": ad}
 
 
@@ -175,8 +204,11 @@ def main() -> None:
         return run_child(args, ch)
     models = build_models(ch, args.heads, args.ctx_dim, args.frames, NAMES)
     fns = step_fns(models, args.batch, args.frames, args.size, args.ctx_dim, args.ctx_len)
-    print(f"train step (fwd+bwd, temporal params only), channels {ch}, {args.frames} frames, {args.size}x{args.size} latents, "
-          f"batch {args.batch}, text {args.ctx_len}x{args.ctx_dim}, {torch.get_num_threads()} threads, {args.iters} iters")
+    print(
+        f"train step (fwd+bwd, temporal params only), channels {ch}, {args.frames} frames, {args.size}x{args.size} "
+        "latents, "
+        f"batch {args.batch}, text {args.ctx_len}x{args.ctx_dim}, {torch.get_num_threads()} threads, {args.iters} iters"
+    )
     results = {}
     for name, fn in fns.items():
         trainable = sum(p.numel() for p in models[name].parameters() if p.requires_grad)
@@ -185,14 +217,18 @@ def main() -> None:
             dt = time_it(fn, models[name], args.iters)
             mem = child_peak(args, name, ckpt)
             results[(name, ckpt)] = (dt, mem)
-            print(f"  {name:28s} ckpt={'on ' if ckpt else 'off'}  {dt / args.batch * 1000:8.1f} ms/clip  "
-                  f"step peak +{mem:7.1f} MiB  trainable {trainable / 1e6:.2f}M")
+            print(
+                f"  {name:28s} ckpt={'on ' if ckpt else 'off'}  {dt / args.batch * 1000:8.1f} ms/clip  "
+                f"step peak +{mem:7.1f} MiB  trainable {trainable / 1e6:.2f}M"
+            )
     print("best setting each (fastest):")
     best = {n: min(((results[(n, c)], c) for c in (False, True)), key=lambda r: r[0][0]) for n in fns}
     base_dt, base_mem = best["diffusers SVD UNet"][0]
     for name, ((dt, mem), c) in best.items():
-        print(f"  {name:28s} ckpt={'on ' if c else 'off'} throughput x{base_dt / dt:5.2f} vs SVD UNet, "
-              f"step peak memory x{mem / max(base_mem, 1e-9):5.2f} vs SVD UNet")
+        print(
+            f"  {name:28s} ckpt={'on ' if c else 'off'} throughput x{base_dt / dt:5.2f} vs SVD UNet, "
+            f"step peak memory x{mem / max(base_mem, 1e-9):5.2f} vs SVD UNet"
+        )
     print("temporal parameters at the SD-1.5 shape (meta device):")
     for name, n in sd15_counts().items():
         print(f"  {name:28s} {n:,}")

@@ -59,7 +59,8 @@ class RayExecutor:
         pool = suite.pool
         n = pool.num_workers or (gpus if gpus else max(1, int(res.get("CPU", 1) // pool.cpus_per_worker)))
         self.cls = ray.remote(EvalActor).options(
-            num_cpus=pool.cpus_per_worker, num_gpus=1 if gpus else 0, max_restarts=0, name=None)
+            num_cpus=pool.cpus_per_worker, num_gpus=1 if gpus else 0, max_restarts=0, name=None
+        )
         self.args = (str(run_dir), to_dict(suite), suite_hash, pool.cpus_per_worker)
         self.actors: dict[int, object | None] = {i: None for i in range(n)}
         self.held: dict[int, str] = {i: "" for i in range(n)}
@@ -109,7 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--suite", default=None, help="suite YAML (default: the embedded tiny suite)")
     p.add_argument("--once", action="store_true", help="evaluate what is pending, then exit (default: keep polling)")
     p.add_argument("--local", action="store_true", help="run in this process without Ray (debugging)")
-    p.add_argument("--address", default=None, help="Ray address (default: the job's cluster, $RAY_ADDRESS, or a local one)")
+    p.add_argument(
+        "--address", default=None, help="Ray address (default: the job's cluster, $RAY_ADDRESS, or a local one)"
+    )
     p.add_argument("overrides", nargs="*", help="suite overrides key=value, e.g. pool.num_workers=2")
     return p.parse_args(argv)
 
@@ -122,7 +125,7 @@ def _exit_on_sigterm(signum, frame):
     # finished shard is already on disk, so the next pool continues from there
     global _STOP_SIGNAL
     if _STOP_SIGNAL:  # a second SIGTERM (scancel signals every process of the job, the batch shell forwards
-        return        # one more) must not cut the `finally` that is already running short
+        return  # one more) must not cut the `finally` that is already running short
     _STOP_SIGNAL = signum
     raise SystemExit(128 + signum)
 
@@ -140,12 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     executor = None
     try:
-        coord.logger = make_logger(suite.wandb, coord.run_dir, suite.name, coord.suite_hash, coord.protocol,
-                                   coord.run_cfg)
+        coord.logger = make_logger(
+            suite.wandb, coord.run_dir, suite.name, coord.suite_hash, coord.protocol, coord.run_cfg
+        )
         if args.local:
             from vldm.eval.worker import EvalWorker
 
-            executor = LocalExecutor(lambda: EvalWorker(coord.run_dir, suite, coord.suite_hash, threads=suite.pool.cpus_per_worker))
+            executor = LocalExecutor(
+                lambda: EvalWorker(coord.run_dir, suite, coord.suite_hash, threads=suite.pool.cpus_per_worker)
+            )
         else:
             import ray
 
@@ -168,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             executor.close()
         coord.logger.finish()
         lock.__exit__(None, None, None)
-    print(f"[eval] done: {len(coord.finished)} checkpoint(s) evaluated, {failed} failed "
-          f"(results in {coord.dir})", flush=True)
+    print(
+        f"[eval] done: {len(coord.finished)} checkpoint(s) evaluated, {failed} failed (results in {coord.dir})",
+        flush=True,
+    )
     return 1 if failed else 0
 
 

@@ -50,8 +50,12 @@ def ray_cluster():
         started = True
     yield RAY_ADDRESS
     if started and os.environ.get("VLDM_KEEP_CLUSTERS") != "1":
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=_venv_env(),
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "stop", "--force"],
+            env=_venv_env(),
+            capture_output=True,
+            timeout=120,
+        )
 
 
 def _is_root() -> bool:
@@ -75,7 +79,12 @@ def slurm_cluster():
 def wandb_offline(tmp_path, monkeypatch):
     """W&B in offline mode with every directory inside the test's temp dir. Yields WANDB_DIR."""
     d = tmp_path / "wandb_home"
-    for var, sub in (("WANDB_DIR", ""), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
+    for var, sub in (
+        ("WANDB_DIR", ""),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_CONFIG_DIR", "config"),
+    ):
         (d / sub).mkdir(parents=True, exist_ok=True)
         monkeypatch.setenv(var, str(d / sub))
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -62,7 +62,9 @@ class TinyI3D(nn.Module):
         self.conv2 = nn.Conv3d(8, 16, (3, 3, 3), stride=(2, 4, 4), padding=1)
         self.fc = nn.Linear(16, 400)
 
-    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rescale: bool = False, resize: bool = False, return_features: bool = False
+    ) -> torch.Tensor:
         if x.shape[-1] != 224 or x.shape[-2] != 224:
             raise ValueError("I3D expects 224x224 input")
         h = F.relu(self.conv2(F.relu(self.conv1(x))))
@@ -102,11 +104,25 @@ def save_tiny_clip(out: Path, image_size: int = 224) -> Path:
     build_tiny_tokenizer(out)
     tok = AutoTokenizer.from_pretrained(str(out))
     torch.manual_seed(0)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=image_size, patch_size=32)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=tok.model_max_length,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=32,
+    )
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(str(out))
     return out
 
@@ -121,7 +137,11 @@ def write_real_videos(directory: Path, n: int, frames: int = 16, size: int = 24,
     for i in range(n):
         c = rng.uniform(0, 255, 3)
         v = rng.uniform(-2, 2, 2)
-        clip = np.stack([np.stack([(c[k] + 4 * (xx * (k + 1) + v[0] * t) + 3 * (yy + v[1] * t)) % 256
-                                   for k in range(3)], -1) for t in range(frames)]).astype(np.uint8)
+        clip = np.stack(
+            [
+                np.stack([(c[k] + 4 * (xx * (k + 1) + v[0] * t) + 3 * (yy + v[1] * t)) % 256 for k in range(3)], -1)
+                for t in range(frames)
+            ]
+        ).astype(np.uint8)
         write_mp4(directory / f"real_{i:04d}.mp4", clip, fps=8)
     return directory

@@ -10,7 +10,9 @@ from vldm.models.base import SD_SCHEDULER
 from vldm.tasks.base import TaskInputs
 
 
-def task_loss(model, inputs: TaskInputs, latents: torch.Tensor, ctx: torch.Tensor, scheduler, generator) -> torch.Tensor:
+def task_loss(
+    model, inputs: TaskInputs, latents: torch.Tensor, ctx: torch.Tensor, scheduler, generator
+) -> torch.Tensor:
     """The trainer's objective for a task (vldm.train.objective): target, extra channels, kwargs, loss mask."""
     target = inputs.target_latents if inputs.target_latents is not None else latents
 
@@ -82,9 +84,13 @@ def write_run(run_dir, base, stage, num_frames: int = 8, size: int = 16):
     stage.model.save_temporal(ck.parent / ".ema")
     (ck.parent / ".ema" / "temporal.safetensors").replace(ck / TEMPORAL_EMA_WEIGHTS)
     cfg = Config(task=stage.task, task_options=dict(stage.task_options), run_dir=str(run_dir))
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=str(base),
-                                                             temporal=from_dict(TemporalOptions, to_dict(stage.model.opts))),
-                              data=dataclasses.replace(cfg.data, num_frames=num_frames, size=size))
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(
+            cfg.model, pretrained=str(base), temporal=from_dict(TemporalOptions, to_dict(stage.model.opts))
+        ),
+        data=dataclasses.replace(cfg.data, num_frames=num_frames, size=size),
+    )
     dump_yaml(cfg, ck / RUN_CONFIG)
     (ck / COMPLETE).write_text("step 1\n")
     return Path(run_dir)

@@ -10,23 +10,35 @@ from vldm.config import Config, ConfigError, build_config, dump_yaml, from_dict,
 def test_defaults_and_overrides(tmp_path):
     y = tmp_path / "o.yaml"
     y.write_text("optim:\n  lr: 3.0e-4\nmodel:\n  temporal:\n    kernel_size: 5\n")
-    cfg = build_config(Config, [str(y)], ["optim.lr=1e-4", "data.num_frames=16", "model.unet.block_out_channels=[64,128]",
-                                          "model.temporal.scalar_conds=fps,noise_level", "train.ema_decay=0"])
+    cfg = build_config(
+        Config,
+        [str(y)],
+        [
+            "optim.lr=1e-4",
+            "data.num_frames=16",
+            "model.unet.block_out_channels=[64,128]",
+            "model.temporal.scalar_conds=fps,noise_level",
+            "train.ema_decay=0",
+        ],
+    )
     assert cfg.optim.lr == 1e-4 and cfg.model.temporal.kernel_size == 5 and cfg.data.num_frames == 16
     assert cfg.model.unet.block_out_channels == (64, 128)
     assert cfg.model.temporal.scalar_conds == ("fps", "noise_level")
     assert cfg.train.ema_decay == 0.0 and cfg.model.temporal.cross_attention is True
 
 
-@pytest.mark.parametrize("override,key", [
-    ("optim.lrr=1", "optim.lrr"),
-    ("model.temporal.kernel_size=abc", "model.temporal.kernel_size"),
-    ("model.temporal.kernel_size=4", "model.temporal.kernel_size"),
-    ("model.temporal.gradient_checkpointing=sometimes", "model.temporal.gradient_checkpointing"),
-    ("stage=audio", "stage"),
-    ("data.batch_size=true", "data.batch_size"),
-    ("nosuchsection.x=1", "nosuchsection"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("model.temporal.kernel_size=abc", "model.temporal.kernel_size"),
+        ("model.temporal.kernel_size=4", "model.temporal.kernel_size"),
+        ("model.temporal.gradient_checkpointing=sometimes", "model.temporal.gradient_checkpointing"),
+        ("stage=audio", "stage"),
+        ("data.batch_size=true", "data.batch_size"),
+        ("nosuchsection.x=1", "nosuchsection"),
+    ],
+)
 def test_errors_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         build_config(Config, [], [override])

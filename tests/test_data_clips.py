@@ -149,7 +149,11 @@ def test_a_video_that_kills_its_worker_twice_is_skipped(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     # two earlier attempts of run "R" died while processing input 1 (what a journal looks like then)
-    lines = [{"run": "R", "attempt": a, "ev": ev, "i": i} for a in ("a1", "a2") for ev, i in (("start", 0), ("end", 0), ("start", 1))]
+    lines = [
+        {"run": "R", "attempt": a, "ev": ev, "i": i}
+        for a in ("a1", "a2")
+        for ev, i in (("start", 0), ("end", 0), ("start", 1))
+    ]
     journal_path(out, "s").write_text("".join(json.dumps(x) + "\n" for x in lines))
     summary = write_shard(out, "s", list(enumerate(records)), spec(), run_id="R")
     assert [(Path(f["path"]).name, f["reason"]) for f in summary["failed"]] == [("v1.mp4", "worker_crash")]

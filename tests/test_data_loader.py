@@ -70,8 +70,16 @@ def test_round_trip_video_to_shards_to_loader(tmp_path):
     syn = SyntheticConfig(output=str(tmp_path / "videos"), count=6, size="64", frames=32, fps=16, seed=7)
     write_corpus(syn)
     shard_corpus(tmp_path / "videos", tmp_path / "shards", videos_per_shard=3, frames=8, fps=8, size="64", crf=18)
-    cfg = DataConfig(shards=str(tmp_path / "shards"), num_frames=8, frame_stride=1, size=64, batch_size=3,
-                     shuffle_buffer=0, clip_start="start", drop_last=False)
+    cfg = DataConfig(
+        shards=str(tmp_path / "shards"),
+        num_frames=8,
+        frame_stride=1,
+        size=64,
+        batch_size=3,
+        shuffle_buffer=0,
+        clip_start="start",
+        drop_last=False,
+    )
     loader = build_loader(cfg, rank=0, world_size=1, seed=0)
     assert loader.num_samples == 6 * 2  # 2 s of video -> two 1 s clips each
     scores, rendered, seen = [], [], set()
@@ -82,10 +90,19 @@ def test_round_trip_video_to_shards_to_loader(tmp_path):
             seen.add(batch["keys"][i])
             index = int(Path(meta["source"]).stem.split("_")[1])
             frames, side = make_video(syn, index)
-            assert set(CLIP_META_FIELDS) <= set(meta) and is_valid_key(batch["keys"][i]) and meta["key"] == batch["keys"][i]
+            assert (
+                set(CLIP_META_FIELDS) <= set(meta)
+                and is_valid_key(batch["keys"][i])
+                and meta["key"] == batch["keys"][i]
+            )
             assert batch["captions"][i] == meta["caption"] == side["caption"]
             assert (meta["fps"], meta["frames"], meta["height"], meta["width"]) == (8.0, 8, 64, 64)
-            assert (meta["source_fps"], meta["source_width"], meta["source_height"], meta["source_codec"]) == (16.0, 64, 64, "h264")
+            assert (meta["source_fps"], meta["source_width"], meta["source_height"], meta["source_codec"]) == (
+                16.0,
+                64,
+                64,
+                "h264",
+            )
             assert meta["end"] - meta["start"] == 1.0 and meta["start"] == meta["clip"] * 1.0
             assert meta["source_size"] == Path(meta["source"]).stat().st_size
             assert meta["meta"]["shapes"] == side["shapes"]  # the sidecar json rides along
@@ -106,8 +123,21 @@ def test_order_is_a_partition_with_equal_batch_counts():
             for drop_last in (False, True):
                 seen = []
                 for rank in range(world):
-                    plans = [worker_plan(counts, seed=0, epoch=1, rank=rank, world_size=world, num_workers=workers, worker=w,
-                                         batch_size=4, drop_last=drop_last, shuffle_buffer=5) for w in range(workers)]
+                    plans = [
+                        worker_plan(
+                            counts,
+                            seed=0,
+                            epoch=1,
+                            rank=rank,
+                            world_size=world,
+                            num_workers=workers,
+                            worker=w,
+                            batch_size=4,
+                            drop_last=drop_last,
+                            shuffle_buffer=5,
+                        )
+                        for w in range(workers)
+                    ]
                     ids = sorted(j for p in plans for j in p.batch_ids)
                     assert ids == list(range(batches_per_epoch(sum(counts), world, 4, drop_last)))
                     for p in plans:
@@ -203,7 +233,10 @@ def test_every_shard_url_form_reads_the_same_samples(shards, tmp_path):
     assert keys(str(shards)) == expected
     assert keys(str(shards / "shard-*.tar")) == expected
     assert keys(str(shards / "shard-{000000..000004}.tar")) == expected
-    assert keys("file://" + str(shards) + "/shard-{000000..000002}.tar::" + str(shards / "shard-00000[34].tar")) == expected
+    assert (
+        keys("file://" + str(shards) + "/shard-{000000..000002}.tar::" + str(shards / "shard-00000[34].tar"))
+        == expected
+    )
     pipes = "::".join(f"pipe:cat {p}" for p in sorted(shards.glob("*.tar")))  # no index beside: counted by reading
     assert keys(pipes) == expected
     copy = tmp_path / "bare"
@@ -236,7 +269,9 @@ def test_shards_are_plain_webdataset(shards):
 
 def test_pixels_are_the_same_with_and_without_workers(shards):
     def by_key(workers: int, dtype: str) -> dict[str, torch.Tensor]:
-        loader = build_loader(cfg_for(shards, num_workers=workers, clip_start="start", drop_last=False, pixel_dtype=dtype), seed=0)
+        loader = build_loader(
+            cfg_for(shards, num_workers=workers, clip_start="start", drop_last=False, pixel_dtype=dtype), seed=0
+        )
         return {k: px for b in take(loader, len(loader)) for k, px in zip(b["keys"], b["pixels"])}
 
     f0, f2, u2 = by_key(0, "float32"), by_key(2, "float32"), by_key(2, "uint8")
@@ -252,13 +287,26 @@ def test_shards_sized_by_bytes_land_near_the_target(tmp_path):
     from vldm.config.core import ConfigError
     from vldm.config.data import parse_bytes
 
-    assert (parse_bytes("500MB"), parse_bytes("1GiB"), parse_bytes("2e4"), parse_bytes("")) == (500 * 10**6, 2**30, 20000, 0)
+    assert (parse_bytes("500MB"), parse_bytes("1GiB"), parse_bytes("2e4"), parse_bytes("")) == (
+        500 * 10**6,
+        2**30,
+        20000,
+        0,
+    )
     with pytest.raises(ConfigError, match="shard_bytes"):
         ShardConfig(input="x", output="y", shard_bytes="12 parsecs").validate()
     write_corpus(SyntheticConfig(output=str(tmp_path / "videos"), count=40, size="64", frames=24, fps=8, seed=3))
     target = 120_000
-    cfg = shard_corpus(tmp_path / "videos", tmp_path / "shards", videos_per_shard=0, frames=8, fps=8, size="64",
-                       crf=18, shard_bytes=str(target))
+    cfg = shard_corpus(
+        tmp_path / "videos",
+        tmp_path / "shards",
+        videos_per_shard=0,
+        frames=8,
+        fps=8,
+        size="64",
+        crf=18,
+        shard_bytes=str(target),
+    )
     stats = json.loads((tmp_path / "shards" / "_stats.json").read_text())
     tars = sorted((tmp_path / "shards").glob("*.tar"))
     sizes = [p.stat().st_size for p in tars]
@@ -273,8 +321,13 @@ def test_shards_sized_by_bytes_land_near_the_target(tmp_path):
 
 def test_resized_pixels_are_the_same_in_float_and_uint8(shards):
     """Stored 32 px, read at 16 px: the resize path decodes into the batch slot in both dtypes alike."""
+
     def first(dtype: str) -> dict:
-        return next(iter(build_loader(cfg_for(shards, size=16, clip_start="start", shuffle_buffer=0, pixel_dtype=dtype), seed=0)))
+        return next(
+            iter(
+                build_loader(cfg_for(shards, size=16, clip_start="start", shuffle_buffer=0, pixel_dtype=dtype), seed=0)
+            )
+        )
 
     f, u = first("float32"), first("uint8")
     assert f["keys"] == u["keys"] and f["pixels"].shape == (4, 3, 4, 16, 16)

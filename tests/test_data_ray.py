@@ -76,20 +76,43 @@ def _tiny_models(root: Path) -> tuple[Path, Path]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4, sample_size=32, scaling_factor=0.5)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.5,
+    )
     vae.save_pretrained(root / "vae")
     # a byte-level BPE vocabulary with no merges: enough for a real CLIPTokenizer
     bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
     chars = [chr(b) for b in bs] + [chr(256 + n) for n in range(256 - len(bs))]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(chars)},
-             **{c + "</w>": 258 + i for i, c in enumerate(chars)}}
+    vocab = {
+        "<|startoftext|>": 0,
+        "<|endoftext|>": 1,
+        **{c: 2 + i for i, c in enumerate(chars)},
+        **{c + "</w>": 258 + i for i, c in enumerate(chars)},
+    }
     (root / "vocab.json").write_text(json.dumps(vocab))
     (root / "merges.txt").write_text("#version: 0.2\n")
     tok = CLIPTokenizer(vocab_file=str(root / "vocab.json"), merges_file=str(root / "merges.txt"), model_max_length=12)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=12, bos_token_id=0, eos_token_id=1))
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=12,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    )
     te.save_pretrained(root / "te")
     tok.save_pretrained(root / "te")
     return root / "vae", root / "te"
@@ -103,14 +126,53 @@ def test_ray_job_submit_bad_input_latents_rerun_and_retry(ray_cluster, mixed, tm
     src, expected = mixed
     vae_dir, te_dir = _tiny_models(tmp_path)
     out = tmp_path / "out"
-    opts = ["--frames", "8", "--fps", "8", "--size", "32", "--videos-per-shard", "8", "--extensions", "mp4,mkv,webm,avi",
-            "--log-every", "1"]
-    latent_opts = ["--encode-latents", "--vae", str(vae_dir), "--text-encoder", str(te_dir), "--latent-batch", "4",
-                   "--latent-dtype", "float32"]
-    job = run([str(BIN / "ray"), "job", "submit", "--address", ray_cluster, "--working-dir", str(ROOT), "--",
-               "python", "data_prep/shard_videos.py", str(src), str(out), *opts, *latent_opts])
+    opts = [
+        "--frames",
+        "8",
+        "--fps",
+        "8",
+        "--size",
+        "32",
+        "--videos-per-shard",
+        "8",
+        "--extensions",
+        "mp4,mkv,webm,avi",
+        "--log-every",
+        "1",
+    ]
+    latent_opts = [
+        "--encode-latents",
+        "--vae",
+        str(vae_dir),
+        "--text-encoder",
+        str(te_dir),
+        "--latent-batch",
+        "4",
+        "--latent-dtype",
+        "float32",
+    ]
+    job = run(
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            ray_cluster,
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "data_prep/shard_videos.py",
+            str(src),
+            str(out),
+            *opts,
+            *latent_opts,
+        ]
+    )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    assert "clips/s" in job.stdout and "ETA" in job.stdout and "latents 5/5 shards" in job.stdout  # progress in the job log
+    assert (
+        "clips/s" in job.stdout and "ETA" in job.stdout and "latents 5/5 shards" in job.stdout
+    )  # progress in the job log
 
     stats = json.loads((out / "_stats.json").read_text())
     bad = Counter(v for v in expected.values() if v != "ok")
@@ -140,7 +202,11 @@ def test_ray_job_submit_bad_input_latents_rerun_and_retry(ray_cluster, mixed, tm
     batch = next(iter(build_loader(cfg, seed=0)))
     assert batch["pixels"].shape == (3, 3, 4, 32, 32)
     batch = next(iter(build_loader(replace(cfg, use_latents=True), seed=0)))
-    assert batch["latents"].shape == (3, 4, 4, 16, 16) and batch["text_embeds"].shape == (3, 12, 16) and "pixels" not in batch
+    assert (
+        batch["latents"].shape == (3, 4, 4, 16, 16)
+        and batch["text_embeds"].shape == (3, 12, 16)
+        and "pixels" not in batch
+    )
 
     # rerun (standalone, same options): a no-op that does not even start Ray
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
@@ -160,7 +226,9 @@ def test_ray_job_submit_bad_input_latents_rerun_and_retry(ray_cluster, mixed, tm
     assert retry.returncode == 0, retry.stdout + retry.stderr
     again_failed = [json.loads(line) for line in (tmp_path / "retry" / "failed.jsonl").read_text().splitlines()]
     assert sorted((f["path"], f["reason"]) for f in again_failed) == sorted((f["path"], f["reason"]) for f in failed)
-    assert not any(p.name.startswith("PWNED") for p in list(src.iterdir()) + list(ROOT.iterdir()) + list(Path.cwd().iterdir()))
+    assert not any(
+        p.name.startswith("PWNED") for p in list(src.iterdir()) + list(ROOT.iterdir()) + list(Path.cwd().iterdir())
+    )
 
 
 def _worker_pids() -> list[int]:
@@ -177,9 +245,28 @@ def _worker_pids() -> list[int]:
 def test_kill_9_of_a_worker_and_the_driver_then_rerun_gives_every_clip_once(ray_cluster, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     write_corpus(SyntheticConfig(output=str(src), count=10, size="64", frames=64, fps=8, seed=5))  # 8 clips each
-    opts = ["--frames", "8", "--fps", "8", "--size", "128", "--videos-per-shard", "1", "--workers", "1", "--log-every", "1"]
-    driver = subprocess.Popen(shard_cmd(str(src), str(out), *opts), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=env(), cwd=ROOT, start_new_session=True)
+    opts = [
+        "--frames",
+        "8",
+        "--fps",
+        "8",
+        "--size",
+        "128",
+        "--videos-per-shard",
+        "1",
+        "--workers",
+        "1",
+        "--log-every",
+        "1",
+    ]
+    driver = subprocess.Popen(
+        shard_cmd(str(src), str(out), *opts),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
     done = lambda: len(list(out.glob("*.done.json"))) if out.exists() else 0  # noqa: E731
     killed_worker = False
     deadline = time.time() + 120

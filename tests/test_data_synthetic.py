@@ -33,7 +33,9 @@ def test_corpus_is_deterministic_and_captions_match_the_motion(tmp_path):
         frames = decode_all(str(p))
         assert frames.shape == (16, 64, 64, 3)
         assert side["caption"] == " and ".join(
-            f"{'an' if s['color'][0] in 'aeiou' else 'a'} {s['color']} {s['shape']} moving {s['direction']}" for s in side["shapes"])
+            f"{'an' if s['color'][0] in 'aeiou' else 'a'} {s['color']} {s['shape']} moving {s['direction']}"
+            for s in side["shapes"]
+        )
         for s in side["shapes"]:
             vx, vy = s["velocity"]
             # the caption's direction word is the 45-degree sector of the initial velocity (y grows down)
@@ -42,7 +44,9 @@ def test_corpus_is_deterministic_and_captions_match_the_motion(tmp_path):
             traj = np.array(s["trajectory"])
             r = s["radius"]
             assert traj.shape == (16, 2)
-            assert (traj >= r - 1e-6).all() and (traj[:, 0] <= 64 - r + 1e-6).all() and (traj[:, 1] <= 64 - r + 1e-6).all()
+            assert (
+                (traj >= r - 1e-6).all() and (traj[:, 0] <= 64 - r + 1e-6).all() and (traj[:, 1] <= 64 - r + 1e-6).all()
+            )
             speed = np.linalg.norm(np.diff(traj, axis=0), axis=1)
             no_bounce = [i for i in range(15) if i + 1 not in s["bounces"]]
             assert np.allclose(speed[no_bounce], math.hypot(vx, vy), atol=1e-3)  # constant velocity
@@ -60,14 +64,19 @@ def test_corpus_is_deterministic_and_captions_match_the_motion(tmp_path):
 
 def test_cli_help_documents_every_option_with_its_default():
     for script in ("make_synthetic.py", "shard_videos.py"):
-        out = subprocess.run([sys.executable, str(ROOT / "data_prep" / script), "--help"], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "data_prep" / script), "--help"], capture_output=True, text=True, check=True
+        ).stdout
         # option lines are indented by 2; wrapped help text (which may mention --other-options) by more
         options = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
         assert len(options) > 8
         text = " ".join(out.split())
         assert text.count("(default:") >= len(options), script
-    bad = subprocess.run([sys.executable, str(ROOT / "data_prep" / "shard_videos.py"), "in", "out", "--size", "63"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "data_prep" / "shard_videos.py"), "in", "out", "--size", "63"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "even" in bad.stderr
 
 
@@ -78,8 +87,11 @@ def test_one_run_per_output_directory(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with DirLock(out):  # as a running sharder holds it
-        busy = subprocess.run([sys.executable, str(ROOT / "data_prep" / "shard_videos.py"), str(tmp_path / "in"), str(out)],
-                              capture_output=True, text=True)
+        busy = subprocess.run(
+            [sys.executable, str(ROOT / "data_prep" / "shard_videos.py"), str(tmp_path / "in"), str(out)],
+            capture_output=True,
+            text=True,
+        )
     assert busy.returncode == 2 and "another sharding run holds" in busy.stdout
 
 
@@ -97,17 +109,29 @@ def test_inputs_from_directories_manifests_sidecars_and_failed_jsonl(tmp_path):
     assert [r.caption for r in records] == ["caption from txt", "caption from json", None]
     assert records[1].meta == {"scene": 7} and dups == 0
 
-    (tmp_path / "m.csv").write_text("path,caption,split\nvideos/b.mp4,from csv,train\nvideos/b.mp4,dup,train\nvideos/a.MOV,,val\n")
+    (tmp_path / "m.csv").write_text(
+        "path,caption,split\nvideos/b.mp4,from csv,train\nvideos/b.mp4,dup,train\nvideos/a.MOV,,val\n"
+    )
     records, dups = list_inputs(str(tmp_path / "m.csv"), ("mp4",))
     assert dups == 1 and [r.caption for r in records] == ["from csv", "caption from txt"]  # empty cell -> sidecar
     assert records[0].path == str(d / "b.mp4") and records[0].meta == {"split": "train"}
 
-    pq.write_table(pa.table({"path": [str(d / "sub/c.mkv")], "caption": ["from parquet"], "fps_hint": [30]}), tmp_path / "m.parquet")
+    pq.write_table(
+        pa.table({"path": [str(d / "sub/c.mkv")], "caption": ["from parquet"], "fps_hint": [30]}),
+        tmp_path / "m.parquet",
+    )
     records, _ = list_inputs(str(tmp_path / "m.parquet"), ("mp4",))
     assert records[0].caption == "from parquet" and records[0].meta == {"fps_hint": 30}
 
     # failed.jsonl rows are inputs again: the failure columns are dropped, caption and meta kept
-    row = {"path": str(d / "b.mp4"), "reason": "unreadable", "error": "x", "caption": "c", "meta": {"scene": 7}, "shard": "s-0"}
+    row = {
+        "path": str(d / "b.mp4"),
+        "reason": "unreadable",
+        "error": "x",
+        "caption": "c",
+        "meta": {"scene": 7},
+        "shard": "s-0",
+    }
     (tmp_path / "failed.jsonl").write_text(json.dumps(row) + "\n")
     records, _ = list_inputs(str(tmp_path / "failed.jsonl"), ("mp4",))
     assert [(r.path, r.caption, r.meta) for r in records] == [(str(d / "b.mp4"), "c", {"scene": 7})]
@@ -132,7 +156,9 @@ def test_texture_is_deterministic_keeps_the_shapes_and_costs_bits():
     shape_px = np.any([(flat == c).all(-1) for c in colours], axis=0)  # pixels fully inside a shape (edges blend)
     assert shape_px.sum() > 16 * 50
     assert np.array_equal(a[shape_px], flat[shape_px])
-    assert a[~shape_px].std() > 10 and np.abs(np.diff(a[:, ~shape_px[0]].astype(int), axis=0)).mean() > 3  # moving detail
+    assert (
+        a[~shape_px].std() > 10 and np.abs(np.diff(a[:, ~shape_px[0]].astype(int), axis=0)).mean() > 3
+    )  # moving detail
     assert len(encode_frames(a, 8, crf=20)) > 3 * len(encode_frames(flat, 8, crf=20))  # 3.4x at 64 px (10x at 256)
 
 
@@ -154,14 +180,23 @@ def test_fsspec_inputs_directory_manifest_and_sidecars_give_clips(tmp_path):
     fs.pipe("/corpus/list.csv", b"path,caption,take\nsyn_00001.mp4,from the manifest,3\n")
     try:
         records, _ = list_inputs("memory://corpus/", ("mp4",))
-        assert [r.path.replace(":///", "://") for r in records] == ["memory://corpus/syn_00000.mp4", "memory://corpus/syn_00001.mp4"]
+        assert [r.path.replace(":///", "://") for r in records] == [
+            "memory://corpus/syn_00000.mp4",
+            "memory://corpus/syn_00001.mp4",
+        ]
         assert records[0].caption == "a caption from a sidecar"
         listed, _ = list_inputs("memory://corpus/list.csv", ("mp4",))
-        assert [(r.path.replace(":///", "://"), r.caption, r.meta) for r in listed] == [("memory://corpus/syn_00001.mp4", "from the manifest", {"take": "3"})]  # csv cells are text
+        assert [(r.path.replace(":///", "://"), r.caption, r.meta) for r in listed] == [
+            ("memory://corpus/syn_00001.mp4", "from the manifest", {"take": "3"})
+        ]  # csv cells are text
         out = tmp_path / "out"
         out.mkdir()
-        summary = write_shard(out, "s", list(enumerate(records)),
-                              ClipSpec.from_config(ShardConfig(input="x", output="y", frames=8, fps=8, size="32")))
+        summary = write_shard(
+            out,
+            "s",
+            list(enumerate(records)),
+            ClipSpec.from_config(ShardConfig(input="x", output="y", frames=8, fps=8, size="32")),
+        )
         assert summary["failed"] == [] and summary["samples"] == 4
         metas = [json.loads(m["json"]) for _, m in read_all(str(out / "s.tar"))]
         assert {m["source"] for m in metas} == {r.path for r in records} and all(m["source_size"] > 0 for m in metas)

@@ -25,9 +25,15 @@ from vldm.eval.report import main as report_main
 from vldm.eval.suite import load_suite
 from vldm.eval.worker import EvalWorker
 
-FAST = ["sampling.num_samples=4", "sampling.steps=2", "val_loss.num_clips=2", "val_loss.timesteps=[100,700]",
-        "pool.shard_size=2",
-        "pool.poll_interval_s=0.05", "wandb.enabled=false"]
+FAST = [
+    "sampling.num_samples=4",
+    "sampling.steps=2",
+    "val_loss.num_clips=2",
+    "val_loss.timesteps=[100,700]",
+    "pool.shard_size=2",
+    "pool.poll_interval_s=0.05",
+    "wandb.enabled=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +106,9 @@ def test_each_checkpoint_once_newest_first_and_rerun_does_nothing(evaluated, run
     res = _results(coord)
     assert sorted(res) == [100, 200]
     for r in res.values():
-        assert {"ema/flicker", "raw/flicker", "ema/consistency", "ema/val_loss", "raw/val_loss_t700"} <= set(r["metrics"])
+        assert {"ema/flicker", "raw/flicker", "ema/consistency", "ema/val_loss", "raw/val_loss_t700"} <= set(
+            r["metrics"]
+        )
         step = coord.dir / Path(r["checkpoint"]).name
         assert len(r["videos"]["ema"]) == 4 and (step / r["videos"]["ema"][0]["path"]).exists()
         assert (step / "first_frames_ema.png").exists()
@@ -137,8 +145,11 @@ def test_rewritten_checkpoint_weights_invalidate_its_partials(run_done):
     ema = run_done / "checkpoints" / "step_00000100" / "temporal_ema.safetensors"
     ema.write_bytes(ema.read_bytes())  # same bytes, new mtime: the fingerprint no longer matches
     _, ex, _ = _evaluate(run_done)
-    assert sorted(ex.ran) == ["step_00000100/ema_samples_000000-000002", "step_00000100/ema_samples_000002-000004",
-                              "step_00000100/ema_val_loss_000000-000002"]
+    assert sorted(ex.ran) == [
+        "step_00000100/ema_samples_000000-000002",
+        "step_00000100/ema_samples_000002-000004",
+        "step_00000100/ema_val_loss_000000-000002",
+    ]
 
 
 def test_shard_layout_does_not_change_the_numbers(evaluated, tmp_path):
@@ -178,8 +189,11 @@ def test_one_coordinator_per_run_and_suite(run):
 def test_polling_picks_up_new_checkpoints(run):
     from vldm.models.base import build_video_unet, load_components
 
-    coord = Coordinator(run, load_suite(None, [*FAST, "pool.idle_exit_s=0.5", "sampling.variants=[ema]",
-                                               "val_loss.enabled=false"]), log=lambda m: None)
+    coord = Coordinator(
+        run,
+        load_suite(None, [*FAST, "pool.idle_exit_s=0.5", "sampling.variants=[ema]", "val_loss.enabled=false"]),
+        log=lambda m: None,
+    )
     model = build_video_unet(coord.run_cfg.model, load_components(coord.run_cfg.model))
     added = []
 
@@ -200,9 +214,20 @@ def test_fvd_fid_clipsim_with_cached_reference_statistics(run, tmp_path):
     i3d = save_torchscript(TinyI3D, tmp_path / "i3d.pt")
     inc = save_torchscript(TinyInception, tmp_path / "inception.pt")
     clip = save_tiny_clip(tmp_path / "clip")
-    over = ["sampling.num_frames=16", "sampling.variants=[ema]", "val_loss.enabled=false", "fvd.enabled=true",
-            f"fvd.weights={i3d}", "fid.enabled=true", f"fid.weights={inc}", "fid.num_frames=2", "clipsim.enabled=true",
-            f"clipsim.model_dir={clip}", f"real.videos={real}", f"pool.reference_cache={tmp_path / 'cache'}"]
+    over = [
+        "sampling.num_frames=16",
+        "sampling.variants=[ema]",
+        "val_loss.enabled=false",
+        "fvd.enabled=true",
+        f"fvd.weights={i3d}",
+        "fid.enabled=true",
+        f"fid.weights={inc}",
+        "fid.num_frames=2",
+        "clipsim.enabled=true",
+        f"clipsim.model_dir={clip}",
+        f"real.videos={real}",
+        f"pool.reference_cache={tmp_path / 'cache'}",
+    ]
     shutil.rmtree(run / "checkpoints" / "step_00000100")
     coord, ex, failed = _evaluate(run, over)
     assert failed == 0

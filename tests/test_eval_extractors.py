@@ -50,10 +50,12 @@ PYTORCH_FID_CONVS = """
     Mixed_7a.branch7x7x3_1 192 768 1 1  |  Mixed_7a.branch7x7x3_2 192 192 1 7  |  Mixed_7a.branch7x7x3_3 192 192 7 1
     Mixed_7a.branch7x7x3_4 192 192 3 3  |  Mixed_7b.branch1x1 320 1280 1 1  |  Mixed_7b.branch3x3_1 384 1280 1 1
     Mixed_7b.branch3x3_2a 384 384 1 3  |  Mixed_7b.branch3x3_2b 384 384 3 1  |  Mixed_7b.branch3x3dbl_1 448 1280 1 1
-    Mixed_7b.branch3x3dbl_2 384 448 3 3  |  Mixed_7b.branch3x3dbl_3a 384 384 1 3  |  Mixed_7b.branch3x3dbl_3b 384 384 3 1
+    Mixed_7b.branch3x3dbl_2 384 448 3 3  |  Mixed_7b.branch3x3dbl_3a 384 384 1 3
+    Mixed_7b.branch3x3dbl_3b 384 384 3 1
     Mixed_7b.branch_pool 192 1280 1 1  |  Mixed_7c.branch1x1 320 2048 1 1  |  Mixed_7c.branch3x3_1 384 2048 1 1
     Mixed_7c.branch3x3_2a 384 384 1 3  |  Mixed_7c.branch3x3_2b 384 384 3 1  |  Mixed_7c.branch3x3dbl_1 448 2048 1 1
-    Mixed_7c.branch3x3dbl_2 384 448 3 3  |  Mixed_7c.branch3x3dbl_3a 384 384 1 3  |  Mixed_7c.branch3x3dbl_3b 384 384 3 1
+    Mixed_7c.branch3x3dbl_2 384 448 3 3  |  Mixed_7c.branch3x3dbl_3a 384 384 1 3
+    Mixed_7c.branch3x3dbl_3b 384 384 3 1
     Mixed_7c.branch_pool 192 2048 1 1
 """
 
@@ -186,8 +188,11 @@ def test_a_state_dict_that_is_not_pytorch_fids_is_refused_naming_the_keys(tmp_pa
     del sd["Mixed_7c.branch_pool.conv.weight"]
     sd["AuxLogits.fc.weight"] = torch.zeros(1008, 768)  # torchvision's ImageNet Inception has these
     torch.save(sd, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"missing keys 1 \['Mixed_7c.branch_pool.conv.weight'\], "
-                                         r"unexpected keys 1 \['AuxLogits.fc.weight'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing keys 1 \['Mixed_7c.branch_pool.conv.weight'\], "
+        r"unexpected keys 1 \['AuxLogits.fc.weight'\]",
+    ):
         InceptionExtractor(tmp_path / "bad.pth")
     sd = _random_fid_inception().state_dict()
     sd["fc.weight"] = torch.zeros(1000, 2048)  # 1000 classes: not the FID graph's 1008

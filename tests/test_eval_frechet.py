@@ -42,7 +42,9 @@ def test_closed_form_for_two_gaussians():
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(l1) - np.sqrt(l2)) ** 2)
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
     # 1-d: (m1 - m2)^2 + (s1 - s2)^2
-    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[9.0]])) == pytest.approx(9 + 1)
+    assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[9.0]])) == pytest.approx(
+        9 + 1
+    )
 
 
 @pytest.mark.parametrize("d", [8, 64, 256])

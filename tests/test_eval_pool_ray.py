@@ -18,8 +18,14 @@ from eval_helpers import make_tiny_run
 from vldm.eval.wandb_reader import history
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["sampling.num_samples=4", "sampling.steps=2", "val_loss.num_clips=2", "val_loss.timesteps=[300,700]",
-        "pool.shard_size=2", "pool.poll_interval_s=0.2"]
+FAST = [
+    "sampling.num_samples=4",
+    "sampling.steps=2",
+    "val_loss.num_clips=2",
+    "val_loss.timesteps=[300,700]",
+    "pool.shard_size=2",
+    "pool.poll_interval_s=0.2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +55,26 @@ def test_job_submit_evaluates_each_checkpoint_once_and_a_rerun_does_nothing(ray_
     wenv = {k: str(wdir) for k in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR")}
     wenv.update(WANDB_MODE="offline", WANDB_SILENT="true")
     wdir.mkdir()
-    cmd = ["ray", "job", "submit", "--address", ray_cluster, "--working-dir", ".",
-           "--runtime-env-json", json.dumps({"env_vars": wenv}), "--",
-           "python", "ray_jobs/eval_pool.py", "--run-dir", str(run), "--once", "--suite", "configs/eval/tiny.yaml", *FAST]
+    cmd = [
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        ray_cluster,
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps({"env_vars": wenv}),
+        "--",
+        "python",
+        "ray_jobs/eval_pool.py",
+        "--run-dir",
+        str(run),
+        "--once",
+        "--suite",
+        "configs/eval/tiny.yaml",
+        *FAST,
+    ]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
@@ -67,9 +90,23 @@ def test_job_submit_evaluates_each_checkpoint_once_and_a_rerun_does_nothing(ray_
 
     # rerun (plain driver this time): nothing to do, nothing rewritten, no actor started
     before = {p: p.stat().st_mtime_ns for p in run.joinpath("eval").rglob("*") if p.is_file() and p.name != ".lock"}
-    r2 = subprocess.run([sys.executable, "ray_jobs/eval_pool.py", "--run-dir", str(run), "--once",
-                         "--suite", "configs/eval/tiny.yaml", *FAST], cwd=ROOT, env=_env(**wenv),
-                        capture_output=True, text=True, timeout=120)
+    r2 = subprocess.run(
+        [
+            sys.executable,
+            "ray_jobs/eval_pool.py",
+            "--run-dir",
+            str(run),
+            "--once",
+            "--suite",
+            "configs/eval/tiny.yaml",
+            *FAST,
+        ],
+        cwd=ROOT,
+        env=_env(**wenv),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r2.returncode == 0, (r2.stdout + r2.stderr)[-3000:]
     assert "0 checkpoint(s) evaluated" in r2.stdout and "shards planned" not in r2.stdout
     assert {p: p.stat().st_mtime_ns for p in before} == before
@@ -82,15 +119,32 @@ def test_a_killed_worker_still_gives_exactly_one_result_per_checkpoint(ray_clust
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     # longer shards (more sampler steps) so the kill lands while a shard is being computed
-    proc = subprocess.Popen([sys.executable, "ray_jobs/eval_pool.py", "--run-dir", str(run), "--once", *FAST,
-                             "sampling.steps=12", "wandb.enabled=false"],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "ray_jobs/eval_pool.py",
+            "--run-dir",
+            str(run),
+            "--once",
+            *FAST,
+            "sampling.steps=12",
+            "wandb.enabled=false",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     killed = None
     try:
         deadline = time.time() + 120
         while killed is None and time.time() < deadline and proc.poll() is None:
-            running = list_tasks(address=ray_cluster, filters=[("func_or_class_name", "=", "EvalActor.run"),
-                                                                ("state", "=", "RUNNING")], raise_on_missing_output=False)
+            running = list_tasks(
+                address=ray_cluster,
+                filters=[("func_or_class_name", "=", "EvalActor.run"), ("state", "=", "RUNNING")],
+                raise_on_missing_output=False,
+            )
             pids = [t.worker_pid for t in running if t.worker_pid]
             if pids:
                 os.kill(pids[0], signal.SIGKILL)

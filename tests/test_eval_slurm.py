@@ -23,8 +23,14 @@ from vldm.eval.wandb_reader import history
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "slurm" / "eval_pool.sbatch"
-FAST = ["sampling.num_samples=4", "sampling.steps=2", "val_loss.num_clips=2", "val_loss.timesteps=[300,700]",
-        "pool.shard_size=2", "pool.poll_interval_s=0.2"]
+FAST = [
+    "sampling.num_samples=4",
+    "sampling.steps=2",
+    "val_loss.num_clips=2",
+    "val_loss.timesteps=[300,700]",
+    "pool.shard_size=2",
+    "pool.poll_interval_s=0.2",
+]
 # the ports a Ray started with defaults uses (the shared cluster): the job's block must avoid them all
 RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365, 44217, 44227, *range(10002, 20000)}
 
@@ -33,18 +39,45 @@ def _env(tmp: Path) -> dict:
     env = dict(os.environ)  # carries the wandb_offline fixture's WANDB_* settings into the job
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.pop("RAY_ADDRESS", None)
-    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               # this host keeps Ray on loopback: without this Ray rewrites 127.0.0.1 to the eth0 address
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HEAD_IP="127.0.0.1",
-               RAY_OBJECT_STORE_BYTES=str(200 * 1024 * 1024))
+    env.update(
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        # this host keeps Ray on loopback: without this Ray rewrites 127.0.0.1 to the eth0 address
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        HEAD_IP="127.0.0.1",
+        RAY_OBJECT_STORE_BYTES=str(200 * 1024 * 1024),
+    )
     return env
 
 
 def _sbatch(tmp: Path, env: dict, run: Path, *overrides: str) -> str:
-    out = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gres=none", "--cpus-per-task=2", "--time=10",
-                          "--job-name=vldm-eval-test", f"--output={tmp}/slurm-%j.out", str(SBATCH),
-                          "--run-dir", str(run), "--once", "--suite", "configs/eval/tiny.yaml", *FAST, *overrides],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--gres=none",
+            "--cpus-per-task=2",
+            "--time=10",
+            "--job-name=vldm-eval-test",
+            f"--output={tmp}/slurm-%j.out",
+            str(SBATCH),
+            "--run-dir",
+            str(run),
+            "--once",
+            "--suite",
+            "configs/eval/tiny.yaml",
+            *FAST,
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return out.stdout.strip().split(";")[0]
 
 
@@ -102,8 +135,9 @@ class JobRay:
         return out
 
 
-def _run_job(tmp: Path, env: dict, run: Path, *overrides: str, timeout: float = 240, on_log=None,
-             state_exit=("COMPLETED", "0:0")) -> tuple[str, str, JobRay, int]:
+def _run_job(
+    tmp: Path, env: dict, run: Path, *overrides: str, timeout: float = 240, on_log=None, state_exit=("COMPLETED", "0:0")
+) -> tuple[str, str, JobRay, int]:
     """Submit, watch the job's Ray while it runs (on_log(job, text) is called at each poll), wait for the
     end state and exit code. -> (job id, log, watcher, port base)."""
     job = _sbatch(tmp, env, run, *overrides)
@@ -126,7 +160,9 @@ def _run_job(tmp: Path, env: dict, run: Path, *overrides: str, timeout: float = 
         time.sleep(0.3)
     else:
         subprocess.run(["scancel", job], timeout=30)
-        raise TimeoutError(f"job {job} still {state} after {timeout} s:\n" + (log.read_text()[-4000:] if log.exists() else ""))
+        raise TimeoutError(
+            f"job {job} still {state} after {timeout} s:\n" + (log.read_text()[-4000:] if log.exists() else "")
+        )
     text = log.read_text()
     assert (state, _job_field(job, "ExitCode")) == state_exit, text[-5000:]
     assert watch is not None, text[-3000:]
@@ -199,8 +235,15 @@ def test_sigterm_to_the_batch_shell_stops_the_pool_then_the_jobs_ray(slurm_clust
             sent.append(job)
 
     # longer shards, so the signal lands while the pool is sampling
-    job, text, watch, base = _run_job(tmp_path, _env(tmp_path), run, "sampling.steps=30", "wandb.enabled=false",
-                                      on_log=term_once_sampling, state_exit=("FAILED", "143:0"))
+    job, text, watch, base = _run_job(
+        tmp_path,
+        _env(tmp_path),
+        run,
+        "sampling.steps=30",
+        "wandb.enabled=false",
+        on_log=term_once_sampling,
+        state_exit=("FAILED", "143:0"),
+    )
     assert sent and "got TERM: stopping the pool" in text and "stopped by signal 15" in text, text[-4000:]
     assert "eval pool exited with 143" in text and "Ray stopped; exit 143" in text
     assert not list(run.glob("eval/*/step_*/result.json"))  # stopped before any checkpoint finished
@@ -215,21 +258,44 @@ def test_the_scripts_ray_sweep_stops_exactly_one_ray_on_its_own(ray_cluster, tmp
     text = SBATCH.read_text()
     code = text.split("export RAY_STOP_PY='", 1)[1].split("\n'\n", 1)[0]
     shared_gcs = _shared_gcs_pid()
-    base = next(b for b in range(31000, 32600, 200)
-                if all(_port_free(p) for p in range(b, b + 11)))
+    base = next(b for b in range(31000, 32600, 200) if all(_port_free(p) for p in range(b, b + 11)))
     temp = f"/tmp/ray_t{os.getpid()}"
     env = _env(tmp_path)
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               AUTOSCALER_METRIC_PORT=str(base + 9), DASHBOARD_METRIC_PORT=str(base + 10))
+    env.update(
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        AUTOSCALER_METRIC_PORT=str(base + 9),
+        DASHBOARD_METRIC_PORT=str(base + 10),
+    )
     ray = str(Path(sys.executable).parent / "ray")
-    r = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={base}",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={base + 1}", f"--ray-client-server-port={base + 2}",
-                        f"--dashboard-agent-listen-port={base + 3}", f"--dashboard-agent-grpc-port={base + 4}",
-                        f"--metrics-export-port={base + 5}", f"--node-manager-port={base + 6}",
-                        f"--object-manager-port={base + 7}", f"--runtime-env-agent-port={base + 8}",
-                        f"--min-worker-port={base + 20}", f"--max-worker-port={base + 199}", f"--temp-dir={temp}",
-                        "--num-cpus=1", f"--object-store-memory={100 * 1024 * 1024}", "--disable-usage-stats"],
-                       env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={base}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={base + 1}",
+            f"--ray-client-server-port={base + 2}",
+            f"--dashboard-agent-listen-port={base + 3}",
+            f"--dashboard-agent-grpc-port={base + 4}",
+            f"--metrics-export-port={base + 5}",
+            f"--node-manager-port={base + 6}",
+            f"--object-manager-port={base + 7}",
+            f"--runtime-env-agent-port={base + 8}",
+            f"--min-worker-port={base + 20}",
+            f"--max-worker-port={base + 199}",
+            f"--temp-dir={temp}",
+            "--num-cpus=1",
+            f"--object-store-memory={100 * 1024 * 1024}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     watch = JobRay(temp, f"127.0.0.1:{base}")
     try:
         assert r.returncode == 0, r.stdout + r.stderr
@@ -239,8 +305,13 @@ def test_the_scripts_ray_sweep_stops_exactly_one_ray_on_its_own(ray_cluster, tmp
             time.sleep(0.3)
         assert {"gcs_server", "raylet", "ray::DashboardAgent"} <= set(watch.ports.values()), watch.ports
         assert all(base <= p < base + 200 for p in watch.ports), watch.ports
-        out = subprocess.run([sys.executable, "-c", code, temp, f"127.0.0.1:{base}", "3"], env=env,
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-c", code, temp, f"127.0.0.1:{base}", "3"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         assert not watch.alive(), (watch.alive(), out.stdout)
         assert _shared_gcs_pid() == shared_gcs

@@ -34,11 +34,24 @@ def test_unknown_keys_and_bad_values_are_errors():
 def test_hash_changes_with_the_protocol_only():
     h = suite_hash(load_suite())
     assert suite_hash(load_suite()) == h  # stable
-    for o in ("sampling.steps=11", "sampling.seed=1", "sampling.guidance_scale=2", "sampling.num_samples=9",
-              "val_loss.timesteps=[10,20]", "video.consistency_size=8", "sampling.prompts=[a cat]"):
+    for o in (
+        "sampling.steps=11",
+        "sampling.seed=1",
+        "sampling.guidance_scale=2",
+        "sampling.num_samples=9",
+        "val_loss.timesteps=[10,20]",
+        "video.consistency_size=8",
+        "sampling.prompts=[a cat]",
+    ):
         assert suite_hash(load_suite(None, [o])) != h, o
-    for o in ("name=other", "pool.num_workers=7", "pool.shard_size=2", "wandb.project=x", "wandb.log_videos=1",
-              "fvd.num_frames=8"):  # fvd is disabled: its settings are not part of what is measured
+    for o in (
+        "name=other",
+        "pool.num_workers=7",
+        "pool.shard_size=2",
+        "wandb.project=x",
+        "wandb.log_videos=1",
+        "fvd.num_frames=8",
+    ):  # fvd is disabled: its settings are not part of what is measured
         assert suite_hash(load_suite(None, [o])) == h, o
 
 

@@ -36,10 +36,15 @@ def test_write_then_read_back(tmp_path):
 def test_tar_shards_with_captions(tmp_path):
     src = write_real_videos(tmp_path / "src", 2, frames=4, size=16)
     mp4s = sorted(src.glob("*.mp4"))
-    _tar(tmp_path / "shard-000000.tar", {
-        "k0.json": json.dumps({"caption": "from json"}).encode(), "k0.mp4": mp4s[0].read_bytes(),
-        "k1.mp4": mp4s[1].read_bytes(), "k1.txt": b"from txt",
-    })
+    _tar(
+        tmp_path / "shard-000000.tar",
+        {
+            "k0.json": json.dumps({"caption": "from json"}).encode(),
+            "k0.mp4": mp4s[0].read_bytes(),
+            "k1.mp4": mp4s[1].read_bytes(),
+            "k1.txt": b"from txt",
+        },
+    )
     refs = list_videos(str(tmp_path / "*.tar"))
     assert [r.member for r in refs] == ["k0.mp4", "k1.mp4"]
     assert read_clip(refs[0], 4)[1] == "from json" and read_clip(refs[1], 4)[1] == "from txt"

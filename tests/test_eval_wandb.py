@@ -13,8 +13,15 @@ from vldm.eval.wandb_log import NullLogger, WandbLogger, eval_run_id, make_logge
 from vldm.eval.wandb_reader import history, metric_definitions, run_info
 from vldm.eval.worker import EvalWorker
 
-FAST = ["sampling.num_samples=2", "sampling.steps=1", "sampling.variants=[ema]", "val_loss.num_clips=1",
-        "val_loss.timesteps=[500]", "pool.shard_size=2", "wandb.log_videos=2"]
+FAST = [
+    "sampling.num_samples=2",
+    "sampling.steps=1",
+    "sampling.variants=[ema]",
+    "val_loss.num_clips=1",
+    "val_loss.timesteps=[500]",
+    "pool.shard_size=2",
+    "wandb.log_videos=2",
+]
 
 
 def _evaluate(run, overrides=()):

@@ -26,8 +26,11 @@ def tiny_unet(seed: int = 0, **over) -> UNet2DConditionModel:
 def per_frame(unet: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
     """The image UNet applied to every frame independently: the reference for identity / image mode."""
     f = x.shape[2]
-    out = unet(rearrange(x, "b c f h w -> (b f) c h w").contiguous(), repeat(t, "b -> (b f)", f=f),
-               repeat(ctx, "b l d -> (b f) l d", f=f)).sample
+    out = unet(
+        rearrange(x, "b c f h w -> (b f) c h w").contiguous(),
+        repeat(t, "b -> (b f)", f=f),
+        repeat(ctx, "b l d -> (b f) l d", f=f),
+    ).sample
     return rearrange(out, "(b f) c h w -> b c f h w", f=f)
 
 
@@ -97,8 +100,9 @@ def test_frames_interact_only_through_temporal_layers(inputs):
 
 def test_only_temporal_parameters_train(inputs):
     x, t, ctx = inputs
-    model = VideoLDMUNet.from_unet2d(tiny_unet(), num_class_labels=3, scalar_conds=("fps",), extra_in_channels=2,
-                                     temporal_cond_channels=5)
+    model = VideoLDMUNet.from_unet2d(
+        tiny_unet(), num_class_labels=3, scalar_conds=("fps",), extra_in_channels=2, temporal_cond_channels=5
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"temporal.{n}" for n, _ in model.temporal.named_parameters()}
     assert all(not p.requires_grad for p in model.unet.parameters())
@@ -106,8 +110,14 @@ def test_only_temporal_parameters_train(inputs):
     opt = torch.optim.AdamW(model.temporal_parameters(), lr=1e-2)
     xin = torch.cat([x, torch.randn(B, 2, F, H, W)], 1)
     for _ in range(2):
-        out = model(xin, t, ctx, class_labels=torch.tensor([0, 3]), conditions={"fps": torch.tensor([8.0, 4.0])},
-                    temporal_cond=torch.randn(B, 5, F, H, W))
+        out = model(
+            xin,
+            t,
+            ctx,
+            class_labels=torch.tensor([0, 3]),
+            conditions={"fps": torch.tensor([8.0, 4.0])},
+            temporal_cond=torch.randn(B, 5, F, H, W),
+        )
         out.square().mean().backward()
         opt.step()
         opt.zero_grad()
@@ -119,8 +129,11 @@ def test_only_temporal_parameters_train(inputs):
 def test_sd_shape_parameter_counts_match_paper():
     with torch.device("meta"):
         sd1 = VideoLDMUNet.from_unet2d(UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8))
-        sd2 = VideoLDMUNet.from_unet2d(UNet2DConditionModel(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
-                                                            use_linear_projection=True))
+        sd2 = VideoLDMUNet.from_unet2d(
+            UNet2DConditionModel(
+                cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
+            )
+        )
     # measured reference for this design (sgm VideoUNet rebuilt): 649,687,078 / 656,076,838
     assert abs(count_parameters(sd1.temporal) - 649_687_078) / 649_687_078 < 0.01
     assert abs(count_parameters(sd2.temporal) - 656_076_838) / 656_076_838 < 0.01
@@ -151,11 +164,15 @@ def test_activation_checkpointing_gives_equal_gradients(mode, inputs):
 def test_conditioning_hooks_start_at_zero(inputs):
     x, t, ctx = inputs
     unet = tiny_unet()
-    model = VideoLDMUNet.from_unet2d(unet, extra_in_channels=3, num_class_labels=2, scalar_conds=("fps", "noise_level"),
-                                     temporal_cond_channels=5).eval()
+    model = VideoLDMUNet.from_unet2d(
+        unet, extra_in_channels=3, num_class_labels=2, scalar_conds=("fps", "noise_level"), temporal_cond_channels=5
+    ).eval()
     extra = torch.randn(B, 3, F, H, W)
-    kw = dict(class_labels=torch.tensor([0, 1]), conditions={"fps": torch.tensor([8.0, 2.0]), "noise_level": torch.tensor([100.0, 5.0])},
-              temporal_cond=torch.randn(B, 5, F, H, W))
+    kw = dict(
+        class_labels=torch.tensor([0, 1]),
+        conditions={"fps": torch.tensor([8.0, 2.0]), "noise_level": torch.tensor([100.0, 5.0])},
+        temporal_cond=torch.randn(B, 5, F, H, W),
+    )
     with torch.no_grad():
         ref = per_frame(unet, x, t, ctx)
         out = model(torch.cat([x, extra], 1), t, ctx, **kw)

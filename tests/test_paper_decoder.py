@@ -61,10 +61,21 @@ def test_decoder_fine_tuning_trains_only_the_decoder_and_resumes(base, tmp_path)
 
     torch.manual_seed(0)
     sha = save_lpips(LPIPS((4, 8, 8, 8, 8)), tmp_path / "lpips.safetensors")
-    args = ["stage=decoder", f"model.pretrained={base}", f"run_dir={tmp_path / 'run'}", "wandb.mode=disabled", "train.max_steps=2",
-            f"decoder.lpips_weights={tmp_path / 'lpips.safetensors'}", f"decoder.lpips_sha256={sha}",
-            "decoder.disc_channels=8", "data.num_frames=4", "data.size=16", "data.batch_size=1", "checkpoint.every=1",
-            "optim.lr=1e-3"]
+    args = [
+        "stage=decoder",
+        f"model.pretrained={base}",
+        f"run_dir={tmp_path / 'run'}",
+        "wandb.mode=disabled",
+        "train.max_steps=2",
+        f"decoder.lpips_weights={tmp_path / 'lpips.safetensors'}",
+        f"decoder.lpips_sha256={sha}",
+        "decoder.disc_channels=8",
+        "data.num_frames=4",
+        "data.size=16",
+        "data.batch_size=1",
+        "checkpoint.every=1",
+        "optim.lr=1e-3",
+    ]
     cfg = build_config(Config, [], args)
     trainer = DecoderTrainer(cfg)
     vae_before, spatial_before = snapshot(trainer.vae), snapshot(trainer.model.decoder)

@@ -30,7 +30,10 @@ def test_temporal_layers_move_onto_a_finetuned_unet(trained, tmp_path):
     for source in (trained, tmp_path / "t"):
         video = personalize(source, tuned)
         assert video.unet is tuned
-        assert all(torch.equal(a, b) for a, b in zip(video.temporal.state_dict().values(), trained.temporal.state_dict().values()))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(video.temporal.state_dict().values(), trained.temporal.state_dict().values())
+        )
     with pytest.raises(ValueError, match="different UNet shape"):
         personalize(tmp_path / "t", tiny_unet(block_out_channels=(16, 32)))
 
@@ -42,8 +45,11 @@ def test_lora_formats_fuse_to_the_same_weights():
     expected = tiny_unet().get_submodule(name).weight + 0.5 * (4.0 / rank) * up @ down
     formats = [
         {f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up},  # diffusers / PEFT (alpha = rank)
-        {f"lora_unet_{name.replace('.', '_')}.lora_down.weight": down,  # kohya, with alpha
-         f"lora_unet_{name.replace('.', '_')}.lora_up.weight": up, f"lora_unet_{name.replace('.', '_')}.alpha": torch.tensor(4.0)},
+        {
+            f"lora_unet_{name.replace('.', '_')}.lora_down.weight": down,  # kohya, with alpha
+            f"lora_unet_{name.replace('.', '_')}.lora_up.weight": up,
+            f"lora_unet_{name.replace('.', '_')}.alpha": torch.tensor(4.0),
+        },
     ]
     for i, sd in enumerate(formats):
         u = tiny_unet()
@@ -58,4 +64,7 @@ def test_temporal_layers_read_the_original_text_encoder(trained):
     tuned_text, original_text = torch.randn(1, 3, 32), torch.randn(1, 3, 32)
     both = video(x, t, tuned_text, temporal_encoder_hidden_states=original_text)
     assert not torch.allclose(both, video(x, t, tuned_text))  # the temporal cross-attention sees the other text
-    assert torch.allclose(video(x, t, tuned_text, image_only=True), video(x, t, tuned_text, temporal_encoder_hidden_states=original_text, image_only=True))
+    assert torch.allclose(
+        video(x, t, tuned_text, image_only=True),
+        video(x, t, tuned_text, temporal_encoder_hidden_states=original_text, image_only=True),
+    )

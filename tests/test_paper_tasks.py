@@ -75,11 +75,14 @@ def test_context_condition_format():
     assert torch.equal(c[:, :4, ::4], z[:, :, ::4]) and not c[:, :4, 1::4].any()
 
 
-@pytest.mark.parametrize("task,options,frames,extra", [
-    ("predict", {}, 6, {}),
-    ("interpolate", {"window": 5}, 17, {"meta": [{"fps": 8.0}] * 2}),
-    ("upsample", {"condition_via": "temporal", "patch_size": 2}, 3, "pixels"),
-])
+@pytest.mark.parametrize(
+    "task,options,frames,extra",
+    [
+        ("predict", {}, 6, {}),
+        ("interpolate", {"window": 5}, 17, {"meta": [{"fps": 8.0}] * 2}),
+        ("upsample", {"condition_via": "temporal", "patch_size": 2}, 3, "pixels"),
+    ],
+)
 def test_each_model_trains_a_few_steps_only_temporal_parameters_change(task, options, frames, extra):
     unet = tiny_unet()
     stage = stage_model(unet, task, options)
@@ -101,5 +104,7 @@ def test_upsampler_on_an_upscaler_unet_trains():
     stage = stage_model(unet, "upsample", {"patch_size": 2})
     before = snapshot(stage.model.unet)
     z = torch.randn(1, 4, 3, 4, 4)
-    losses = train_a_few_steps(stage.model, get_task("upsample", patch_size=2), z, {"pixels": torch.rand(1, 3, 3, 16, 16)}, steps=2)
+    losses = train_a_few_steps(
+        stage.model, get_task("upsample", patch_size=2), z, {"pixels": torch.rand(1, 3, 3, 16, 16)}, steps=2
+    )
     assert all(v == v for v in losses) and not changed(before, stage.model.unet)

@@ -53,7 +53,9 @@ def test_image_mode_skips_every_temporal_layer(cascade):
 
     cfg = SampleConfig(steps=2, guidance_scale=2.0)
     run = stages.Run(cfg, [0])
-    z = stages.keyframes(cascade.keyframes, encode_prompts(cascade, cascade.components, ["x"], cfg), run, 3, (2, 2), image_mode=True)
+    z = stages.keyframes(
+        cascade.keyframes, encode_prompts(cascade, cascade.components, ["x"], cfg), run, 3, (2, 2), image_mode=True
+    )
     assert torch.allclose(a.latents, z)
 
 
@@ -61,8 +63,27 @@ def test_cli_samples_from_run_directories(runs, tmp_path, capsys):
     from vldm.sample.__main__ import main
 
     out = tmp_path / "v.mp4"
-    rc = main(["--run", str(runs["key"]), "--predict-run", str(runs["pred"]), "--interp-run", str(runs["interp"]),
-               "--prompt", "a red square", "--frames", "9", "--steps", "1", "--out", str(out), "--quiet", "--sampler", "dpm"])
+    rc = main(
+        [
+            "--run",
+            str(runs["key"]),
+            "--predict-run",
+            str(runs["pred"]),
+            "--interp-run",
+            str(runs["interp"]),
+            "--prompt",
+            "a red square",
+            "--frames",
+            "9",
+            "--steps",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+            "--sampler",
+            "dpm",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["frames"] == 9 and summary["frames_per_stage"]["keyframes"] == 3
@@ -77,7 +98,16 @@ def test_cli_help(capsys):
         main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--run", "--prompt", "--frames", "--out", "--context-guidance", "--interp-run", "--image-mode", "--sampler"):
+    for flag in (
+        "--run",
+        "--prompt",
+        "--frames",
+        "--out",
+        "--context-guidance",
+        "--interp-run",
+        "--image-mode",
+        "--sampler",
+    ):
         assert flag in text
 
 
@@ -107,7 +137,9 @@ def test_personalized_cascade_reads_the_finetuned_unet_and_both_text_encoders(ru
 
     tuned = build_tiny_base(tmp_path / "dreambooth", seed=1)  # same shape, other weights: a stand-in fine-tune
     c = Cascade.from_runs(runs["key"], personalized=tuned)
-    assert torch.equal(c.keyframes.model.unet.conv_in.weight, UNet2DConditionModel.from_pretrained(str(tuned / "unet")).conv_in.weight)
+    assert torch.equal(
+        c.keyframes.model.unet.conv_in.weight, UNet2DConditionModel.from_pretrained(str(tuned / "unet")).conv_in.weight
+    )
     assert c.temporal_text is not None and c.temporal_text.text_encoder is not c.components.text_encoder
     out = generate(c, ["a"], num_frames=2, interp_passes=0, steps=1, height=8, width=8, progress=False)
     assert out.videos.shape[2] == 2

@@ -46,7 +46,9 @@ def test_three_stage_rollout_gives_the_requested_length(unet, monkeypatch):
 
     def spy(stage, run, shape, tags, cond, **kw):
         known = kw.get("known")
-        seen.append((shape[1], 0 if known is None else int(known.mask[0].sum()), "image_only" in cond.cond or shape[1] == 1))
+        seen.append(
+            (shape[1], 0 if known is None else int(known.mask[0].sum()), "image_only" in cond.cond or shape[1] == 1)
+        )
         return real(stage, run, shape, tags, cond, **kw)
 
     monkeypatch.setattr(stages, "_denoise", spy)
@@ -90,8 +92,15 @@ def test_known_frames_replaced_at_every_step_and_at_the_end():
 
     from vldm.models.base import SD_SCHEDULER
 
-    out = denoise(model, shape, [0], dict(SD_SCHEDULER), Conditioning({"encoder_hidden_states": torch.zeros(1, 1, 4)}),
-                  steps=3, known=known)
+    out = denoise(
+        model,
+        shape,
+        [0],
+        dict(SD_SCHEDULER),
+        Conditioning({"encoder_hidden_states": torch.zeros(1, 1, 4)}),
+        steps=3,
+        known=known,
+    )
     assert torch.equal(out[:, :, [0, 2]], known.latents[:, :, [0, 2]])
     assert not torch.equal(seen[0][:, :, 0], known.latents[:, :, 0])  # noised to the step's level, not clean
 
@@ -110,7 +119,9 @@ def test_windowed_model_equals_the_model_on_short_clips_and_blends_long_ones():
 
     x, tc = torch.randn(1, 2, 11, 2, 2), torch.randn(1, 3, 11, 2, 2)
     w = windowed(model, 4, 2)
-    assert torch.allclose(w(x, None, temporal_cond=tc), model(x, None, temporal_cond=tc), atol=1e-6)  # frame-local model
+    assert torch.allclose(
+        w(x, None, temporal_cond=tc), model(x, None, temporal_cond=tc), atol=1e-6
+    )  # frame-local model
     assert torch.equal(windowed(model, 16, 2)(x, None, temporal_cond=tc), model(x, None, temporal_cond=tc))
 
 
@@ -122,7 +133,11 @@ def test_frame_plan():
 def test_long_key_frame_sequences_band_temporal_attention(unet, monkeypatch):
     key = stage_model(unet, "generate", clip_frames=4)
     seen = []
-    monkeypatch.setattr(stages, "_denoise", lambda stage, run, shape, tags, cond, **kw: seen.append(cond.cond.get("attn_band")) or torch.zeros(1))
+    monkeypatch.setattr(
+        stages,
+        "_denoise",
+        lambda stage, run, shape, tags, cond, **kw: seen.append(cond.cond.get("attn_band")) or torch.zeros(1),
+    )
     run, _ = _run()
     stages.keyframes(key, _text(), run, 12, (2, 2))
     stages.keyframes(key, _text(), run, 4, (2, 2))  # within the trained length: full attention

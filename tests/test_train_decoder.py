@@ -30,9 +30,18 @@ def base(tmp_path_factory) -> Path:
 
 
 def args(base: Path, *extra: str) -> list[str]:
-    return [f"model.pretrained={base}", "wandb.mode=disabled", f"train.max_steps={STEPS}", "checkpoint.every=2",
-            "checkpoint.keep_last=5", "data.size=16", "data.num_frames=4", "decoder.disc_channels=8",
-            "deepspeed.timeout_s=90", *extra]
+    return [
+        f"model.pretrained={base}",
+        "wandb.mode=disabled",
+        f"train.max_steps={STEPS}",
+        "checkpoint.every=2",
+        "checkpoint.keep_last=5",
+        "data.size=16",
+        "data.num_frames=4",
+        "decoder.disc_channels=8",
+        "deepspeed.timeout_s=90",
+        *extra,
+    ]
 
 
 def decoder_weights(ck: Path) -> dict[str, torch.Tensor]:
@@ -97,9 +106,19 @@ def test_two_ranks_stop_checkpoint_and_resume_the_same_trajectory(ref_run, base,
 
 def test_usr1_to_one_rank_stops_every_rank_at_the_same_step(base, tmp_path):
     run = tmp_path / "run"
-    procs = spawn_ranks(["-m", "vldm.train", "--config", str(CONFIG), f"run_dir={run}",
-                         *args(base, "data.batch_size=1", "train.max_steps=2000", "checkpoint.every=1000")],
-                        2, train_env(tmp_path), tmp_path)
+    procs = spawn_ranks(
+        [
+            "-m",
+            "vldm.train",
+            "--config",
+            str(CONFIG),
+            f"run_dir={run}",
+            *args(base, "data.batch_size=1", "train.max_steps=2000", "checkpoint.every=1000"),
+        ],
+        2,
+        train_env(tmp_path),
+        tmp_path,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not ((run / "logs" / "metrics.jsonl").exists() and len(metrics(run)) >= 2):
@@ -122,17 +141,59 @@ def test_usr1_to_one_rank_stops_every_rank_at_the_same_step(base, tmp_path):
 
 def test_decoder_section_is_in_the_schema_and_a_bad_key_fails_before_launch(base, tmp_path):
     env = train_env(tmp_path)
-    ref = subprocess.run([sys.executable, "-m", "vldm.config", "--reference"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=60)
+    ref = subprocess.run(
+        [sys.executable, "-m", "vldm.config", "--reference"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "`decoder.disc_weight`" in ref.stdout and "'decoder'" in ref.stdout
-    ok = subprocess.run([sys.executable, "-m", "vldm.train", "--config", str(CONFIG), f"model.pretrained={base}", "--check"],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    ok = subprocess.run(
+        [sys.executable, "-m", "vldm.train", "--config", str(CONFIG), f"model.pretrained={base}", "--check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ok.returncode == 0 and "stage=decoder" in ok.stderr, ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "vldm.train", "--config", str(CONFIG), f"model.pretrained={base}",
-                          "decoder.disc_wieght=1", "--check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vldm.train",
+            "--config",
+            str(CONFIG),
+            f"model.pretrained={base}",
+            "decoder.disc_wieght=1",
+            "--check",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "decoder.disc_wieght" in bad.stderr and "disc_weight" in bad.stderr
-    lp = subprocess.run([sys.executable, "-m", "vldm.train", "--config", str(CONFIG), f"model.pretrained={base}",
-                         "decoder.lpips_weight=1", "--check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    lp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vldm.train",
+            "--config",
+            str(CONFIG),
+            f"model.pretrained={base}",
+            "decoder.lpips_weight=1",
+            "--check",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert lp.returncode == 2 and "decoder.lpips_weights" in lp.stderr
     # the sbatch pre-flight: no rank starts
     run = tmp_path / "run"
@@ -147,9 +208,24 @@ def test_slurm_usr1_requeues_and_the_decoder_run_resumes(slurm_cluster, base, tm
     from test_train_runs import SBATCH_OPTS, job_field, wait_job
 
     run = tmp_path / "run"
-    out = subprocess.run(["sbatch", "--parsable", *SBATCH_OPTS, f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "train_temporal.sbatch"),
-                          str(CONFIG), f"run_dir={run}", *args(base, "data.batch_size=1", "train.max_steps=200", "checkpoint.every=1000")],
-                         cwd=ROOT, env=train_env(tmp_path), capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            *SBATCH_OPTS,
+            f"--output={tmp_path}/slurm-%j.out",
+            str(ROOT / "slurm" / "train_temporal.sbatch"),
+            str(CONFIG),
+            f"run_dir={run}",
+            *args(base, "data.batch_size=1", "train.max_steps=200", "checkpoint.every=1000"),
+        ],
+        cwd=ROOT,
+        env=train_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     job = out.stdout.strip().split(";")[0]
     deadline = time.time() + 180
     while time.time() < deadline and not ((run / "logs" / "metrics.jsonl").exists() and len(metrics(run)) >= 3):

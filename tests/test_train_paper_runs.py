@@ -30,10 +30,22 @@ FEW = ["train.max_steps=2", "checkpoint.every=2", "wandb.mode=disabled", "deepsp
 def train(tmp_path: Path, config: str, *overrides: str) -> Path:
     """One process of `python -m vldm.train`; returns the run directory after checking its checkpoint."""
     run = tmp_path / "run"
-    env = {**train_env(tmp_path), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-m", "vldm.train", "--config", str(CONFIGS / config), f"run_dir={run}",
-                           *FEW, *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **train_env(tmp_path),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "vldm.train", "--config", str(CONFIGS / config), f"run_dir={run}", *FEW, *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, describe(proc)
     ck = complete_checkpoints(run)
     assert ck and ck[-1].name == "step_00000002" and (ck[-1] / "COMPLETE").exists(), list(run.rglob("*"))
@@ -72,8 +84,16 @@ def test_latent_upsampler_trains_on_an_x4_upscaler_and_upsamples(tmp_path):
     from vldm.models.upsampler import build_tiny_upscaler
 
     base = build_tiny_upscaler(tmp_path / "upscaler")
-    run = train(tmp_path, "tiny_cpu.yaml", "task=upsample", f"model.pretrained={base}", "data.use_latents=false",
-                "data.size=32", "data.batch_size=1", "task_options.patch_size=4")
+    run = train(
+        tmp_path,
+        "tiny_cpu.yaml",
+        "task=upsample",
+        f"model.pretrained={base}",
+        "data.use_latents=false",
+        "data.size=32",
+        "data.batch_size=1",
+        "task_options.patch_size=4",
+    )
     stage, comps = load_stage(run)
     assert stage.task == "upsample" and stage.model.unet.config.in_channels == 7
     low = torch.rand(1, 3, 3, 8, 8) * 2 - 1  # 8x8 pixels -> 32x32 pixels = 8x8 latents of the VAE (factor 4)
@@ -97,8 +117,15 @@ def test_pixel_upsampler_trains_both_stages_and_upsamples(tmp_path, stage_name):
 
 def test_video_decoder_trains_through_the_trainer_entry_point_and_decodes(tmp_path):
     base = build_tiny_base(tmp_path / "base", with_text=False)
-    run = train(tmp_path, "decoder_tiny.yaml", f"model.pretrained={base}", "data.size=16", "data.num_frames=4",
-                "decoder.disc_channels=8", "data.batch_size=1")
+    run = train(
+        tmp_path,
+        "decoder_tiny.yaml",
+        f"model.pretrained={base}",
+        "data.size=16",
+        "data.num_frames=4",
+        "decoder.disc_channels=8",
+        "data.batch_size=1",
+    )
     state = json.loads((complete_checkpoints(run)[-1] / "trainer_state.json").read_text())
     assert state["stage"] == "decoder" and state["world_size"] == 1
     decoder = load_decoder(run)

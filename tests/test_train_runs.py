@@ -57,7 +57,9 @@ def test_checkpoints_hold_only_the_trained_part(ref_run):
     last = ckpts[-1]
     state = json.loads((last / "trainer_state.json").read_text())
     assert state["step"] == STEPS and state["world_size"] == 2 and len(state["loader"]) == 2 and len(state["rng"]) == 2
-    assert (ref_run / "logs" / "last_exit.json").exists() and json.loads((ref_run / "logs" / "last_exit.json").read_text())["status"] == "done"
+    assert (ref_run / "logs" / "last_exit.json").exists() and json.loads(
+        (ref_run / "logs" / "last_exit.json").read_text()
+    )["status"] == "done"
 
     cfg, comps, model = load_checkpoint_model(last)  # the reader other tools use
     trainable = {k: v for k, v in model.temporal_state_dict().items()}
@@ -113,9 +115,23 @@ def test_resume_at_another_world_size_starts_a_fresh_optimizer_and_says_so(ref_r
 def test_a_killed_rank_ends_the_job_within_the_timeout(tmp_path):
     run = tmp_path / "run"
     env = train_env(tmp_path)
-    procs = spawn_ranks(["-m", "vldm.train", "--config", "configs/tiny_cpu.yaml", f"run_dir={run}", "train.max_steps=500",
-                         "checkpoint.every=1000", "data.batch_size=1", "wandb.mode=disabled", "deepspeed.timeout_s=30"],
-                        2, env, tmp_path)
+    procs = spawn_ranks(
+        [
+            "-m",
+            "vldm.train",
+            "--config",
+            "configs/tiny_cpu.yaml",
+            f"run_dir={run}",
+            "train.max_steps=500",
+            "checkpoint.every=1000",
+            "data.batch_size=1",
+            "wandb.mode=disabled",
+            "deepspeed.timeout_s=30",
+        ],
+        2,
+        env,
+        tmp_path,
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline and not ((run / "logs" / "metrics.jsonl").exists() and len(metrics(run)) >= 2):
@@ -133,7 +149,7 @@ def test_a_killed_rank_ends_the_job_within_the_timeout(tmp_path):
     assert rc != 0 and waited < 60, (rc, waited, (tmp_path / "rank0.log").read_text()[-3000:])
 
 
-NAN_SCRIPT = textwrap.dedent('''
+NAN_SCRIPT = textwrap.dedent("""
     import sys
     from vldm.config import Config, build_config
     from vldm.train.sources import SyntheticClips
@@ -151,15 +167,28 @@ NAN_SCRIPT = textwrap.dedent('''
     cfg = build_config(Config, ["configs/tiny_cpu.yaml"], sys.argv[1:])
     src = NaNClips(cfg, int(__import__("os").environ["RANK"]), 2, 4, 16, 16)
     sys.exit(train(cfg, source=src))
-''')
+""")
 
 
 def test_non_finite_steps_are_skipped_counted_and_bounded(tmp_path):
     script = tmp_path / "nan_train.py"
     script.write_text(NAN_SCRIPT)
     run = tmp_path / "run"
-    procs = spawn_ranks([str(script), f"run_dir={run}", "train.max_steps=20", "train.max_bad_steps=3", "checkpoint.every=1",
-                         "checkpoint.keep_last=20", "data.batch_size=1", "wandb.mode=disabled"], 2, train_env(tmp_path), tmp_path)
+    procs = spawn_ranks(
+        [
+            str(script),
+            f"run_dir={run}",
+            "train.max_steps=20",
+            "train.max_bad_steps=3",
+            "checkpoint.every=1",
+            "checkpoint.keep_last=20",
+            "data.batch_size=1",
+            "wandb.mode=disabled",
+        ],
+        2,
+        train_env(tmp_path),
+        tmp_path,
+    )
     codes = [p.wait(timeout=300) for p in procs]
     log0 = (tmp_path / "rank0.log").read_text()
     assert codes == [3, 3], log0[-4000:]  # ABORT_EXIT: not a requeue
@@ -184,13 +213,31 @@ def test_non_finite_steps_are_skipped_counted_and_bounded(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- SLURM
 SBATCH_OPTS = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none"]  # the EDIT lines, for CPU nodes
-REQUIRED = ("train/loss", "train/lr", "train/grad_norm", "train/skipped_steps", "perf/clips_per_s", "perf/clips_per_s_per_gpu",
-            "perf/tokens_per_s", "perf/step_time_s", "perf/data_wait_frac", "perf/peak_mem_gb", "perf/tflops_per_gpu")
+REQUIRED = (
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/skipped_steps",
+    "perf/clips_per_s",
+    "perf/clips_per_s_per_gpu",
+    "perf/tokens_per_s",
+    "perf/step_time_s",
+    "perf/data_wait_frac",
+    "perf/peak_mem_gb",
+    "perf/tflops_per_gpu",
+)
 
 
 def sbatch(tmp_path: Path, env: dict, *args: str) -> str:
-    out = subprocess.run(["sbatch", "--parsable", *SBATCH_OPTS, f"--output={tmp_path}/slurm-%j.out", str(SBATCH), str(TINY), *args],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        ["sbatch", "--parsable", *SBATCH_OPTS, f"--output={tmp_path}/slurm-%j.out", str(SBATCH), str(TINY), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return out.stdout.strip().split(";")[0]
 
 
@@ -218,7 +265,9 @@ def test_slurm_preemption_requeues_and_resumes_the_same_trajectory(slurm_cluster
     log = tmp_path / f"slurm-{job}.out"
     deadline = time.time() + 180
     while time.time() < deadline and not ((run / "logs" / "metrics.jsonl").exists() and losses(run)):
-        assert job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text() if log.exists() else job
+        assert job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING"), (
+            log.read_text() if log.exists() else job
+        )
         time.sleep(0.2)
     # what SLURM does --signal=B:USR1@grace seconds before the time limit, now
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
@@ -276,7 +325,9 @@ def make_shards(root: Path) -> Path:
     from vldm.data.synthetic import write_corpus
 
     write_corpus(SyntheticConfig(output=str(root / "videos"), count=8, size="32", frames=16, fps=8, seed=3))
-    cfg = ShardConfig(input=str(root / "videos"), output=str(root / "shards"), videos_per_shard=4, frames=8, fps=8, size="32")
+    cfg = ShardConfig(
+        input=str(root / "videos"), output=str(root / "shards"), videos_per_shard=4, frames=8, fps=8, size="32"
+    )
     (root / "shards").mkdir(parents=True)
     records, dups = list_inputs(cfg.input, ("mp4",))
     spec = ClipSpec.from_config(cfg)
@@ -293,8 +344,18 @@ def test_shards_vae_and_text_encoder_with_exact_loader_resume(tmp_path):
     base = build_tiny_base(tmp_path / "base", vae_channels=(8, 8))  # VAE factor 2, CLIP text encoder
     shards = make_shards(tmp_path)
     run = tmp_path / "run"
-    args = [f"model.pretrained={base}", f"data.shards={shards}", "data.size=32", "data.num_frames=4", "data.frame_stride=2",
-            "data.batch_size=2", "data.shuffle_buffer=4", "train.max_steps=4", "checkpoint.every=100", "wandb.mode=disabled"]
+    args = [
+        f"model.pretrained={base}",
+        f"data.shards={shards}",
+        "data.size=32",
+        "data.num_frames=4",
+        "data.frame_stride=2",
+        "data.batch_size=2",
+        "data.shuffle_buffer=4",
+        "train.max_steps=4",
+        "checkpoint.every=100",
+        "wandb.mode=disabled",
+    ]
     first = run_local(run, *args, "train.stop_after_steps=2", nproc=2)
     assert first.returncode == 75, describe(first)
     assert "stopped after a checkpoint: run the same command again to resume" in first.stdout
@@ -304,8 +365,9 @@ def test_shards_vae_and_text_encoder_with_exact_loader_resume(tmp_path):
     assert sorted(losses(run)) == [1, 2, 3, 4]
     state = json.loads((complete_checkpoints(run)[-1] / "trainer_state.json").read_text())
     # each rank's loader went on from its own position: 4 batches in all, none read twice
-    assert [s["epoch"] * 1000 + s["batch_in_epoch"] for s in state["loader"]] == [4, 4] or \
-        all(s["stats"]["batches"] == 4 for s in state["loader"]), state["loader"]
+    assert [s["epoch"] * 1000 + s["batch_in_epoch"] for s in state["loader"]] == [4, 4] or all(
+        s["stats"]["batches"] == 4 for s in state["loader"]
+    ), state["loader"]
     assert all(s["stats"]["batches"] == 4 and s["stats"]["samples"] == 8 for s in state["loader"])
 
 
@@ -313,15 +375,41 @@ def test_image_stage_with_class_labels_then_export_for_the_temporal_stage(tmp_pa
     """The driving recipe in miniature: a class-conditional image UNet trained on frames (unet/ +
     unet_ema/ in the checkpoint), exported as a base model the temporal stage accepts."""
     run = tmp_path / "run"
-    env = {**train_env(tmp_path), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, "-m", "vldm.train", "--config", str(TINY), f"run_dir={run}", "stage=image",
-                           "train.max_steps=2", "model.unet.num_class_embeds=3", "diffusion.label_key=label",
-                           "diffusion.class_names=[day,night]", "wandb.mode=disabled", "data.batch_size=1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **train_env(tmp_path),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vldm.train",
+            "--config",
+            str(TINY),
+            f"run_dir={run}",
+            "stage=image",
+            "train.max_steps=2",
+            "model.unet.num_class_embeds=3",
+            "diffusion.label_key=label",
+            "diffusion.class_names=[day,night]",
+            "wandb.mode=disabled",
+            "data.batch_size=1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, describe(proc)
     ckpt = complete_checkpoints(run)[-1]
-    assert (ckpt / "unet" / "config.json").exists() and (ckpt / "unet_ema" / "diffusion_pytorch_model.safetensors").exists()
+    assert (ckpt / "unet" / "config.json").exists() and (
+        ckpt / "unet_ema" / "diffusion_pytorch_model.safetensors"
+    ).exists()
     assert not (ckpt / "temporal.safetensors").exists()
     _, _, unet = load_checkpoint_model(ckpt, ema=True)
     assert type(unet).__name__ == "UNet2DConditionModel" and unet.config.num_class_embeds == 3
@@ -329,7 +417,23 @@ def test_image_stage_with_class_labels_then_export_for_the_temporal_stage(tmp_pa
 
     base = export(run, tmp_path / "base")
     assert sorted(p.name for p in base.iterdir()) == ["scheduler", "unet"]
-    check = subprocess.run([sys.executable, "-m", "vldm.train", "--config", str(TINY), f"model.pretrained={base}",
-                            "data.use_latents=true", "model.temporal.num_class_labels=2", "diffusion.label_key=label", "--check"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vldm.train",
+            "--config",
+            str(TINY),
+            f"model.pretrained={base}",
+            "data.use_latents=true",
+            "model.temporal.num_class_labels=2",
+            "diffusion.label_key=label",
+            "--check",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert check.returncode == 0, check.stderr

@@ -56,11 +56,28 @@ def test_ema_tracks_trainable_parameters_and_round_trips():
 
 
 def test_rank_discovery_from_launchers():
-    env_launch = detect_world({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "1234"})
+    env_launch = detect_world(
+        {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "1234"}
+    )
     assert env_launch == World(1, 4, 1, "h0", 1234, "env")
-    srun = detect_world({"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1",
-                         "SLURM_JOB_ID": "77", "MASTER_ADDR": "n1"})
-    assert (srun.rank, srun.world_size, srun.local_rank, srun.master_addr, srun.master_port, srun.launcher) == (3, 4, 1, "n1", 20077, "slurm")
+    srun = detect_world(
+        {
+            "SLURM_STEP_ID": "0",
+            "SLURM_PROCID": "3",
+            "SLURM_STEP_NUM_TASKS": "4",
+            "SLURM_LOCALID": "1",
+            "SLURM_JOB_ID": "77",
+            "MASTER_ADDR": "n1",
+        }
+    )
+    assert (srun.rank, srun.world_size, srun.local_rank, srun.master_addr, srun.master_port, srun.launcher) == (
+        3,
+        4,
+        1,
+        "n1",
+        20077,
+        "slurm",
+    )
     # the batch step has SLURM_PROCID and SLURM_NTASKS too, but no SLURM_STEP_ID: it is not rank 0 of N
     batch = detect_world({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "77", "MASTER_PORT": "29500"})
     assert batch.world_size == 1 and batch.launcher == "single"
@@ -87,8 +104,13 @@ def test_stop_request_from_signal_and_step_budget():
 
 
 def test_deepspeed_config_is_built_from_the_typed_config():
-    cfg = tiny("data.batch_size=3", "train.grad_accum=4", "optim.grad_clip=0.5", "deepspeed.overlap_comm=false",
-               "deepspeed.reduce_bucket_size=1000")
+    cfg = tiny(
+        "data.batch_size=3",
+        "train.grad_accum=4",
+        "optim.grad_clip=0.5",
+        "deepspeed.overlap_comm=false",
+        "deepspeed.reduce_bucket_size=1000",
+    )
     ds = deepspeed_config(cfg, world_size=8, precision="bf16")
     assert ds["train_batch_size"] == 3 * 4 * 8 and ds["gradient_accumulation_steps"] == 4
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True} and "optimizer" not in ds
@@ -130,7 +152,9 @@ def tiny_objective():
 
 def test_loss_is_the_same_whichever_rank_holds_a_clip(tiny_objective):
     cfg, built, obj = tiny_objective
-    whole = next(SyntheticClips(build_config(Config, [str(TINY)], ["data.batch_size=4", "data.num_frames=2"]), 0, 1, 4, 4, 4))
+    whole = next(
+        SyntheticClips(build_config(Config, [str(TINY)], ["data.batch_size=4", "data.num_frames=2"]), 0, 1, 4, 4, 4)
+    )
     halves = [next(SyntheticClips(cfg, r, 2, 4, 4, 4)) for r in (0, 1)]
     with torch.no_grad():
         l_whole, n = obj.loss(built.model, whole, step=5, micro=0, rank=0)
@@ -155,9 +179,21 @@ def test_flop_estimate_matches_a_counted_forward_and_backward(tiny_objective):
 
 def test_every_section_is_documented_in_the_reference():
     rows = {key: help_ for key, _, _, help_ in reference(Config)}
-    for key in ("train.max_bad_steps", "train.image_ratio", "checkpoint.every", "checkpoint.keep_last", "checkpoint.resume",
-                "deepspeed.zero_stage", "deepspeed.precision", "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size",
-                "wandb.mode", "wandb.group", "diffusion.label_key", "task_options"):
+    for key in (
+        "train.max_bad_steps",
+        "train.image_ratio",
+        "checkpoint.every",
+        "checkpoint.keep_last",
+        "checkpoint.resume",
+        "deepspeed.zero_stage",
+        "deepspeed.precision",
+        "deepspeed.overlap_comm",
+        "deepspeed.reduce_bucket_size",
+        "wandb.mode",
+        "wandb.group",
+        "diffusion.label_key",
+        "task_options",
+    ):
         assert rows.get(key), key
 
 
@@ -167,15 +203,18 @@ def test_shipped_configs_parse(name):
     assert cfg.train.max_steps >= 1
 
 
-@pytest.mark.parametrize("override,key", [
-    ("optim.lrr=1", "optim.lrr"),
-    ("deepspeed.zero_stage=3", "deepspeed.zero_stage"),
-    ("checkpoint.keep_last=0", "checkpoint.keep_last"),
-    ("model.pretrained=/nonexistent/sd15", "model.pretrained"),
-    ("diffusion.label_key=weather", "diffusion.label_key"),
-    ("deepspeed.precision=fp16", "deepspeed.precision"),
-    ("task=nosuchtask", "task"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("deepspeed.zero_stage=3", "deepspeed.zero_stage"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+        ("model.pretrained=/nonexistent/sd15", "model.pretrained"),
+        ("diffusion.label_key=weather", "diffusion.label_key"),
+        ("deepspeed.precision=fp16", "deepspeed.precision"),
+        ("task=nosuchtask", "task"),
+    ],
+)
 def test_bad_config_is_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check(build_config(Config, [str(TINY)], [override]), cuda=False)
@@ -183,21 +222,34 @@ def test_bad_config_is_refused_naming_the_key(override, key):
 
 def test_bad_config_fails_before_any_rank_starts(tmp_path):
     t0 = time.time()
-    proc = subprocess.run(["bash", str(SBATCH), str(TINY), f"run_dir={tmp_path / 'run'}", "train.max_stepz=5"],
-                          cwd=ROOT, env=train_env(tmp_path), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(SBATCH), str(TINY), f"run_dir={tmp_path / 'run'}", "train.max_stepz=5"],
+        cwd=ROOT,
+        env=train_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "train.max_stepz" in proc.stderr and "did you mean 'max_steps'" in proc.stderr
     assert "vldm.train " not in proc.stdout + proc.stderr  # no rank printed anything: none started
     assert not (tmp_path / "run").exists()
     assert time.time() - t0 < 60
     # the module entry point says the same
-    direct = subprocess.run([sys.executable, "-m", "vldm.train", "--config", str(TINY), "optim.lr=fast", "--check"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    direct = subprocess.run(
+        [sys.executable, "-m", "vldm.train", "--config", str(TINY), "optim.lr=fast", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert direct.returncode == 2 and "optim.lr" in direct.stderr
 
 
 def test_help_documents_entry_points():
-    out = subprocess.run([sys.executable, "-m", "vldm.train", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "vldm.train", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0 and "--check" in out.stdout and "key=value" in out.stdout
     sb = subprocess.run(["bash", str(SBATCH), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert sb.returncode == 0 and "sbatch slurm/train_temporal.sbatch" in sb.stdout and "USR1" in sb.stdout
@@ -219,7 +271,8 @@ def training_reference() -> str:
 
 def test_readme_training_reference_is_current():
     """docs/readme/training.md shows the defaults and help of today's dataclasses (regenerate:
-    python -c 'import sys; sys.path.insert(0, "tests"); from test_train_units import write_reference; write_reference()')."""
+    python -c 'import sys; sys.path.insert(0, "tests"); from test_train_units import write_reference;
+    write_reference()')."""
     text = (ROOT / "docs" / "readme" / "training.md").read_text()
     block = text.split("<!-- training-reference:start -->\n")[1].split("<!-- training-reference:end -->")[0]
     assert block.strip() == training_reference().strip()
@@ -230,4 +283,6 @@ def write_reference() -> None:
     text = path.read_text()
     head, rest = text.split("<!-- training-reference:start -->\n")
     _, tail = rest.split("<!-- training-reference:end -->")
-    path.write_text(head + "<!-- training-reference:start -->\n" + training_reference() + "\n<!-- training-reference:end -->" + tail)
+    path.write_text(
+        head + "<!-- training-reference:start -->\n" + training_reference() + "\n<!-- training-reference:end -->" + tail
+    )

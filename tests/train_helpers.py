@@ -27,7 +27,12 @@ def train_env(tmp: Path, wandb: bool = False) -> dict:
     env.pop("WORLD_SIZE", None)
     if wandb:
         d = tmp / "wandb_home"
-        for var, sub in (("WANDB_DIR", ""), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
+        for var, sub in (
+            ("WANDB_DIR", ""),
+            ("WANDB_DATA_DIR", "data"),
+            ("WANDB_CACHE_DIR", "cache"),
+            ("WANDB_CONFIG_DIR", "config"),
+        ):
             (d / sub).mkdir(parents=True, exist_ok=True)
             env[var] = str(d / sub)
         env["WANDB_MODE"] = "offline"
@@ -35,8 +40,9 @@ def train_env(tmp: Path, wandb: bool = False) -> dict:
     return env
 
 
-def run_local(run_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None, timeout: float = 240,
-              config: Path = TINY) -> subprocess.CompletedProcess:
+def run_local(
+    run_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None, timeout: float = 240, config: Path = TINY
+) -> subprocess.CompletedProcess:
     """`bash slurm/train_temporal.sbatch CONFIG run_dir=... overrides` with NPROC local ranks."""
     env = dict(env or train_env(run_dir.parent))
     env["NPROC"] = str(nproc)
@@ -71,8 +77,15 @@ def spawn_ranks(argv: list[str], nproc: int, env: dict, log_dir: Path) -> list[s
     port = free_port()
     procs = []
     for r in range(nproc):
-        e = {**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}
+        e = {
+            **env,
+            "RANK": str(r),
+            "LOCAL_RANK": str(r),
+            "WORLD_SIZE": str(nproc),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "DS_ACCELERATOR": "cpu",
+        }
         out = open(log_dir / f"rank{r}.log", "w")
         procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=e, stdout=out, stderr=subprocess.STDOUT))
     return procs

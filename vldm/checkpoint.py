@@ -1,19 +1,19 @@
 """Run directory layout, shared by the trainer (writer), the eval pool and sampling (readers).
 
-    RUN/
-      config.yaml                      resolved config of the run (enough to rebuild the model)
-      checkpoints/
-        step_00000100/                 one complete checkpoint (written as .tmp-step_..., then renamed)
-          COMPLETE                     written last: readers ignore directories without it
-          config.yaml                  resolved config at save time
-          temporal.safetensors         trainable weights (stage=temporal), VideoLDMUNet.save_temporal format
-          temporal_config.json
-          temporal_ema.safetensors     EMA of the same weights (same keys)
-          unet/                        the whole image UNet (stage=image), diffusers save_pretrained
-          unet_ema/
-          trainer_state.json           step, loader position, RNG, LR schedule, ...
-          deepspeed/                   ZeRO optimizer/engine state without frozen parameters
-      eval/<suite_hash>/step_<N>/result.json
+RUN/
+  config.yaml                      resolved config of the run (enough to rebuild the model)
+  checkpoints/
+    step_00000100/                 one complete checkpoint (written as .tmp-step_..., then renamed)
+      COMPLETE                     written last: readers ignore directories without it
+      config.yaml                  resolved config at save time
+      temporal.safetensors         trainable weights (stage=temporal), VideoLDMUNet.save_temporal format
+      temporal_config.json
+      temporal_ema.safetensors     EMA of the same weights (same keys)
+      unet/                        the whole image UNet (stage=image), diffusers save_pretrained
+      unet_ema/
+      trainer_state.json           step, loader position, RNG, LR schedule, ...
+      deepspeed/                   ZeRO optimizer/engine state without frozen parameters
+  eval/<suite_hash>/step_<N>/result.json
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ck[-1] if ck else None
 
 
-def load_checkpoint_model(ckpt_dir: str | Path, ema: bool = False, overrides: list[str] | tuple[str, ...] = (),
-                          components=None):
+def load_checkpoint_model(
+    ckpt_dir: str | Path, ema: bool = False, overrides: list[str] | tuple[str, ...] = (), components=None
+):
     """(config, components, model) from a complete checkpoint: the base model from the config's local
     path, then the checkpoint's trainable weights (raw or EMA). Works for both stages.
     `components`: already loaded base-model components to reuse (stage=temporal; shared, not copied)."""

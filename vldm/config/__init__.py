@@ -5,6 +5,22 @@ from vldm.config.schema import Config
 from vldm.config.train import CheckpointConfig, DeepSpeedConfig, DiffusionConfig, OptimConfig, TrainConfig, WandbConfig
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig", "DiffusionConfig", "ModelConfig", "OptimConfig", "TemporalOptions",
-    "TrainConfig", "UNetSpec", "WandbConfig", "build_config", "dump_yaml", "from_dict", "load_yaml", "reference", "to_dict",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "DiffusionConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TemporalOptions",
+    "TrainConfig",
+    "UNetSpec",
+    "WandbConfig",
+    "build_config",
+    "dump_yaml",
+    "from_dict",
+    "load_yaml",
+    "reference",
+    "to_dict",
 ]

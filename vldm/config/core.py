@@ -246,7 +246,9 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def build_config(cls: type[T], yaml_paths: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> T:
+def build_config(
+    cls: type[T], yaml_paths: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()
+) -> T:
     """Defaults <- each YAML file in order <- `key=value` overrides; validated against `cls`."""
     tree: dict = {}
     for y in yaml_paths:

@@ -10,8 +10,22 @@ from typing import Literal
 
 from vldm.config.core import ConfigError, field_
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str | int, key: str = "shard_bytes") -> int:
@@ -42,19 +56,35 @@ def parse_size(text: str | int) -> tuple[int, int]:
 
 @dataclass
 class DataConfig:
-    shards: str = field_("", "WebDataset shards: a directory, glob, brace pattern, or pipe:/fsspec URL ('::' joins several); empty = synthetic random latents")
+    shards: str = field_(
+        "",
+        "WebDataset shards: a directory, glob, brace pattern, or pipe:/fsspec URL ('::' joins several); empty = "
+        "synthetic random latents",
+    )
     num_frames: int = field_(8, "frames per training clip")
     frame_stride: int = field_(1, "take every n-th frame of a stored clip")
-    size: int = field_(32, "pixel height fed to the VAE, and width unless `width` is set (clips are stored already resized)")
+    size: int = field_(
+        32, "pixel height fed to the VAE, and width unless `width` is set (clips are stored already resized)"
+    )
     width: int = field_(0, "pixel width when it differs from `size` (0 = square)")
     batch_size: int = field_(2, "clips per rank per micro-step")
     num_workers: int = field_(0, "loader worker processes per rank")
     shuffle_buffer: int = field_(64, "samples held for shuffling (0 = no shuffle)")
     use_latents: bool = field_(False, "read precomputed VAE latents from the shards instead of decoding mp4")
-    pixel_dtype: Literal["float32", "uint8"] = field_("float32", "batch['pixels']: float32 in [-1, 1], or uint8 0..255 (4x less host memory and host-to-GPU traffic; do x / 127.5 - 1 on the GPU)")
-    clip_start: Literal["random", "start", "center"] = field_("random", "where the num_frames x frame_stride window sits in a longer stored clip (random is seeded, so resume is exact)")
+    pixel_dtype: Literal["float32", "uint8"] = field_(
+        "float32",
+        "batch['pixels']: float32 in [-1, 1], or uint8 0..255 (4x less host memory and host-to-GPU traffic; do x / "
+        "127.5 - 1 on the GPU)",
+    )
+    clip_start: Literal["random", "start", "center"] = field_(
+        "random",
+        "where the num_frames x frame_stride window sits in a longer stored clip (random is seeded, so resume is "
+        "exact)",
+    )
     drop_last: bool = field_(True, "drop each rank's partial last batch of an epoch (keeps batch shapes static)")
-    holdout_shards: int = field_(0, "last n shards (by name) held out: training never reads them, split='holdout' reads only them")
+    holdout_shards: int = field_(
+        0, "last n shards (by name) held out: training never reads them, split='holdout' reads only them"
+    )
 
     def validate(self) -> None:
         for name in ("num_frames", "frame_stride", "size", "batch_size"):
@@ -73,35 +103,84 @@ class DataConfig:
 class ShardConfig:
     """`data_prep/shard_videos.py INPUT OUTPUT [options]`: videos -> WebDataset shards of clips."""
 
-    input: str = field_(help="a directory of videos (recursive), a manifest (.csv/.jsonl/.parquet with a `path` column, optional `caption`, other columns kept as metadata), a failed.jsonl of an earlier run, or an fsspec URL of either")
-    output: str = field_(help="directory for the shards, _stats.json and failed.jsonl (absolute under `ray job submit`: the job runs in a temp copy of the working dir)")
+    input: str = field_(
+        help=(
+            "a directory of videos (recursive), a manifest (.csv/.jsonl/.parquet with a `path` column, optional "
+            "`caption`, other columns kept as metadata), a failed.jsonl of an earlier run, or an fsspec URL of either"
+        )
+    )
+    output: str = field_(
+        help=(
+            "directory for the shards, _stats.json and failed.jsonl (absolute under `ray job submit`: the job runs in "
+            "a temp copy of the working dir)"
+        )
+    )
     frames: int = field_(16, "frames per clip")
     fps: float = field_(8.0, "clip frame rate: sources are resampled to it by timestamps (nearest frame)")
-    size: str = field_("256", "S (square) or HxW: resize so the clip covers it, then centre-crop (even numbers: H.264 4:2:0)")
-    clip_stride: int = field_(0, "frames (at --fps) between the starts of consecutive clips of a video; 0 = --frames (back to back, no overlap)")
+    size: str = field_(
+        "256", "S (square) or HxW: resize so the clip covers it, then centre-crop (even numbers: H.264 4:2:0)"
+    )
+    clip_stride: int = field_(
+        0,
+        "frames (at --fps) between the starts of consecutive clips of a video; 0 = --frames (back to back, no overlap)",
+    )
     max_clips: int = field_(0, "at most this many clips per video (0 = no limit)")
-    spread: bool = field_(False, "with --max-clips: spread the kept clips evenly over the video instead of taking the first ones")
-    cut_threshold: float = field_(0.0, "scene-cut detection: mean absolute difference (0-1) between consecutive frames above which a cut is assumed; no clip spans a cut (0 = off)")
-    min_fps: float = field_(0.0, "reject sources slower than this frame rate (0 = accept; slower sources repeat frames to reach --fps)")
+    spread: bool = field_(
+        False, "with --max-clips: spread the kept clips evenly over the video instead of taking the first ones"
+    )
+    cut_threshold: float = field_(
+        0.0,
+        "scene-cut detection: mean absolute difference (0-1) between consecutive frames above which a cut is assumed; "
+        "no clip spans a cut (0 = off)",
+    )
+    min_fps: float = field_(
+        0.0, "reject sources slower than this frame rate (0 = accept; slower sources repeat frames to reach --fps)"
+    )
     crf: int = field_(20, "x264 constant rate factor of the stored clips (lower = better quality, bigger shards)")
     preset: str = field_("veryfast", "x264 preset")
-    samples_per_shard: int = field_(1000, "target clips per shard (inputs are assigned to shards up front from a probe of a sample of them)")
-    shard_bytes: str = field_("", "target shard size instead of a clip count, e.g. 500MB or 1GiB: bytes per clip are measured by encoding one clip of each probed input, and inputs are assigned up front (that is what makes reruns exact), so real sizes land near the target, not at it (see _stats.json)")
+    samples_per_shard: int = field_(
+        1000, "target clips per shard (inputs are assigned to shards up front from a probe of a sample of them)"
+    )
+    shard_bytes: str = field_(
+        "",
+        "target shard size instead of a clip count, e.g. 500MB or 1GiB: bytes per clip are measured by encoding one "
+        "clip of each probed input, and inputs are assigned up front (that is what makes reruns exact), so real sizes "
+        "land near the target, not at it (see _stats.json)",
+    )
     videos_per_shard: int = field_(0, "inputs per shard; 0 = derived from --shard-bytes or --samples-per-shard")
     prefix: str = field_("shard", "shard file names: {prefix}-{shard:06d}.tar")
     workers: int = field_(0, "shard-writing tasks in flight, one CPU each (0 = every CPU of the Ray cluster)")
-    ray_address: str = field_("", "Ray cluster to use; empty = the `ray job submit` cluster, RAY_ADDRESS or a running local one, else start a private local Ray; 'local' = always a private one")
+    ray_address: str = field_(
+        "",
+        "Ray cluster to use; empty = the `ray job submit` cluster, RAY_ADDRESS or a running local one, else start a "
+        "private local Ray; 'local' = always a private one",
+    )
     video_timeout: float = field_(600.0, "seconds one video may take before it is recorded as failed (timeout)")
-    source_hash: bool = field_(False, "record each source's sha256 in the clip json (reads every input once more); off = size + mtime")
-    extensions: str = field_("mp4,mov,mkv,webm,avi,m4v,mpg,mpeg,ts,flv,wmv,3gp,ogv", "video file extensions picked up when INPUT is a directory")
+    source_hash: bool = field_(
+        False, "record each source's sha256 in the clip json (reads every input once more); off = size + mtime"
+    )
+    extensions: str = field_(
+        "mp4,mov,mkv,webm,avi,m4v,mpg,mpeg,ts,flv,wmv,3gp,ogv",
+        "video file extensions picked up when INPUT is a directory",
+    )
     limit: int = field_(0, "use only the first N inputs (0 = all): for trial runs")
     log_every: float = field_(10.0, "seconds between progress lines")
-    max_retries: int = field_(3, "Ray retries of a shard task whose worker process died (a video that kills its worker twice is recorded as worker_crash)")
-    encode_latents: bool = field_(False, "add VAE latents (and text embeddings) to every sample: latents.npy / text.npy")
+    max_retries: int = field_(
+        3,
+        "Ray retries of a shard task whose worker process died (a video that kills its worker twice is recorded as "
+        "worker_crash)",
+    )
+    encode_latents: bool = field_(
+        False, "add VAE latents (and text embeddings) to every sample: latents.npy / text.npy"
+    )
     vae: str = field_("", "local diffusers AutoencoderKL directory (for --encode-latents)")
-    text_encoder: str = field_("", "local transformers text encoder + tokenizer directory (optional, for --encode-latents)")
+    text_encoder: str = field_(
+        "", "local transformers text encoder + tokenizer directory (optional, for --encode-latents)"
+    )
     latent_batch: int = field_(16, "frames per VAE forward pass")
-    latent_actors: int = field_(0, "VAE actors (one GPU each when the cluster has GPUs); 0 = number of GPUs, or 1 without GPUs")
+    latent_actors: int = field_(
+        0, "VAE actors (one GPU each when the cluster has GPUs); 0 = number of GPUs, or 1 without GPUs"
+    )
     latent_dtype: Literal["float16", "float32"] = field_("float16", "dtype latents and text embeddings are stored in")
 
     def validate(self) -> None:
@@ -138,7 +217,11 @@ class SyntheticConfig:
     min_speed: float = field_(0.02, "slowest speed, as a fraction of the short side per frame")
     max_speed: float = field_(0.05, "fastest speed, as a fraction of the short side per frame")
     background: str = field_("black", "background colour name, or 'random' (a dark colour per video)")
-    texture: float = field_(0.0, "amplitude (grey levels) of a random texture on the background that pans like a moving camera; 0 = flat. Flat frames decode ~10x faster than camera footage: benchmarks use a texture so codec costs are realistic")
+    texture: float = field_(
+        0.0,
+        "amplitude (grey levels) of a random texture on the background that pans like a moving camera; 0 = flat. Flat "
+        "frames decode ~10x faster than camera footage: benchmarks use a texture so codec costs are realistic",
+    )
     codec: str = field_("libx264", "encoder (libx264, libx265, libvpx-vp9, mjpeg, ffv1, ...)")
     crf: int = field_(12, "quality of the source videos (x264/x265/vp9)")
     container: str = field_("mp4", "file extension / container: mp4, mkv, webm, avi, mov")

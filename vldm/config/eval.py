@@ -34,16 +34,24 @@ class SamplingConfig:
     num_frames: int = field_(0, "frames per video (0 = the run's data.num_frames)")
     height: int = field_(0, "pixel height (0 = the run's data.size)")
     width: int = field_(0, "pixel width (0 = the run's data.size)")
-    sampler: Literal["ddim", "dpm", "ddpm"] = field_("ddim", "diffusers scheduler used for sampling (the paper uses DDIM)")
+    sampler: Literal["ddim", "dpm", "ddpm"] = field_(
+        "ddim", "diffusers scheduler used for sampling (the paper uses DDIM)"
+    )
     steps: int = field_(10, "sampler steps")
     guidance_scale: float = field_(1.0, "classifier-free guidance scale (1 = no guidance)")
     negative_prompt: str = field_("", "prompt of the unconditional branch when guidance_scale != 1")
     seed: int = field_(0, "suite seed: sample i's seed is a hash of (seed, i)")
     prompts: tuple[str, ...] = field_(TINY_PROMPTS, "prompts, cycled over samples")
-    prompts_file: str = field_("", "local text file, one prompt per line (replaces `prompts`; its content is hashed, not its path)")
-    class_labels: tuple[int, ...] = field_((), "class labels for class-conditional models (temporal.num_class_labels), cycled over samples")
+    prompts_file: str = field_(
+        "", "local text file, one prompt per line (replaces `prompts`; its content is hashed, not its path)"
+    )
+    class_labels: tuple[int, ...] = field_(
+        (), "class labels for class-conditional models (temporal.num_class_labels), cycled over samples"
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = field_("float32", "sampling precision (fp16/bf16 only on GPU)")
-    variants: tuple[str, ...] = field_(("ema", "raw"), "temporal weights to evaluate: ema (temporal_ema.safetensors) and/or raw")
+    variants: tuple[str, ...] = field_(
+        ("ema", "raw"), "temporal weights to evaluate: ema (temporal_ema.safetensors) and/or raw"
+    )
     fps: int = field_(8, "frame rate written into the sample mp4s")
 
     def validate(self) -> None:
@@ -52,7 +60,9 @@ class SamplingConfig:
         if self.steps < 1:
             raise ConfigError("sampling.steps: must be >= 1")
         if not self.variants or any(v not in VARIANTS for v in self.variants):
-            raise ConfigError(f"sampling.variants: must be a non-empty subset of {list(VARIANTS)}, got {list(self.variants)}")
+            raise ConfigError(
+                f"sampling.variants: must be a non-empty subset of {list(VARIANTS)}, got {list(self.variants)}"
+            )
         if not self.prompts and not self.prompts_file:
             raise ConfigError("sampling.prompts: give at least one prompt (or sampling.prompts_file)")
 
@@ -70,8 +80,12 @@ class FVDConfig:
     """FVD with the Kinetics-400 I3D (reference protocol: 16 frames, full-frame resize to 224, 400-d logits)."""
 
     enabled: bool = field_(False, "compute FVD (needs weights and real.videos)")
-    weights: str = field_("", "local I3D file: TorchScript (i3d_torchscript.pt) or a pytorch-i3d state dict (rgb_imagenet.pt)")
-    sha256: str = field_("", "expected sha256 of `weights`; a different file is refused (empty = record whatever is there)")
+    weights: str = field_(
+        "", "local I3D file: TorchScript (i3d_torchscript.pt) or a pytorch-i3d state dict (rgb_imagenet.pt)"
+    )
+    sha256: str = field_(
+        "", "expected sha256 of `weights`; a different file is refused (empty = record whatever is there)"
+    )
     num_frames: int = field_(16, "frames per clip fed to I3D")
     stride: int = field_(1, "take every n-th frame (real and generated alike)")
     resize: int = field_(224, "full-frame bilinear resize to resize x resize (no crop, aspect ratio not kept)")
@@ -83,7 +97,9 @@ class FIDConfig:
     state dict `pt_inception-2015-12-05-6726825d.pth`."""
 
     enabled: bool = field_(False, "compute FID over frames (needs weights and real.videos)")
-    weights: str = field_("", "local Inception file: TorchScript (0..255 images -> 2048-d pool features) or pytorch-fid's .pth state dict")
+    weights: str = field_(
+        "", "local Inception file: TorchScript (0..255 images -> 2048-d pool features) or pytorch-fid's .pth state dict"
+    )
     sha256: str = field_("", "expected sha256 of `weights` (empty = record whatever is there)")
     num_frames: int = field_(0, "frames per video used (0 = all sampled frames; real clips read as many)")
     resize: int = field_(299, "bilinear resize of each frame to resize x resize")
@@ -91,7 +107,8 @@ class FIDConfig:
 
 @dataclass
 class CLIPSIMConfig:
-    """CLIPSIM (MSR-VTT protocol): cosine similarity of CLIP ViT-B/32 image and prompt embeddings, averaged over frames."""
+    """CLIPSIM (MSR-VTT protocol): cosine similarity of CLIP ViT-B/32 image and prompt embeddings, averaged over
+    frames."""
 
     enabled: bool = field_(False, "compute CLIPSIM (needs model_dir)")
     model_dir: str = field_("", "local transformers CLIPModel directory (config.json, weights, tokenizer files)")
@@ -104,8 +121,14 @@ class VideoMetricsConfig:
     """Weight-free metrics: they need no downloaded network and run everywhere."""
 
     flicker: bool = field_(True, "temporal flicker: mean |frame[t+1] - frame[t]| on the 0..255 scale")
-    consistency: bool = field_(True, "frame-to-frame consistency: mean cosine similarity of consecutive frames' features")
-    consistency_features: Literal["pixels", "clip"] = field_("pixels", "pixels = mean-removed frames pooled to consistency_size (weight-free); clip = CLIP image embeddings (needs clipsim.model_dir)")
+    consistency: bool = field_(
+        True, "frame-to-frame consistency: mean cosine similarity of consecutive frames' features"
+    )
+    consistency_features: Literal["pixels", "clip"] = field_(
+        "pixels",
+        "pixels = mean-removed frames pooled to consistency_size (weight-free); clip = CLIP image embeddings (needs "
+        "clipsim.model_dir)",
+    )
     consistency_size: int = field_(16, "pooled frame size for pixel features")
 
 
@@ -114,7 +137,11 @@ class ValLossConfig:
     """Validation diffusion loss at fixed timesteps and noise seeds on held-out clips."""
 
     enabled: bool = field_(True, "compute the validation loss")
-    data: str = field_("", "held-out clips: directory/glob of .mp4 or .tar shards (empty = synthetic N(0,1) latents, the embedded demo's data)")
+    data: str = field_(
+        "",
+        "held-out clips: directory/glob of .mp4 or .tar shards (empty = synthetic N(0,1) latents, the embedded demo's "
+        "data)",
+    )
     num_clips: int = field_(8, "held-out clips (the first N in sorted order)")
     timesteps: tuple[int, ...] = field_((100, 300, 500, 700, 900), "diffusion timesteps the loss is measured at")
     seed: int = field_(0, "noise seed: the noise of clip i at timestep t depends only on (seed, i, t)")
@@ -133,7 +160,9 @@ class PoolConfig:
     batch_size: int = field_(4, "videos per sampling batch inside a shard")
     feature_batch_size: int = field_(4, "clips per feature-extractor forward")
     poll_interval_s: float = field_(30.0, "seconds between scans of the run dir for new checkpoints")
-    idle_exit_s: float = field_(0.0, "without --once: exit after this long with no new checkpoint and no work (0 = poll forever)")
+    idle_exit_s: float = field_(
+        0.0, "without --once: exit after this long with no new checkpoint and no work (0 = poll forever)"
+    )
     max_attempts: int = field_(3, "tries per shard before its checkpoint is marked failed (error.json)")
     reference_cache: str = field_("", "directory of cached real-data statistics (empty = ~/.cache/vldm/eval_reference)")
     save_videos: bool = field_(True, "keep every sample mp4 under RUN/eval/<hash>/step_N/videos/")
@@ -145,7 +174,9 @@ class EvalWandbConfig:
     """W&B logging of the eval run (one per training run and suite, in the training run's group)."""
 
     enabled: bool = field_(True, "log to W&B (off, or W&B not installed, gives a no-op logger)")
-    mode: Literal["auto", "online", "offline", "disabled"] = field_("auto", "auto = $WANDB_MODE, else online with an API key, else offline")
+    mode: Literal["auto", "online", "offline", "disabled"] = field_(
+        "auto", "auto = $WANDB_MODE, else online with an API key, else offline"
+    )
     project: str = field_("", "W&B project (empty = the training run's wandb.project)")
     entity: str = field_("", "W&B entity (empty = the training run's, else your default)")
     group: str = field_("", "W&B group (empty = the training run's group, else the run dir's name)")

@@ -69,12 +69,28 @@ class TemporalOptions:
     dropout: float = field_(0.0, "dropout inside temporal layers")
     extra_in_channels: int = field_(0, "extra zero-initialised input channels (e.g. low-res frames, masks)")
     num_class_labels: int = field_(0, "extra class-label embedding added to the timestep embedding (0 = none)")
-    scalar_conds: tuple[str, ...] = field_((), "names of scalar conditions (fps, noise_level) embedded and added to the timestep embedding")
-    temporal_cond_channels: int = field_(0, "channels of a (mask, masked latents) condition fed to the temporal layers through a zero-initialised downsampling encoder")
-    temporal_block: Literal["vldm", "animatediff"] = field_("vldm", "temporal attention design: vldm = paper §3.1 transformer; animatediff = AnimateDiff motion-module layout (attention only, needs res_blocks=false), exportable to diffusers' MotionAdapter")
-    motion_num_attention_heads: int = field_(8, "heads of every animatediff-style temporal layer (head dim = channels / heads)")
-    gradient_checkpointing: Literal["off", "temporal", "block"] = field_("off", "activation checkpointing: off, temporal layers only, or every block (spatial + temporal)")
-    attention_backend: Literal["auto", "sdpa", "flash", "math"] = field_("auto", "attention kernel: auto = flash-attn on CUDA in fp16/bf16 when installed, else torch SDPA")
+    scalar_conds: tuple[str, ...] = field_(
+        (), "names of scalar conditions (fps, noise_level) embedded and added to the timestep embedding"
+    )
+    temporal_cond_channels: int = field_(
+        0,
+        "channels of a (mask, masked latents) condition fed to the temporal layers through a zero-initialised "
+        "downsampling encoder",
+    )
+    temporal_block: Literal["vldm", "animatediff"] = field_(
+        "vldm",
+        "temporal attention design: vldm = paper §3.1 transformer; animatediff = AnimateDiff motion-module layout "
+        "(attention only, needs res_blocks=false), exportable to diffusers' MotionAdapter",
+    )
+    motion_num_attention_heads: int = field_(
+        8, "heads of every animatediff-style temporal layer (head dim = channels / heads)"
+    )
+    gradient_checkpointing: Literal["off", "temporal", "block"] = field_(
+        "off", "activation checkpointing: off, temporal layers only, or every block (spatial + temporal)"
+    )
+    attention_backend: Literal["auto", "sdpa", "flash", "math"] = field_(
+        "auto", "attention kernel: auto = flash-attn on CUDA in fp16/bf16 when installed, else torch SDPA"
+    )
     attn_max_batch: int = field_(65535, "largest batch*heads per attention kernel call (pytorch issue 142228)")
 
     def validate(self) -> None:
@@ -88,7 +104,13 @@ class TemporalOptions:
 
 @dataclass
 class ModelConfig:
-    pretrained: str = field_("", "local directory of a diffusers image LDM (unet/, vae/, text_encoder/, tokenizer/, scheduler/); empty = build from model.unet")
+    pretrained: str = field_(
+        "",
+        "local directory of a diffusers image LDM (unet/, vae/, text_encoder/, tokenizer/, scheduler/); empty = build "
+        "from model.unet",
+    )
     unet: UNetSpec = field_(default_factory=UNetSpec, help="image UNet architecture when not pretrained")
     temporal: TemporalOptions = field_(default_factory=TemporalOptions, help="temporal layer options")
-    temporal_weights: str = field_("", "initialise temporal layers from this directory (temporal.safetensors + temporal_config.json)")
+    temporal_weights: str = field_(
+        "", "initialise temporal layers from this directory (temporal.safetensors + temporal_config.json)"
+    )

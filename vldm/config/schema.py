@@ -21,9 +21,21 @@ from vldm.config.train import (
 
 @dataclass
 class Config:
-    stage: Literal["image", "temporal", "decoder"] = field_("temporal", "image: train the whole image UNet on frames; temporal: freeze it, train temporal layers; decoder: fine-tune the autoencoder's video decoder (vldm.train.decoder)")
-    task: str = field_("generate", "what the temporal model learns: generate | predict | interpolate | upsample (vldm.tasks)")
-    task_options: dict[str, Any] = field_(default_factory=dict, help="options of the task, e.g. {context_frames: [0, 1, 2]} for predict (vldm.tasks.paper *Options); unknown keys are errors")
+    stage: Literal["image", "temporal", "decoder"] = field_(
+        "temporal",
+        "image: train the whole image UNet on frames; temporal: freeze it, train temporal layers; decoder: fine-tune "
+        "the autoencoder's video decoder (vldm.train.decoder)",
+    )
+    task: str = field_(
+        "generate", "what the temporal model learns: generate | predict | interpolate | upsample (vldm.tasks)"
+    )
+    task_options: dict[str, Any] = field_(
+        default_factory=dict,
+        help=(
+            "options of the task, e.g. {context_frames: [0, 1, 2]} for predict (vldm.tasks.paper *Options); unknown "
+            "keys are errors"
+        ),
+    )
     run_dir: str = field_("outputs/run", "where checkpoints, the resolved config and logs go")
     seed: int = field_(0, "global seed")
     model: ModelConfig = field_(default_factory=ModelConfig, help="model")
@@ -32,7 +44,9 @@ class Config:
     optim: OptimConfig = field_(default_factory=OptimConfig, help="optimiser")
     train: TrainConfig = field_(default_factory=TrainConfig, help="training loop")
     checkpoint: CheckpointConfig = field_(default_factory=CheckpointConfig, help="checkpoints and resume")
-    deepspeed: DeepSpeedConfig = field_(default_factory=DeepSpeedConfig, help="DeepSpeed engine (built in code from these fields)")
+    deepspeed: DeepSpeedConfig = field_(
+        default_factory=DeepSpeedConfig, help="DeepSpeed engine (built in code from these fields)"
+    )
     wandb: WandbConfig = field_(default_factory=WandbConfig, help="Weights & Biases logging")
     decoder: DecoderConfig = field_(default_factory=DecoderConfig, help="video decoder fine-tuning (stage=decoder)")
 

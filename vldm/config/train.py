@@ -14,13 +14,19 @@ class DiffusionConfig:
     beta_schedule: str = field_("scaled_linear", "diffusers beta schedule (scaled_linear is SD's)")
     beta_start: float = field_(0.00085, "first beta")
     beta_end: float = field_(0.012, "last beta")
-    prediction_type: Literal["auto", "epsilon", "v_prediction"] = field_("auto", "what the UNet predicts; auto = the base model's scheduler config (epsilon if none)")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = field_(
+        "auto", "what the UNet predicts; auto = the base model's scheduler config (epsilon if none)"
+    )
     loss_weighting: Literal["none", "min_snr"] = field_("none", "per-timestep loss weighting")
     snr_gamma: float = field_(5.0, "gamma of min_snr weighting")
     scheduler_from_model: bool = field_(True, "read the schedule from <model.pretrained>/scheduler when it exists")
     text_dropout: float = field_(0.1, "probability of an empty caption (classifier-free guidance)")
-    label_key: str = field_("", "class label of a clip: dotted field of its metadata (e.g. meta.weather); empty = no class labels")
-    class_names: tuple[str, ...] = field_((), "label names in index order when labels are strings (e.g. day,night); empty = labels are ints")
+    label_key: str = field_(
+        "", "class label of a clip: dotted field of its metadata (e.g. meta.weather); empty = no class labels"
+    )
+    class_names: tuple[str, ...] = field_(
+        (), "label names in index order when labels are strings (e.g. day,night); empty = labels are ints"
+    )
     label_dropout: float = field_(0.1, "probability of the 'no label' class (guidance over class labels)")
 
     def validate(self) -> None:
@@ -56,16 +62,32 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = field_(20, "optimizer steps to train (the run ends at this step, across requeues)")
-    grad_accum: int = field_(1, "micro-steps per optimizer step (global batch = data.batch_size x grad_accum x world size)")
+    grad_accum: int = field_(
+        1, "micro-steps per optimizer step (global batch = data.batch_size x grad_accum x world size)"
+    )
     ema_decay: float = field_(0.999, "EMA decay of trainable parameters (0 = no EMA)")
     log_every: int = field_(1, "log metrics every n steps")
-    max_bad_steps: int = field_(5, "abort after this many consecutive steps with a non-finite loss or gradient (each one is skipped)")
-    image_ratio: float = field_(0.0, "joint image/video batches: fraction of each micro-batch's clips treated as independent frames (image_only_indicator; a = 1, temporal layers bypassed)")
-    encoder_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field_("auto", "dtype of the frozen VAE encoder and text encoder (auto = bfloat16 on GPU, float32 on CPU)")
-    stop_after_steps: int = field_(0, "stop like a preemption (checkpoint, exit code 75, requeue) after this many steps in one job; 0 = off")
-    stop_after_minutes: float = field_(0.0, "stop like a preemption after this many minutes in one job (for clusters without --signal); 0 = off")
+    max_bad_steps: int = field_(
+        5, "abort after this many consecutive steps with a non-finite loss or gradient (each one is skipped)"
+    )
+    image_ratio: float = field_(
+        0.0,
+        "joint image/video batches: fraction of each micro-batch's clips treated as independent frames "
+        "(image_only_indicator; a = 1, temporal layers bypassed)",
+    )
+    encoder_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field_(
+        "auto", "dtype of the frozen VAE encoder and text encoder (auto = bfloat16 on GPU, float32 on CPU)"
+    )
+    stop_after_steps: int = field_(
+        0, "stop like a preemption (checkpoint, exit code 75, requeue) after this many steps in one job; 0 = off"
+    )
+    stop_after_minutes: float = field_(
+        0.0, "stop like a preemption after this many minutes in one job (for clusters without --signal); 0 = off"
+    )
     count_flops: bool = field_(True, "count the FLOPs of one micro-batch at start (torch flop counter) for perf/mfu")
-    peak_tflops: float = field_(0.0, "per-device peak TFLOP/s for perf/mfu; 0 = the known bf16 dense peak of the GPU (none on CPU)")
+    peak_tflops: float = field_(
+        0.0, "per-device peak TFLOP/s for perf/mfu; 0 = the known bf16 dense peak of the GPU (none on CPU)"
+    )
     metrics_file: bool = field_(True, "also append every logged step to RUN/logs/metrics.jsonl (rank 0)")
 
     def validate(self) -> None:
@@ -84,8 +106,14 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = field_(500, "save a checkpoint every n steps (and at the end, on a stop signal and before an abort)")
     keep_last: int = field_(3, "complete checkpoints kept (older ones are deleted after a save)")
-    resume: str = field_("auto", "auto = newest complete checkpoint of run_dir (fresh start if none); never; or a checkpoint directory")
-    save_optimizer: bool = field_(True, "write the DeepSpeed ZeRO state (optimizer + master weights, frozen parameters excluded); off = weights, EMA and trainer state only")
+    resume: str = field_(
+        "auto", "auto = newest complete checkpoint of run_dir (fresh start if none); never; or a checkpoint directory"
+    )
+    save_optimizer: bool = field_(
+        True,
+        "write the DeepSpeed ZeRO state (optimizer + master weights, frozen parameters excluded); off = weights, EMA "
+        "and trainer state only",
+    )
 
     def validate(self) -> None:
         if self.every < 1:
@@ -99,15 +127,21 @@ class CheckpointConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = field_(2, "ZeRO stage: 0 (DDP), 1 (optimizer states sharded), 2 (+ gradients sharded)")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = field_("auto", "training precision; auto = bf16 on GPU, fp32 on CPU")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = field_(
+        "auto", "training precision; auto = bf16 on GPU, fp32 on CPU"
+    )
     overlap_comm: bool = field_(True, "overlap gradient reduction with the backward pass")
-    contiguous_gradients: bool = field_(True, "copy gradients into one buffer as they are produced (less fragmentation)")
+    contiguous_gradients: bool = field_(
+        True, "copy gradients into one buffer as they are produced (less fragmentation)"
+    )
     reduce_scatter: bool = field_(True, "reduce gradients with reduce-scatter instead of all-reduce")
     reduce_bucket_size: int = field_(200_000_000, "elements per gradient-reduction bucket")
     allgather_bucket_size: int = field_(200_000_000, "elements per parameter all-gather bucket after the step")
     fp16_initial_scale_power: int = field_(16, "fp16 only: initial dynamic loss scale 2**n")
     backend: Literal["auto", "nccl", "gloo"] = field_("auto", "collective backend; auto = nccl on GPU, gloo on CPU")
-    timeout_s: float = field_(1800.0, "a collective, barrier or step stuck this long ends the process (dead-rank watchdog)")
+    timeout_s: float = field_(
+        1800.0, "a collective, barrier or step stuck this long ends the process (dead-rank watchdog)"
+    )
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2):
@@ -120,10 +154,15 @@ class DeepSpeedConfig:
 
 @dataclass
 class WandbConfig:
-    mode: Literal["online", "offline", "disabled"] = field_("offline", "online needs WANDB_API_KEY; offline writes a run to sync later (`wandb sync`); disabled logs nothing")
+    mode: Literal["online", "offline", "disabled"] = field_(
+        "offline",
+        "online needs WANDB_API_KEY; offline writes a run to sync later (`wandb sync`); disabled logs nothing",
+    )
     project: str = field_("vldm", "W&B project")
     entity: str = field_("", "W&B entity (team or user); empty = the API key's default")
     group: str = field_("", "W&B group (eval runs join it); empty = the run_dir's name")
     name: str = field_("", "display name; empty = the run_dir's name")
     tags: tuple[str, ...] = field_((), "W&B tags")
-    id: str = field_("", "run id; empty = derived from the absolute run_dir, so requeues and restarts continue the same run")
+    id: str = field_(
+        "", "run id; empty = derived from the absolute run_dir, so requeues and restarts continue the same run"
+    )

@@ -18,8 +18,9 @@ T = TypeVar("T")
 
 
 def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=prog, description=description or cls.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog=prog, description=description or cls.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, text = hints[f.name], f.metadata.get("help", "")
@@ -28,13 +29,22 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             continue
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
-            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                            help=f"{text} (default: {'on' if f.default else 'off'})")
+            ap.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=f.default,
+                help=f"{text} (default: {'on' if f.default else 'off'})",
+            )
         elif get_origin(tp) is Literal:
-            ap.add_argument(flag, dest=f.name, choices=list(get_args(tp)), default=f.default, help=f"{text} (default: {f.default})")
+            ap.add_argument(
+                flag, dest=f.name, choices=list(get_args(tp)), default=f.default, help=f"{text} (default: {f.default})"
+            )
         else:
             shown = repr(f.default) if f.default == "" else f.default
-            ap.add_argument(flag, dest=f.name, default=f.default, metavar=f.name.upper(), help=f"{text} (default: {shown})")
+            ap.add_argument(
+                flag, dest=f.name, default=f.default, metavar=f.name.upper(), help=f"{text} (default: {shown})"
+            )
     return ap
 
 

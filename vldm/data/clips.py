@@ -56,9 +56,20 @@ class ClipSpec:
     @classmethod
     def from_config(cls, cfg: ShardConfig) -> ClipSpec:
         h, w = parse_size(cfg.size)
-        return cls(frames=cfg.frames, fps=fps_fraction(cfg.fps), height=h, width=w, stride=cfg.clip_stride or cfg.frames,
-                   max_clips=cfg.max_clips, spread=cfg.spread, cut_threshold=cfg.cut_threshold, min_fps=cfg.min_fps,
-                   crf=cfg.crf, preset=cfg.preset, timeout=cfg.video_timeout)
+        return cls(
+            frames=cfg.frames,
+            fps=fps_fraction(cfg.fps),
+            height=h,
+            width=w,
+            stride=cfg.clip_stride or cfg.frames,
+            max_clips=cfg.max_clips,
+            spread=cfg.spread,
+            cut_threshold=cfg.cut_threshold,
+            min_fps=cfg.min_fps,
+            crf=cfg.crf,
+            preset=cfg.preset,
+            timeout=cfg.video_timeout,
+        )
 
     def resampled_frames(self, duration: float) -> int:
         return math.floor(duration * self.fps + 1e-6)
@@ -140,8 +151,14 @@ class _Cutter:
         start = self.buf[0][0]
         frames = np.stack([im for _, im in self.buf])
         mp4 = encode_frames(frames, spec.fps, crf=spec.crf, preset=spec.preset, threads=spec.threads)
-        clip = Clip(index=self.made, start=float(start / spec.fps), end=float((start + spec.frames) / spec.fps),
-                    frames=spec.frames, mp4=mp4, rotation=self.rotation)
+        clip = Clip(
+            index=self.made,
+            start=float(start / spec.fps),
+            end=float((start + spec.frames) / spec.fps),
+            frames=spec.frames,
+            mp4=mp4,
+            rotation=self.rotation,
+        )
         self.made += 1
         nxt = start + spec.stride
         if self.planned is not None:

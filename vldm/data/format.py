@@ -127,7 +127,9 @@ class ClipMeta:
 
     def to_json(self) -> bytes:
         # not dataclasses.asdict: it deep-copies `meta` (a whole trajectory, say) for every clip
-        return json.dumps({f: getattr(self, f) for f in self.__dataclass_fields__}, ensure_ascii=False, sort_keys=True).encode()
+        return json.dumps(
+            {f: getattr(self, f) for f in self.__dataclass_fields__}, ensure_ascii=False, sort_keys=True
+        ).encode()
 
 
 CLIP_META_FIELDS = tuple(f for f in ClipMeta.__dataclass_fields__)

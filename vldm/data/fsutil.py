@@ -50,7 +50,9 @@ class DirLock:
             holder = self._f.read().strip()
             self._f.close()
             self._f = None
-            raise DirLocked(f"another sharding run holds {self.path} ({holder or 'unknown'}); wait for it or stop it") from None
+            raise DirLocked(
+                f"another sharding run holds {self.path} ({holder or 'unknown'}); wait for it or stop it"
+            ) from None
         self._f.seek(0)
         self._f.truncate()
         self._f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")

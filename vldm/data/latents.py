@@ -42,8 +42,14 @@ class LatentEncoder:
     """Loads a local diffusers AutoencoderKL (and optionally a transformers text encoder + tokenizer)
     once, then encodes shards."""
 
-    def __init__(self, vae_path: str, text_encoder_path: str = "", batch_frames: int = 16,
-                 dtype: str = "float16", device: str = "auto"):
+    def __init__(
+        self,
+        vae_path: str,
+        text_encoder_path: str = "",
+        batch_frames: int = 16,
+        dtype: str = "float16",
+        device: str = "auto",
+    ):
         import torch
         from diffusers import AutoencoderKL
 
@@ -66,16 +72,24 @@ class LatentEncoder:
             arch = T5EncoderModel if AutoConfig.from_pretrained(text_encoder_path).model_type == "t5" else AutoModel
             self.text_encoder = arch.from_pretrained(text_encoder_path).to(self.device).eval()
             self.text_encoder.requires_grad_(False)
-        self.record = {"vae": os.path.abspath(vae_path), "text_encoder": os.path.abspath(text_encoder_path) if text_encoder_path else "",
-                       "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor, "latent_dist": "mean",
-                       "dtype": str(self.out_dtype)}
+        self.record = {
+            "vae": os.path.abspath(vae_path),
+            "text_encoder": os.path.abspath(text_encoder_path) if text_encoder_path else "",
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "latent_dist": "mean",
+            "dtype": str(self.out_dtype),
+        }
 
     def encode_frames(self, frames: np.ndarray) -> np.ndarray:
         """(F, H, W, 3) uint8 -> (C, F, h, w) scaled latents (float32)."""
         from einops import rearrange
 
         torch = self.torch
-        x = torch.from_numpy(rearrange(frames, "f h w c -> f c h w").copy()).to(self.device, torch.float32) / 127.5 - 1.0
+        x = (
+            torch.from_numpy(rearrange(frames, "f h w c -> f c h w").copy()).to(self.device, torch.float32) / 127.5
+            - 1.0
+        )
         outs = []
         with torch.no_grad():
             for chunk in x.split(self.batch_frames):
@@ -132,7 +146,11 @@ class LatentEncoder:
             caption = members.get(EXT_TXT, b"").decode("utf-8", "replace")
             e = self.encode_text(caption)
             new[EXT_TEXT_EMB] = npy_bytes(e.astype(self.out_dtype))
-            meta["text_embeds"] = {"text_encoder": self.record["text_encoder"], "shape": list(e.shape), "dtype": str(self.out_dtype)}
+            meta["text_embeds"] = {
+                "text_encoder": self.record["text_encoder"],
+                "shape": list(e.shape),
+                "dtype": str(self.out_dtype),
+            }
         else:
             meta.pop("text_embeds", None)
         new[EXT_JSON] = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode()
@@ -144,4 +162,6 @@ def needs_latents(summary: dict[str, Any] | None, vae: str, text_encoder: str) -
     if summary is None:
         return False
     rec = summary.get("latents") or {}
-    return rec.get("vae") != os.path.abspath(vae) or rec.get("text_encoder", "") != (os.path.abspath(text_encoder) if text_encoder else "")
+    return rec.get("vae") != os.path.abspath(vae) or rec.get("text_encoder", "") != (
+        os.path.abspath(text_encoder) if text_encoder else ""
+    )

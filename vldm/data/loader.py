@@ -117,8 +117,21 @@ class _Reader:
 class _EpochStream(IterableDataset):
     """One epoch of one rank from batch `skip_batches` on; yields collated batches (uint8 pixels)."""
 
-    def __init__(self, urls: list[str], counts: list[int], cfg: DataConfig, *, seed: int, epoch: int, rank: int,
-                 world_size: int, skip_batches: int, shuffle: bool, drop_last: bool, pool: BufferPool | None = None):
+    def __init__(
+        self,
+        urls: list[str],
+        counts: list[int],
+        cfg: DataConfig,
+        *,
+        seed: int,
+        epoch: int,
+        rank: int,
+        world_size: int,
+        skip_batches: int,
+        shuffle: bool,
+        drop_last: bool,
+        pool: BufferPool | None = None,
+    ):
         super().__init__()
         self.pool = pool  # main process only (num_workers=0): workers allocate shared memory per batch
         self._u8: np.ndarray | None = None  # the clip buffer float32 batches are decoded through
@@ -128,9 +141,19 @@ class _EpochStream(IterableDataset):
 
     def plan(self, worker: int) -> WorkerPlan:
         c = self.cfg
-        return worker_plan(self.counts, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-                           num_workers=c.num_workers, worker=worker, batch_size=c.batch_size, drop_last=self.drop_last,
-                           shuffle_buffer=c.shuffle_buffer if self.shuffle else 0, shuffle=self.shuffle)
+        return worker_plan(
+            self.counts,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=c.num_workers,
+            worker=worker,
+            batch_size=c.batch_size,
+            drop_last=self.drop_last,
+            shuffle_buffer=c.shuffle_buffer if self.shuffle else 0,
+            shuffle=self.shuffle,
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -148,8 +171,13 @@ class _EpochStream(IterableDataset):
         u8 = c.pixel_dtype == "uint8" or info is not None
         for b in range(done, len(plan.batch_sizes)):
             items, dropped = [], []
-            batch_px = None if c.use_latents else _batch_tensor((plan.batch_sizes[b], 3, c.num_frames, *c.hw),
-                                                                torch.uint8 if u8 else torch.float32, self.pool)
+            batch_px = (
+                None
+                if c.use_latents
+                else _batch_tensor(
+                    (plan.batch_sizes[b], 3, c.num_frames, *c.hw), torch.uint8 if u8 else torch.float32, self.pool
+                )
+            )
             for pos in plan.order[t : t + plan.batch_sizes[b]]:
                 key, members, err = reader.get(pos)
                 try:
@@ -169,7 +197,9 @@ class _EpochStream(IterableDataset):
             self._u8 = np.empty(shape, np.uint8)
         return self._u8
 
-    def _decode(self, key: str, members: dict[str, bytes], seq_pos: int, slot: np.ndarray | None = None) -> dict[str, Any]:
+    def _decode(
+        self, key: str, members: dict[str, bytes], seq_pos: int, slot: np.ndarray | None = None
+    ) -> dict[str, Any]:
         """One sample -> its fields; pixels are decoded into `slot` (its place in the batch tensor)."""
         c = self.cfg
         try:
@@ -179,7 +209,9 @@ class _EpochStream(IterableDataset):
         stored = int(meta.get("frames") or 0)
         span = (c.num_frames - 1) * c.frame_stride + 1
         if stored and span > stored:
-            raise SampleError("too_short", f"clip has {stored} frames, {c.num_frames} x stride {c.frame_stride} needs {span}")
+            raise SampleError(
+                "too_short", f"clip has {stored} frames, {c.num_frames} x stride {c.frame_stride} needs {span}"
+            )
         room = max(0, stored - span)
         if c.clip_start == "random":
             # seeded by the sample's place in the epoch: the same after a resume, whatever the worker
@@ -203,18 +235,38 @@ class _EpochStream(IterableDataset):
             # float32 slots: decode into a reused uint8 clip buffer, then convert the whole clip (measured
             # 3-6% faster than converting plane by plane between frames, which evicts the decoder's state)
             u8 = slot if slot is None or slot.dtype == np.uint8 else self._scratch(slot.shape)
-            decode_window(members[EXT_MP4], start, c.num_frames, c.frame_stride, size=size, threads=1,
-                          format="mp4", channels_first=True, out=u8, probe_decode=False)  # (C, F, H, W)
+            decode_window(
+                members[EXT_MP4],
+                start,
+                c.num_frames,
+                c.frame_stride,
+                size=size,
+                threads=1,
+                format="mp4",
+                channels_first=True,
+                out=u8,
+                probe_decode=False,
+            )  # (C, F, H, W)
             if u8 is not slot:
                 u8_to_unit_range(u8, slot)
         return out
 
-    def _collate(self, items: list[dict[str, Any]], dropped: list[tuple[str, str, str]], batch_id: int,
-                 pixels: torch.Tensor | None) -> dict[str, Any]:
+    def _collate(
+        self,
+        items: list[dict[str, Any]],
+        dropped: list[tuple[str, str, str]],
+        batch_id: int,
+        pixels: torch.Tensor | None,
+    ) -> dict[str, Any]:
         c = self.cfg
-        batch: dict[str, Any] = {"keys": [i["key"] for i in items], "captions": [i["caption"] for i in items],
-                                 "meta": [i["meta"] for i in items], "_dropped": dropped, "_batch": batch_id,
-                                 "_epoch": self.epoch}
+        batch: dict[str, Any] = {
+            "keys": [i["key"] for i in items],
+            "captions": [i["caption"] for i in items],
+            "meta": [i["meta"] for i in items],
+            "_dropped": dropped,
+            "_batch": batch_id,
+            "_epoch": self.epoch,
+        }
         if c.use_latents:
             batch["latents"] = torch.from_numpy(np.stack([i["latents"] for i in items])) if items else torch.zeros(0)
             if items and all("text_embeds" in i for i in items):
@@ -263,10 +315,11 @@ class ClipLoader:
       "text_embeds" float32 (B, L, D) when the shards carry text embeddings (use_latents)
       "captions"    list[str];  "keys" list[str] (unique sample ids);  "meta" list[dict] (the sample json)
     B == batch_size except: the epoch's last batch when drop_last is off, and batches from which a
-    corrupt sample was dropped (B == 0 only if all of a batch's samples are corrupt). A corrupt sample (unreadable mp4, broken json, truncated shard...) is
-    logged, counted in `stats["corrupt"]` / `stats["corrupt_by_reason"]` and dropped from its batch;
-    it is never fatal and never silently replaced. Dropping keeps the number of batches per epoch
-    fixed, so every rank yields exactly `len(loader)` batches per epoch (DDP-safe: no rank waits).
+    corrupt sample was dropped (B == 0 only if all of a batch's samples are corrupt). A corrupt sample
+    (unreadable mp4, broken json, truncated shard...) is logged, counted in `stats["corrupt"]` /
+    `stats["corrupt_by_reason"]` and dropped from its batch; it is never fatal and never silently
+    replaced. Dropping keeps the number of batches per epoch fixed, so every rank yields exactly
+    `len(loader)` batches per epoch (DDP-safe: no rank waits).
 
     Training (split="train") iterates forever, epoch after epoch (`loader.epoch`), each epoch a new
     seeded order; every sample is read at most once per epoch (exactly once when world_size divides
@@ -297,8 +350,10 @@ class ClipLoader:
         self.drop_last = cfg.drop_last if self.train else False
         self.num_batches = batches_per_epoch(sum(self.counts), world_size, cfg.batch_size, self.drop_last)
         if self.num_batches == 0:
-            raise ValueError(f"{sum(self.counts)} samples in {len(self.urls)} shards are too few for {world_size} ranks x "
-                             f"batch {cfg.batch_size}{' (drop_last)' if self.drop_last else ''}")
+            raise ValueError(
+                f"{sum(self.counts)} samples in {len(self.urls)} shards are too few for {world_size} ranks x "
+                f"batch {cfg.batch_size}{' (drop_last)' if self.drop_last else ''}"
+            )
         self.epoch = 0
         self.batch_in_epoch = 0
         self._stats: Counter = Counter()
@@ -315,20 +370,41 @@ class ClipLoader:
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "batches_per_epoch": self.num_batches,
-                "batches": self._stats["batches"], "samples": self._stats["samples"], "corrupt": self._stats["corrupt"],
-                "corrupt_by_reason": dict(self._reasons)}
+        return {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "batches_per_epoch": self.num_batches,
+            "batches": self._stats["batches"],
+            "samples": self._stats["samples"],
+            "corrupt": self._stats["corrupt"],
+            "corrupt_by_reason": dict(self._reasons),
+        }
 
     def _layout(self) -> dict[str, Any]:
-        names = hashlib.sha1(json.dumps([[u.rsplit("/", 1)[-1], n] for u, n in zip(self.urls, self.counts)]).encode()).hexdigest()
+        names = hashlib.sha1(
+            json.dumps([[u.rsplit("/", 1)[-1], n] for u, n in zip(self.urls, self.counts)]).encode()
+        ).hexdigest()
         c = self.cfg
-        return {"world_size": self.world_size, "num_workers": c.num_workers, "batch_size": c.batch_size,
-                "drop_last": self.drop_last, "shuffle_buffer": c.shuffle_buffer, "seed": self.seed, "split": self.split,
-                "shards": names}
+        return {
+            "world_size": self.world_size,
+            "num_workers": c.num_workers,
+            "batch_size": c.batch_size,
+            "drop_last": self.drop_last,
+            "shuffle_buffer": c.shuffle_buffer,
+            "seed": self.seed,
+            "split": self.split,
+            "shards": names,
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "layout": self._layout(), "stats": dict(self._stats), "corrupt_by_reason": dict(self._reasons)}
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "layout": self._layout(),
+            "stats": dict(self._stats),
+            "corrupt_by_reason": dict(self._reasons),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._stats = Counter(state.get("stats", {}))
@@ -340,8 +416,12 @@ class ClipLoader:
         changed = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
         self.epoch = int(state["epoch"]) + (1 if state["batch_in_epoch"] else 0)
         self.batch_in_epoch = 0
-        log.warning("data loader layout changed (%s): the exact position cannot be carried over; starting a fresh epoch "
-                    "order at epoch %d", changed, self.epoch)
+        log.warning(
+            "data loader layout changed (%s): the exact position cannot be carried over; starting a fresh epoch "
+            "order at epoch %d",
+            changed,
+            self.epoch,
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
@@ -352,14 +432,33 @@ class ClipLoader:
     def _epoch(self) -> Iterator[dict[str, Any]]:
         c = self.cfg
         if self.batch_in_epoch < self.num_batches:
-            ds = _EpochStream(self.urls, self.counts, c, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                              world_size=self.world_size, skip_batches=self.batch_in_epoch, shuffle=self.train,
-                              drop_last=self.drop_last, pool=None if c.num_workers else self._pool)
-            dl = DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=c.num_workers, worker_init_fn=_worker_init if c.num_workers else None,
-                            prefetch_factor=2 if c.num_workers else None, persistent_workers=False)
+            ds = _EpochStream(
+                self.urls,
+                self.counts,
+                c,
+                seed=self.seed,
+                epoch=self.epoch,
+                rank=self.rank,
+                world_size=self.world_size,
+                skip_batches=self.batch_in_epoch,
+                shuffle=self.train,
+                drop_last=self.drop_last,
+                pool=None if c.num_workers else self._pool,
+            )
+            dl = DataLoader(
+                ds,
+                batch_size=None,
+                collate_fn=_as_is,
+                num_workers=c.num_workers,
+                worker_init_fn=_worker_init if c.num_workers else None,
+                prefetch_factor=2 if c.num_workers else None,
+                persistent_workers=False,
+            )
             for raw in dl:
                 if raw["_batch"] != self.batch_in_epoch:  # DataLoader's round robin is what makes resume exact
-                    raise RuntimeError(f"loader order broken: got batch {raw['_batch']}, expected {self.batch_in_epoch}")
+                    raise RuntimeError(
+                        f"loader order broken: got batch {raw['_batch']}, expected {self.batch_in_epoch}"
+                    )
                 batch = self._finish(raw)
                 self.batch_in_epoch += 1
                 yield batch
@@ -382,7 +481,9 @@ class ClipLoader:
         return raw
 
 
-def build_loader(data_cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, split: str = "train") -> ClipLoader:
+def build_loader(
+    data_cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, split: str = "train"
+) -> ClipLoader:
     """The trainer's entry point: a `ClipLoader` for this rank (see its docstring for the batch format,
     epochs, corrupt samples and resume). `rank`/`world_size` are the data-parallel ones: the loader
     splits shards by rank itself (no environment variables read), and by worker inside the rank."""

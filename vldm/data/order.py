@@ -90,8 +90,20 @@ def _segments(counts: list[int], perm: list[int], start: int, stop: int) -> list
     return segs
 
 
-def worker_plan(counts: list[int], *, seed: int, epoch: int, rank: int, world_size: int, num_workers: int, worker: int,
-                batch_size: int, drop_last: bool, shuffle_buffer: int, shuffle: bool = True) -> WorkerPlan:
+def worker_plan(
+    counts: list[int],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    worker: int,
+    batch_size: int,
+    drop_last: bool,
+    shuffle_buffer: int,
+    shuffle: bool = True,
+) -> WorkerPlan:
     """What loader worker `worker` (of `num_workers`, >= 1) of rank `rank` reads in epoch `epoch`."""
     total = sum(counts)
     n = samples_per_rank(total, world_size)

@@ -83,8 +83,14 @@ def connect(address: str, workers: int) -> str:
         return "ray job cluster"
     env = _runtime_env()
     if address == "local":  # a private instance even when a cluster is running (benchmarks, isolation)
-        ray.init(address="local", num_cpus=workers or None, object_store_memory=128 << 20, include_dashboard=False,
-                 runtime_env=env, **quiet)
+        ray.init(
+            address="local",
+            num_cpus=workers or None,
+            object_store_memory=128 << 20,
+            include_dashboard=False,
+            runtime_env=env,
+            **quiet,
+        )
         return "private local Ray"
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None, runtime_env=env, **quiet)
@@ -95,7 +101,9 @@ def connect(address: str, workers: int) -> str:
     except ConnectionError:
         # nothing is running: a private instance, sized to the requested workers; its object store
         # stays small because only small summaries travel through it
-        ray.init(num_cpus=workers or None, object_store_memory=128 << 20, include_dashboard=False, runtime_env=env, **quiet)
+        ray.init(
+            num_cpus=workers or None, object_store_memory=128 << 20, include_dashboard=False, runtime_env=env, **quiet
+        )
         return "private local Ray"
 
 
@@ -117,14 +125,23 @@ def _get_plan(cfg: ShardConfig, out: Path, spec: ClipSpec) -> Plan:
         check_settings(plan, cfg)
         if _same_input(plan.settings.get("input", ""), cfg.input):
             return plan
-        raise PlanMismatch(f"OUTPUT holds a run over INPUT {plan.settings.get('input')!r}, not {cfg.input!r}: "
-                           "give a retry (e.g. OUTPUT/failed.jsonl) its own OUTPUT directory")
+        raise PlanMismatch(
+            f"OUTPUT holds a run over INPUT {plan.settings.get('input')!r}, not {cfg.input!r}: "
+            "give a retry (e.g. OUTPUT/failed.jsonl) its own OUTPUT directory"
+        )
     t = time.time()
     records, dups = list_inputs(cfg.input, tuple(e for e in cfg.extensions.split(",") if e))
     plan = make_plan(cfg, records, dups, spec)
     save_plan(out, plan)
-    log.info("planned %d inputs (%d duplicates dropped) into %d shards of %d videos (~%.1f clips/video) in %.1f s",
-             len(plan.inputs), dups, plan.num_shards, plan.videos_per_shard, plan.clips_per_video, time.time() - t)
+    log.info(
+        "planned %d inputs (%d duplicates dropped) into %d shards of %d videos (~%.1f clips/video) in %.1f s",
+        len(plan.inputs),
+        dups,
+        plan.num_shards,
+        plan.videos_per_shard,
+        plan.clips_per_video,
+        time.time() - t,
+    )
     return plan
 
 
@@ -142,8 +159,9 @@ class _Progress:
         self.clips += summary["samples"]
         self.failed += len(summary["failed"])
 
-    def maybe_log(self, out: Path, running: list[str], total_shards: int, skipped: int, force: bool = False,
-                  latents: str = "") -> None:
+    def maybe_log(
+        self, out: Path, running: list[str], total_shards: int, skipped: int, force: bool = False, latents: str = ""
+    ) -> None:
         now = time.time()
         if not force and now - self.last < self.every:
             return
@@ -160,9 +178,11 @@ class _Progress:
         todo_videos = self.todo_videos
         rate = videos / elapsed
         eta = (todo_videos - videos) / rate if rate > 0 else float("nan")
-        msg = (f"{self.shards_done + skipped}/{total_shards} shards ({skipped} skipped) | {videos}/{todo_videos} videos | "
-               f"{clips} clips | {clips / elapsed:.1f} clips/s | {self.failed} failed | "
-               f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta)) if eta == eta else '?'}{latents}")
+        msg = (
+            f"{self.shards_done + skipped}/{total_shards} shards ({skipped} skipped) | {videos}/{todo_videos} videos | "
+            f"{clips} clips | {clips / elapsed:.1f} clips/s | {self.failed} failed | "
+            f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta)) if eta == eta else '?'}{latents}"
+        )
         if msg != self.last_msg:
             log.info("%s", msg)
             self.last_msg = msg
@@ -172,8 +192,12 @@ def run(cfg: ShardConfig) -> int:
     """The whole sharding run; returns the process exit status (0: every shard complete)."""
     out = Path(cfg.output)
     if in_ray_job() and not out.is_absolute():
-        log.error("OUTPUT %r is relative, but under `ray job submit` the driver runs in a temp copy of the working dir: "
-                  "pass an absolute path (e.g. $PWD/%s)", cfg.output, cfg.output)
+        log.error(
+            "OUTPUT %r is relative, but under `ray job submit` the driver runs in a temp copy of the working dir: "
+            "pass an absolute path (e.g. $PWD/%s)",
+            cfg.output,
+            cfg.output,
+        )
         return 2
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -193,7 +217,9 @@ def _run_locked(cfg: ShardConfig, out: Path) -> int:
     names = [plan.shard_name(i) for i in range(plan.num_shards)]
     todo = [i for i, n in enumerate(names) if read_done(out, n) is None]
     skipped = len(names) - len(todo)
-    latent_todo = [n for n in names if cfg.encode_latents and needs_latents(read_done(out, n), cfg.vae, cfg.text_encoder)]
+    latent_todo = [
+        n for n in names if cfg.encode_latents and needs_latents(read_done(out, n), cfg.vae, cfg.text_encoder)
+    ]
     errors: dict[str, str] = {}
     workers = cfg.workers
     startup = 0.0
@@ -204,32 +230,77 @@ def _run_locked(cfg: ShardConfig, out: Path) -> int:
         import ray
 
         workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        log.info("run %s on %s: %d shards to write, %d complete, %d to add latents to; %d workers",
-                 run_id, how, len(todo), skipped, len(latent_todo), workers)
+        log.info(
+            "run %s on %s: %d shards to write, %d complete, %d to add latents to; %d workers",
+            run_id,
+            how,
+            len(todo),
+            skipped,
+            len(latent_todo),
+            workers,
+        )
         _execute(cfg, out, plan, spec, run_id, todo, latent_todo, skipped, workers, errors)
     else:
         log.info("all %d shards complete%s: nothing to do", len(names), " with latents" if cfg.encode_latents else "")
-    stats = aggregate(out, plan, {"run_id": run_id, "elapsed": time.time() - t0, "shards_skipped": skipped,
-                                  "errors": errors, "workers": workers, "ray_startup_s": startup})
+    stats = aggregate(
+        out,
+        plan,
+        {
+            "run_id": run_id,
+            "elapsed": time.time() - t0,
+            "shards_skipped": skipped,
+            "errors": errors,
+            "workers": workers,
+            "ray_startup_s": startup,
+        },
+    )
     inp = stats["inputs"]
     reasons = ", ".join(f"{k} {v}" for k, v in inp["failed_by_reason"].items())
-    log.info("done: %d/%d shards complete | %d inputs: %d ok, %d failed%s | %d clips (%.0f s of video, %.1f MB) | "
-             "this run: %d clips in %.1f s (Ray start-up %.1f s) = %.1f clips/s",
-             stats["shards"]["complete"], stats["shards"]["total"], inp["unique"], inp["ok"], inp["failed"],
-             f" ({reasons})" if reasons else "", stats["clips"], stats["seconds"], stats["bytes"] / 1e6,
-             stats["run"]["clips"], stats["run"]["elapsed"], startup, stats["run"]["clips_per_s"])
+    log.info(
+        "done: %d/%d shards complete | %d inputs: %d ok, %d failed%s | %d clips (%.0f s of video, %.1f MB) | "
+        "this run: %d clips in %.1f s (Ray start-up %.1f s) = %.1f clips/s",
+        stats["shards"]["complete"],
+        stats["shards"]["total"],
+        inp["unique"],
+        inp["ok"],
+        inp["failed"],
+        f" ({reasons})" if reasons else "",
+        stats["clips"],
+        stats["seconds"],
+        stats["bytes"] / 1e6,
+        stats["run"]["clips"],
+        stats["run"]["elapsed"],
+        startup,
+        stats["run"]["clips_per_s"],
+    )
     if inp["failed"]:
-        log.info("failed inputs are listed in %s; retry them with: shard_videos.py %s NEW_OUTPUT",
-                 out / "failed.jsonl", out / "failed.jsonl")
+        log.info(
+            "failed inputs are listed in %s; retry them with: shard_videos.py %s NEW_OUTPUT",
+            out / "failed.jsonl",
+            out / "failed.jsonl",
+        )
     if errors or stats["shards"]["incomplete"]:
-        log.error("%d shards incomplete (%s): rerun the same command to finish them",
-                  len(stats["shards"]["incomplete"]), "; ".join(f"{k}: {v}" for k, v in list(errors.items())[:3]))
+        log.error(
+            "%d shards incomplete (%s): rerun the same command to finish them",
+            len(stats["shards"]["incomplete"]),
+            "; ".join(f"{k}: {v}" for k, v in list(errors.items())[:3]),
+        )
         return 1
     return 0
 
 
-def _execute(cfg: ShardConfig, out: Path, plan: Plan, spec: ClipSpec, run_id: str, todo: list[int],
-             latent_todo: list[str], skipped: int, workers: int, errors: dict[str, str]) -> None:
+def _execute(
+    cfg: ShardConfig,
+    out: Path,
+    plan: Plan,
+    spec: ClipSpec,
+    run_id: str,
+    todo: list[int],
+    latent_todo: list[str],
+    skipped: int,
+    workers: int,
+    errors: dict[str, str],
+) -> None:
     import ray
 
     # max_calls: a fresh worker process every few shards, so a native leak in a decoder (we always close
@@ -249,14 +320,18 @@ def _execute(cfg: ShardConfig, out: Path, plan: Plan, spec: ClipSpec, run_id: st
             # would otherwise take the cores the first shard tasks need
             gpus = int(ray.cluster_resources().get("GPU", 0))
             n = cfg.latent_actors or max(1, gpus)
-            actor_cls = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=1, max_task_retries=1)(LatentEncoder)
+            actor_cls = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_restarts=1, max_task_retries=1)(
+                LatentEncoder
+            )
             actors = [actor_cls.remote(cfg.vae, cfg.text_encoder, cfg.latent_batch, cfg.latent_dtype) for _ in range(n)]
             idle = list(actors)
             log.info("latent stage: %d VAE actor(s) (%s)", n, f"{gpus} GPUs" if gpus else "CPU")
         while queue and len(pending) < workers:
             i = queue.popleft()
             items = [(j, r.as_dict()) for j, r in plan.shard_inputs(i)]
-            pending[task.remote(str(out), plan.shard_name(i), items, spec, run_id, cfg.source_hash)] = plan.shard_name(i)
+            pending[task.remote(str(out), plan.shard_name(i), items, spec, run_id, cfg.source_hash)] = plan.shard_name(
+                i
+            )
         while latent_queue and idle:
             name, actor = latent_queue.popleft(), idle.pop()
             latent_pending[actor.encode_shard.remote(str(out), name)] = (name, actor)
@@ -284,11 +359,19 @@ def _execute(cfg: ShardConfig, out: Path, plan: Plan, spec: ClipSpec, run_id: st
                     log.error("latents of shard %s failed: %s", name, e)
         lat = f" | latents {latent_done}/{latent_total} shards" if cfg.encode_latents else ""
         progress.maybe_log(out, list(pending.values()), plan.num_shards, skipped, latents=lat)
-    progress.maybe_log(out, [], plan.num_shards, skipped, force=True,
-                       latents=f" | latents {latent_done}/{latent_total} shards" if cfg.encode_latents else "")
+    progress.maybe_log(
+        out,
+        [],
+        plan.num_shards,
+        skipped,
+        force=True,
+        latents=f" | latents {latent_done}/{latent_total} shards" if cfg.encode_latents else "",
+    )
     for a in actors:
         ray.kill(a)
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="[shard_videos] %(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="[shard_videos] %(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )

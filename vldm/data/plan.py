@@ -5,9 +5,10 @@ Inputs are listed in a stable order (sorted directory walk, or manifest order) a
 the list: from --samples-per-shard and their clips per input, or from --shard-bytes and also the bytes of
 one clip of each (encoded for real, with the run's size/crf/preset: bitrate depends on content, so no
 header-based guess would do). Sizes by bytes are therefore a target, like clip counts: a shard cannot
-be closed "when full" without its content depending on timing and on x264's run-to-run bits. The list and V are saved (`_inputs.jsonl`, `_plan.json`), so a
-rerun produces the same shards even if the directory changed meanwhile, and a shard's content never
-depends on timing: that is what makes "rerun after kill -9 gives every clip exactly once" hold.
+be closed "when full" without its content depending on timing and on x264's run-to-run bits. The list
+and V are saved (`_inputs.jsonl`, `_plan.json`), so a rerun produces the same shards even if the
+directory changed meanwhile, and a shard's content never depends on timing: that is what makes "rerun
+after kill -9 gives every clip exactly once" hold.
 """
 
 from __future__ import annotations
@@ -30,8 +31,26 @@ from vldm.data.sources import InputRecord
 log = logging.getLogger("vldm.data")
 
 # options that change what is written; the others (workers, logging, ...) may differ between reruns
-OUTPUT_SETTINGS = ("input", "frames", "fps", "size", "clip_stride", "max_clips", "spread", "cut_threshold", "min_fps",
-                   "crf", "preset", "samples_per_shard", "shard_bytes", "videos_per_shard", "prefix", "source_hash", "extensions", "limit")
+OUTPUT_SETTINGS = (
+    "input",
+    "frames",
+    "fps",
+    "size",
+    "clip_stride",
+    "max_clips",
+    "spread",
+    "cut_threshold",
+    "min_fps",
+    "crf",
+    "preset",
+    "samples_per_shard",
+    "shard_bytes",
+    "videos_per_shard",
+    "prefix",
+    "source_hash",
+    "extensions",
+    "limit",
+)
 PROBE_SAMPLE = 24
 TAR_BLOCK = 512
 
@@ -99,15 +118,22 @@ def make_plan(cfg: ShardConfig, records: list[InputRecord], duplicates: int, spe
     if cfg.limit:
         records = records[: cfg.limit]
     target_bytes = parse_bytes(cfg.shard_bytes)
-    per_video, per_clip = estimate_per_video(records, spec, measure_bytes=bool(target_bytes) and not cfg.videos_per_shard)
+    per_video, per_clip = estimate_per_video(
+        records, spec, measure_bytes=bool(target_bytes) and not cfg.videos_per_shard
+    )
     if cfg.videos_per_shard:
         vps = cfg.videos_per_shard
     elif target_bytes:
         # no clip measured (every probed input failed): fall back to one input per shard rather than guess
         per_input = per_video * per_clip
         vps = max(1, min(1_000_000, round(target_bytes / per_input))) if per_input > 0 else 1
-        log.info("--shard-bytes %s: %.0f bytes per clip x %.2f clips per input measured -> %d inputs per shard",
-                 cfg.shard_bytes, per_clip, per_video, vps)
+        log.info(
+            "--shard-bytes %s: %.0f bytes per clip x %.2f clips per input measured -> %d inputs per shard",
+            cfg.shard_bytes,
+            per_clip,
+            per_video,
+            vps,
+        )
     else:
         vps = max(1, min(1_000_000, round(cfg.samples_per_shard / max(per_video, 1e-3))))
     return Plan(settings_of(cfg), vps, per_video, duplicates, records, per_clip)
@@ -117,10 +143,17 @@ def save_plan(out: Path, plan: Plan) -> None:
     # the input list first: a plan file always has its inputs beside it
     lines = b"".join(json.dumps(r.as_dict(), ensure_ascii=False).encode() + b"\n" for r in plan.inputs)
     atomic_write(out / INPUTS_FILE, lines)
-    doc = {"settings": plan.settings, "videos_per_shard": plan.videos_per_shard, "clips_per_video": plan.clips_per_video,
-           "bytes_per_clip": plan.bytes_per_clip,
-           "duplicates": plan.duplicates, "inputs": len(plan.inputs), "shards": plan.num_shards,
-           "inputs_sha256": hashlib.sha256(lines).hexdigest(), "created": time.time()}
+    doc = {
+        "settings": plan.settings,
+        "videos_per_shard": plan.videos_per_shard,
+        "clips_per_video": plan.clips_per_video,
+        "bytes_per_clip": plan.bytes_per_clip,
+        "duplicates": plan.duplicates,
+        "inputs": len(plan.inputs),
+        "shards": plan.num_shards,
+        "inputs_sha256": hashlib.sha256(lines).hexdigest(),
+        "created": time.time(),
+    }
     atomic_write(out / PLAN_FILE, json.dumps(doc, indent=1).encode())
 
 
@@ -133,14 +166,27 @@ def load_plan(out: Path) -> Plan | None:
     if hashlib.sha256(lines).hexdigest() != doc["inputs_sha256"]:
         raise PlanMismatch(f"{out / INPUTS_FILE} does not match {p}: the output directory was edited; use a new OUTPUT")
     inputs = [InputRecord(**json.loads(line)) for line in lines.splitlines() if line.strip()]
-    return Plan(doc["settings"], doc["videos_per_shard"], doc["clips_per_video"], doc["duplicates"], inputs,
-                doc.get("bytes_per_clip", 0.0))
+    return Plan(
+        doc["settings"],
+        doc["videos_per_shard"],
+        doc["clips_per_video"],
+        doc["duplicates"],
+        inputs,
+        doc.get("bytes_per_clip", 0.0),
+    )
 
 
 def check_settings(plan: Plan, cfg: ShardConfig) -> None:
     """A rerun must use the settings the shards were made with."""
     now = settings_of(cfg)
-    diff = [f"--{k.replace('_', '-')}: {plan.settings.get(k)!r} -> {now[k]!r}" for k in OUTPUT_SETTINGS
-            if k != "input" and k in plan.settings and plan.settings[k] != now[k]]  # absent: made before the option existed
+    diff = [
+        f"--{k.replace('_', '-')}: {plan.settings.get(k)!r} -> {now[k]!r}"
+        for k in OUTPUT_SETTINGS
+        if k != "input" and k in plan.settings and plan.settings[k] != now[k]
+    ]  # absent: made before the option existed
     if diff:
-        raise PlanMismatch("OUTPUT was made with other settings (" + "; ".join(diff) + "): rerun with the same options, or use a new OUTPUT")
+        raise PlanMismatch(
+            "OUTPUT was made with other settings ("
+            + "; ".join(diff)
+            + "): rerun with the same options, or use a new OUTPUT"
+        )

@@ -42,8 +42,12 @@ def aggregate(out: Path, plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
         "seconds": round(sum(d["seconds"] for d in complete), 3),
         "bytes": sum(d["bytes"] for d in complete),
         "source_bytes": sum(d["source_bytes"] for d in complete),
-        "shards": {"total": len(names), "complete": len(complete), "with_latents": sum(1 for d in complete if d.get("latents")),
-                   "incomplete": [n for n, d in done.items() if not d]},
+        "shards": {
+            "total": len(names),
+            "complete": len(complete),
+            "with_latents": sum(1 for d in complete if d.get("latents")),
+            "incomplete": [n for n, d in done.items() if not d],
+        },
         "worker_seconds": round(sum(d["elapsed"] for d in complete), 3),
         "worker_cpu_seconds": round(sum(d.get("cpu_s", 0.0) for d in complete), 3),
         "run": {
@@ -62,15 +66,23 @@ def aggregate(out: Path, plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
         "videos_per_shard": plan.videos_per_shard,
         # how close the up-front assignment came to --shard-bytes / --samples-per-shard (the last shard is
         # left out of min: it holds the remainder)
-        "shard_size": _spread([d["bytes"] for d in complete], [d["samples"] for d in complete],
-                              [n == names[-1] for n, d in done.items() if d] if names else []),
+        "shard_size": _spread(
+            [d["bytes"] for d in complete],
+            [d["samples"] for d in complete],
+            [n == names[-1] for n, d in done.items() if d] if names else [],
+        ),
         "bytes_per_clip_estimate": round(plan.bytes_per_clip),
     }
     atomic_write(out / STATS_FILE, json.dumps(stats, indent=1, ensure_ascii=False).encode())
     atomic_write(out / FAILED_FILE, b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in failed))
-    index = {"format_version": FORMAT_VERSION, "shards": [
-        {"name": n + SHARD_SUFFIX, "samples": d["samples"], "bytes": d["bytes"], "latents": bool(d.get("latents"))}
-        for n, d in done.items() if d]}
+    index = {
+        "format_version": FORMAT_VERSION,
+        "shards": [
+            {"name": n + SHARD_SUFFIX, "samples": d["samples"], "bytes": d["bytes"], "latents": bool(d.get("latents"))}
+            for n, d in done.items()
+            if d
+        ],
+    }
     atomic_write(out / INDEX_FILE, json.dumps(index, indent=1).encode())
     return stats
 
@@ -80,5 +92,11 @@ def _spread(sizes: list[int], samples: list[int], is_last: list[bool]) -> dict[s
     full_n = [n for n, last in zip(samples, is_last) if not last] or samples
     if not sizes:
         return {}
-    return {"bytes_min": min(full), "bytes_mean": round(sum(sizes) / len(sizes)), "bytes_max": max(sizes),
-            "samples_min": min(full_n), "samples_mean": round(sum(samples) / len(samples), 2), "samples_max": max(samples)}
+    return {
+        "bytes_min": min(full),
+        "bytes_mean": round(sum(sizes) / len(sizes)),
+        "bytes_max": max(sizes),
+        "samples_min": min(full_n),
+        "samples_mean": round(sum(samples) / len(samples), 2),
+        "samples_max": max(samples),
+    }

@@ -92,7 +92,7 @@ def _stat(path: str) -> tuple[int, float | None]:
         except (TypeError, ValueError):
             mtime = None
         return int(info.get("size") or 0), mtime
-    st = os.stat(path[len("file://"):] if path.startswith("file://") else path)
+    st = os.stat(path[len("file://") :] if path.startswith("file://") else path)
     if not stat.S_ISREG(st.st_mode):
         raise IsADirectoryError(f"not a regular file: {path}")
     return st.st_size, st.st_mtime
@@ -148,8 +148,14 @@ def crashed_inputs(events: list[dict[str, Any]], run_id: str) -> dict[int, int]:
     return dict(Counter(i for i in open_by_attempt.values() if i is not None))
 
 
-def write_shard(out_dir: str | Path, name: str, items: list[tuple[int, InputRecord | dict]], spec: ClipSpec,
-                run_id: str = "", source_hash: bool = False) -> dict[str, Any]:
+def write_shard(
+    out_dir: str | Path,
+    name: str,
+    items: list[tuple[int, InputRecord | dict]],
+    spec: ClipSpec,
+    run_id: str = "",
+    source_hash: bool = False,
+) -> dict[str, Any]:
     """Process `items` [(input index, record)] in order into shard `name`; returns its summary (also
     written as the done marker). Bad inputs never raise: they are recorded in summary["failed"]."""
     out = Path(out_dir)
@@ -172,7 +178,18 @@ def write_shard(out_dir: str | Path, name: str, items: list[tuple[int, InputReco
             for i, rec in items:
                 rec = rec if isinstance(rec, InputRecord) else InputRecord(**rec)
                 if crashed.get(i, 0) >= CRASHES_BEFORE_SKIP:
-                    failed.append(vars(FailedRow(rec.path, "worker_crash", f"worker died {crashed[i]} times on it", rec.caption, rec.meta, name)))
+                    failed.append(
+                        vars(
+                            FailedRow(
+                                rec.path,
+                                "worker_crash",
+                                f"worker died {crashed[i]} times on it",
+                                rec.caption,
+                                rec.meta,
+                                name,
+                            )
+                        )
+                    )
                     continue
                 journal.event("start", i)
                 n, secs, src_bytes, err = _process_input(rec, spec, source_hash, writer, rows)
@@ -195,19 +212,31 @@ def write_shard(out_dir: str | Path, name: str, items: list[tuple[int, InputReco
             os.unlink(tmp)
         raise
     atomic_write(manifest_path(out, name), b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows))
-    summary = {"name": name, "samples": len(rows), "bytes": tar_bytes, "seconds": round(stats["seconds"], 3),
-               "inputs": len(items), "ok": len(items) - len(failed), "failed": failed, "partial": partial,
-               "source_bytes": stats["source_bytes"], "elapsed": round(time.time() - t_start, 3),
-               "cpu_s": round(time.process_time() - cpu_start, 3), "run": run_id,
-               "finished": time.time(), "latents": None}
+    summary = {
+        "name": name,
+        "samples": len(rows),
+        "bytes": tar_bytes,
+        "seconds": round(stats["seconds"], 3),
+        "inputs": len(items),
+        "ok": len(items) - len(failed),
+        "failed": failed,
+        "partial": partial,
+        "source_bytes": stats["source_bytes"],
+        "elapsed": round(time.time() - t_start, 3),
+        "cpu_s": round(time.process_time() - cpu_start, 3),
+        "run": run_id,
+        "finished": time.time(),
+        "latents": None,
+    }
     atomic_write(done_path(out, name), json.dumps(summary, ensure_ascii=False, indent=1).encode())
     journal.close()
     jpath.unlink(missing_ok=True)
     return summary
 
 
-def _process_input(rec: InputRecord, spec: ClipSpec, source_hash: bool, writer: SampleWriter,
-                   rows: list[dict[str, Any]]) -> tuple[int, float, int, VideoError | None]:
+def _process_input(
+    rec: InputRecord, spec: ClipSpec, source_hash: bool, writer: SampleWriter, rows: list[dict[str, Any]]
+) -> tuple[int, float, int, VideoError | None]:
     """One input -> samples appended to `writer`; (clips, seconds, source bytes, error or None)."""
     n = size = 0
     try:
@@ -223,16 +252,40 @@ def _process_input(rec: InputRecord, spec: ClipSpec, source_hash: bool, writer: 
         with open_video(rec.path, spec) as (info, clips):
             for clip in clips:
                 key = clip_key(rec.path, clip.index)
-                meta = ClipMeta(key=key, source=rec.path, source_id=sid, source_size=size, source_mtime=mtime,
-                                source_sha256=sha, clip=clip.index, start=round(clip.start, 6), end=round(clip.end, 6),
-                                fps=float(spec.fps), frames=clip.frames, height=spec.height, width=spec.width,
-                                caption=caption, source_fps=info.fps, source_width=info.width, source_height=info.height,
-                                source_codec=info.codec, source_duration=info.duration, rotation=clip.rotation, meta=rec.meta)
+                meta = ClipMeta(
+                    key=key,
+                    source=rec.path,
+                    source_id=sid,
+                    source_size=size,
+                    source_mtime=mtime,
+                    source_sha256=sha,
+                    clip=clip.index,
+                    start=round(clip.start, 6),
+                    end=round(clip.end, 6),
+                    fps=float(spec.fps),
+                    frames=clip.frames,
+                    height=spec.height,
+                    width=spec.width,
+                    caption=caption,
+                    source_fps=info.fps,
+                    source_width=info.width,
+                    source_height=info.height,
+                    source_codec=info.codec,
+                    source_duration=info.duration,
+                    rotation=clip.rotation,
+                    meta=rec.meta,
+                )
                 try:
                     writer.write(key, {EXT_JSON: meta.to_json(), EXT_MP4: clip.mp4, EXT_TXT: caption.encode()})
                 except OSError as e:  # the output, not the input, is broken (disk full...): fail the shard
                     raise ShardWriteError(str(e)) from e
-                rows.append(vars(ManifestRow(key, rec.path, clip.index, meta.start, meta.end, clip.frames, len(clip.mp4), caption)))
+                rows.append(
+                    vars(
+                        ManifestRow(
+                            key, rec.path, clip.index, meta.start, meta.end, clip.frames, len(clip.mp4), caption
+                        )
+                    )
+                )
                 n += 1
         return n, n * spec.frames / float(spec.fps), size, None
     except VideoError as e:

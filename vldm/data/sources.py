@@ -35,7 +35,7 @@ def is_url(path: str) -> bool:
 
 
 def _strip_file(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
+    return path[len("file://") :] if path.startswith("file://") else path
 
 
 def _fs(url: str):
@@ -82,7 +82,9 @@ def list_directory(root: str, extensions: tuple[str, ...]) -> list[str]:
     exts = tuple("." + e.lower().lstrip(".") for e in extensions)
     if is_url(root):
         fs, p = _fs(root)
-        found = [f for f in fs.find(p) if f.lower().endswith(exts) and not any(part.startswith(".") for part in f.split("/"))]
+        found = [
+            f for f in fs.find(p) if f.lower().endswith(exts) and not any(part.startswith(".") for part in f.split("/"))
+        ]
         return sorted(fs.unstrip_protocol(f) for f in found)
     out = []
     for dirpath, dirnames, filenames in os.walk(os.path.abspath(_strip_file(root))):

@@ -24,14 +24,28 @@ from vldm.config.data import SyntheticConfig, parse_size
 from vldm.data.codec import encode_frames
 
 PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
-    "cyan": (40, 210, 220), "magenta": (215, 50, 200), "orange": (245, 140, 30), "white": (240, 240, 240),
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 235),
+    "yellow": (235, 215, 40),
+    "cyan": (40, 210, 220),
+    "magenta": (215, 50, 200),
+    "orange": (245, 140, 30),
+    "white": (240, 240, 240),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"black": (0, 0, 0), "gray": (90, 90, 90), "navy": (10, 20, 60)}
 SHAPES = ("square", "circle", "triangle")
 # 8 directions, counter-clockwise from "right"; image y grows downwards so "up" is -y
-DIRECTIONS = ("right", "up and to the right", "up", "up and to the left", "left", "down and to the left", "down",
-              "down and to the right")
+DIRECTIONS = (
+    "right",
+    "up and to the right",
+    "up",
+    "up and to the left",
+    "left",
+    "down and to the left",
+    "down",
+    "down and to the right",
+)
 _SS = 4  # supersampling per axis: anti-aliased edges, which codecs (and PSNR) like
 
 
@@ -46,13 +60,21 @@ class Track:
     bounces: list[int]
 
     def as_dict(self) -> dict:
-        return {"shape": self.shape, "color": self.color, "rgb": list(PALETTE[self.color]), "radius": round(self.radius, 4),
-                "velocity": [round(v, 6) for v in self.velocity], "direction": self.direction,
-                "trajectory": [[round(float(x), 4), round(float(y), 4)] for x, y in self.positions],
-                "bounces": self.bounces}
+        return {
+            "shape": self.shape,
+            "color": self.color,
+            "rgb": list(PALETTE[self.color]),
+            "radius": round(self.radius, 4),
+            "velocity": [round(v, 6) for v in self.velocity],
+            "direction": self.direction,
+            "trajectory": [[round(float(x), 4), round(float(y), 4)] for x, y in self.positions],
+            "bounces": self.bounces,
+        }
 
 
-def simulate(x: float, y: float, vx: float, vy: float, r: float, width: int, height: int, frames: int) -> tuple[np.ndarray, list[int]]:
+def simulate(
+    x: float, y: float, vx: float, vy: float, r: float, width: int, height: int, frames: int
+) -> tuple[np.ndarray, list[int]]:
     """Constant-velocity motion reflected at the borders: the shape stays fully inside the frame."""
     pos = np.zeros((frames, 2))
     bounces = []
@@ -98,17 +120,22 @@ def panning_texture(rng: np.random.Generator, amplitude: float, frames: int, hei
     coarse = np.repeat(np.repeat(coarse, 8, axis=0), 8, axis=1)[:th, :tw]
     for axis in (0, 1):  # box blur of the 8x8 blocks: smooth blobs, not tiles
         coarse = sum(np.roll(coarse, k, axis=axis) for k in range(-4, 4)) / 8
-    tex = amplitude * (1.0 + 0.8 * coarse / max(float(coarse.std()), 1e-6) + 0.35 * rng.normal(size=(th, tw)).astype(np.float32))
+    tex = amplitude * (
+        1.0 + 0.8 * coarse / max(float(coarse.std()), 1e-6) + 0.35 * rng.normal(size=(th, tw)).astype(np.float32)
+    )
     y0, x0 = (abs(vy) * frames + 4 if vy < 0 else 4), (abs(vx) * frames + 4 if vx < 0 else 4)
-    moving = np.stack([tex[y0 + vy * i : y0 + vy * i + height, x0 + vx * i : x0 + vx * i + width] for i in range(frames)])
+    moving = np.stack(
+        [tex[y0 + vy * i : y0 + vy * i + height, x0 + vx * i : x0 + vx * i + width] for i in range(frames)]
+    )
     # sensor-like grain, fresh every frame: what motion compensation cannot predict (without it x264 codes
     # a rigid integer-pixel pan almost for free)
     grain = rng.normal(scale=0.12 * amplitude, size=moving.shape).astype(np.float32)
     return (moving + grain)[..., None]
 
 
-def render(tracks: list[Track], background: tuple[int, int, int], height: int, width: int,
-           texture: np.ndarray | None = None) -> np.ndarray:
+def render(
+    tracks: list[Track], background: tuple[int, int, int], height: int, width: int, texture: np.ndarray | None = None
+) -> np.ndarray:
     """(F, H, W, 3) uint8 frames; later tracks are drawn over earlier ones (shapes stay solid)."""
     frames = len(tracks[0].positions)
     out = np.empty((frames, height, width, 3), np.float32)
@@ -125,7 +152,9 @@ def render(tracks: list[Track], background: tuple[int, int, int], height: int, w
 
 
 def caption(tracks: list[Track]) -> str:
-    return " and ".join(f"{'an' if t.color[0] in 'aeiou' else 'a'} {t.color} {t.shape} moving {t.direction}" for t in tracks)
+    return " and ".join(
+        f"{'an' if t.color[0] in 'aeiou' else 'a'} {t.color} {t.shape} moving {t.direction}" for t in tracks
+    )
 
 
 def make_video(cfg: SyntheticConfig, index: int) -> tuple[np.ndarray, dict]:
@@ -152,11 +181,24 @@ def make_video(cfg: SyntheticConfig, index: int) -> tuple[np.ndarray, dict]:
         pos, bounces = simulate(x, y, vx, vy, r, width, height, cfg.frames)
         tracks.append(Track(shape, list(PALETTE)[int(colors[j])], r, (vx, vy), DIRECTIONS[d], pos, bounces))
     # drawn from its own stream: texture=0 leaves every other random draw (and file) as it was
-    tex = panning_texture(np.random.default_rng([cfg.seed, index, 1]), cfg.texture, cfg.frames, height, width) if cfg.texture else None
+    tex = (
+        panning_texture(np.random.default_rng([cfg.seed, index, 1]), cfg.texture, cfg.frames, height, width)
+        if cfg.texture
+        else None
+    )
     frames = render(tracks, bg, height, width, tex)
-    side = {"caption": caption(tracks), "index": index, "seed": cfg.seed, "fps": cfg.fps, "frames": cfg.frames,
-            "height": height, "width": width, "background": bg_name, "background_rgb": list(bg),
-            "shapes": [t.as_dict() for t in tracks]}
+    side = {
+        "caption": caption(tracks),
+        "index": index,
+        "seed": cfg.seed,
+        "fps": cfg.fps,
+        "frames": cfg.frames,
+        "height": height,
+        "width": width,
+        "background": bg_name,
+        "background_rgb": list(bg),
+        "shapes": [t.as_dict() for t in tracks],
+    }
     return frames, side
 
 
@@ -178,7 +220,9 @@ def write_corpus(cfg: SyntheticConfig, log_every: int = 0) -> list[Path]:
         frames, side = make_video(cfg, i)
         path = out / f"{cfg.prefix}_{i:05d}.{cfg.container}"
         _atomic_write(path.with_suffix(".json"), json.dumps(side).encode())
-        _atomic_write(path, encode_frames(frames, cfg.fps, codec=cfg.codec, container=cfg.container, crf=cfg.crf, exact=True))
+        _atomic_write(
+            path, encode_frames(frames, cfg.fps, codec=cfg.codec, container=cfg.container, crf=cfg.crf, exact=True)
+        )
         paths.append(path)
         if log_every and (i + 1) % log_every == 0:
             print(f"[make_synthetic] {i + 1}/{cfg.count} videos", flush=True)
@@ -207,7 +251,9 @@ def audio_only(seconds: float = 1.0, rate: int = 16000) -> bytes:
         stream = out.add_stream("aac", rate=rate)
         samples = (np.sin(np.arange(int(seconds * rate)) / 8.0) * 0.3).astype(np.float32)[None]
         for k in range(0, samples.shape[1], 1024):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[:, k : k + 1024]), format="fltp", layout="mono")
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(samples[:, k : k + 1024]), format="fltp", layout="mono"
+            )
             frame.sample_rate = rate
             for p in stream.encode(frame):
                 out.mux(p)
@@ -235,19 +281,25 @@ def write_test_corpus(directory: str | Path, seed: int = 0, seconds: float = 1.0
         "mjpeg.avi": (encode_frames(clip(3, "32", 16), 16, codec="mjpeg", container="avi"), "ok"),
         "ffv1.mkv": (encode_frames(clip(4, "32", 16), 16, codec="ffv1", container="mkv"), "ok"),
         "av1.mp4": (encode_frames(clip(18, "64", 16), 16, codec="libsvtav1", crf=None, preset=None), "ok"),
-        "odd size 61x97.mp4": (encode_frames(clip(5, "62x98", 16)[:, :61, :97].copy(), 16, codec="ffv1", container="mkv"), "ok"),
+        "odd size 61x97.mp4": (
+            encode_frames(clip(5, "62x98", 16)[:, :61, :97].copy(), 16, codec="ffv1", container="mkv"),
+            "ok",
+        ),
         "portrait.mp4": (encode_frames(clip(6, "64x32", 16), 16), "ok"),
         "rotated phone.mp4": (set_rotation(encode_frames(clip(7, "32x48", 16), 16), 90), "ok"),
         "sixty fps.mp4": (encode_frames(clip(8, "32", 60), 60), "ok"),
         "ntsc 29.97.mp4": (encode_frames(clip(9, "32", 30000 / 1001), 30000 / 1001), "ok"),
         "eight fps.mp4": (encode_frames(clip(10, "32", 8), 8), "ok"),
-        "it's a \"quote\".mp4": (encode_frames(clip(11, "32", 16), 16), "ok"),
+        'it\'s a "quote".mp4': (encode_frames(clip(11, "32", 16), 16), "ok"),
         "$(touch PWNED) `touch PWNED2`; rm -rf x.mp4": (encode_frames(clip(12, "32", 16), 16), "ok"),
         "vidéo 日本語 ü.mp4": (encode_frames(clip(13, "32", 16), 16), "ok"),
         "pipe:1 concat:a|b %d.mp4": (encode_frames(clip(14, "32", 16), 16), "ok"),
         "empty.mp4": (b"", "empty"),
         "text renamed.mp4": (b"this is not a video, just some text\n" * 20, "unreadable"),
-        "random bytes.mp4": (np.random.default_rng(seed).integers(0, 256, 50_000, dtype=np.uint8).tobytes(), "unreadable"),
+        "random bytes.mp4": (
+            np.random.default_rng(seed).integers(0, 256, 50_000, dtype=np.uint8).tobytes(),
+            "unreadable",
+        ),
         "audio only.mp4": (audio_only(seconds), "no_video"),
         "too short.mp4": (encode_frames(clip(15, "32", 16)[:4], 16), "too_short"),
         "playlist.mp4": (f"#EXTM3U\n#EXTINF:1,\nfile://{out}/h264 plain.mp4\n#EXT-X-ENDLIST\n".encode(), "unreadable"),

@@ -34,8 +34,9 @@ class SampleWriter:
         self._tar.close()
 
 
-def iter_samples(fileobj: IO[bytes], want: Callable[[int], bool] | None = None,
-                 stop: int | None = None) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
+def iter_samples(
+    fileobj: IO[bytes], want: Callable[[int], bool] | None = None, stop: int | None = None
+) -> Iterator[tuple[int, str, dict[str, bytes] | None]]:
     """Yield (index, key, members) for each sample in tar order; members is None when `want(index)`
     is false (its bytes are skipped, not read). Stops after sample `stop - 1`. Raises tarfile.ReadError
     / OSError on a broken stream (the caller decides what that means for the rest of the shard)."""

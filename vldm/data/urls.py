@@ -31,7 +31,7 @@ def _is_fsspec(url: str) -> bool:
 
 
 def _local(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def expand(spec: str) -> list[str]:
@@ -75,7 +75,7 @@ def expand(spec: str) -> list[str]:
 def open_shard(url: str) -> Iterator[IO[bytes]]:
     """A readable binary stream of the shard; closed (and a pipe's process reaped) on exit."""
     if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
             yield proc.stdout  # type: ignore[misc]
         finally:
@@ -126,7 +126,9 @@ def sample_counts(urls: list[str]) -> list[int]:
             if idx_url not in indexes:
                 text = _read_text(idx_url)
                 try:
-                    indexes[idx_url] = {s["name"]: int(s["samples"]) for s in json.loads(text)["shards"]} if text else {}
+                    indexes[idx_url] = (
+                        {s["name"]: int(s["samples"]) for s in json.loads(text)["shards"]} if text else {}
+                    )
                 except (ValueError, KeyError, TypeError):
                     indexes[idx_url] = {}
             n = indexes[idx_url].get(base)

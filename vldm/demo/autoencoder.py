@@ -53,25 +53,43 @@ def load_shard_frames(shards: str, size: int = 32, holdout_shards: int = 1, num_
     from vldm.config.data import DataConfig
     from vldm.data import build_loader
 
-    cfg = DataConfig(shards=shards, num_frames=num_frames, size=size, batch_size=16, shuffle_buffer=0,
-                     holdout_shards=holdout_shards, drop_last=False)
+    cfg = DataConfig(
+        shards=shards,
+        num_frames=num_frames,
+        size=size,
+        batch_size=16,
+        shuffle_buffer=0,
+        holdout_shards=holdout_shards,
+        drop_last=False,
+    )
     loader = build_loader(cfg)
     out = []
     for i, batch in enumerate(loader):
         px = batch["pixels"]  # (B, C, F, H, W) in [-1, 1]
-        out.append(((px.permute(0, 2, 3, 4, 1).flatten(0, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy())
+        out.append(
+            ((px.permute(0, 2, 3, 4, 1).flatten(0, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        )
         if i + 1 >= len(loader):  # one epoch (the train split repeats forever)
             break
     return np.concatenate(out)
 
 
-def build_vae(latent_channels: int = 4, channels: tuple[int, ...] = (32, 64, 64), norm_groups: int = 8) -> AutoencoderKL:
+def build_vae(
+    latent_channels: int = 4, channels: tuple[int, ...] = (32, 64, 64), norm_groups: int = 8
+) -> AutoencoderKL:
     """Downsampling factor 2**(len(channels)-1): (32, 64, 64) turns 32x32 frames into 8x8 latents."""
     n = len(channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=tuple(channels),
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=1, norm_num_groups=norm_groups, sample_size=32, scaling_factor=1.0,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=tuple(channels),
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=1,
+        norm_num_groups=norm_groups,
+        sample_size=32,
+        scaling_factor=1.0,
     )
 
 
@@ -97,7 +115,9 @@ def train_vae(
     vae = build_vae(latent_channels, channels).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     # cosine decay: the last steps at a small LR sharpen the edges
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.95 + 0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * 0.95 + 0.05
+    )
     data = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()  # uint8 (N, 3, H, W)
     t0, l1_avg = time.time(), None
     for step in range(1, steps + 1):
@@ -117,17 +137,28 @@ def train_vae(
         sched.step()
         l1_avg = l1.item() if l1_avg is None else 0.95 * l1_avg + 0.05 * l1.item()
         if log_every and step % log_every == 0:
-            print(f"[autoencoder] step {step}/{steps} l1 {l1_avg:.4f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"[autoencoder] step {step}/{steps} l1 {l1_avg:.4f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
     vae.eval()
     with torch.no_grad():
         sample = data[torch.from_numpy(rng.integers(0, len(data), min(512, len(data))))].float() / 127.5 - 1
-        lat = torch.cat([vae.encode(sample[i:i + 64]).latent_dist.mean for i in range(0, len(sample), 64)])
-        rec = torch.cat([vae.decode(lat[i:i + 64]).sample for i in range(0, len(lat), 64)])
+        lat = torch.cat([vae.encode(sample[i : i + 64]).latent_dist.mean for i in range(0, len(sample), 64)])
+        rec = torch.cat([vae.decode(lat[i : i + 64]).sample for i in range(0, len(lat), 64)])
         std = lat.std().item()
         psnr = (10 * torch.log10(4 / F.mse_loss(rec.clamp(-1, 1), sample))).item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    report = {"steps": steps, "l1": l1_avg, "psnr_db": psnr, "latent_std": std, "scaling_factor": 1.0 / std,
-              "seconds": time.time() - t0, "frames": int(len(data)), "latent_shape": list(lat.shape[1:])}
+    report = {
+        "steps": steps,
+        "l1": l1_avg,
+        "psnr_db": psnr,
+        "latent_std": std,
+        "scaling_factor": 1.0 / std,
+        "seconds": time.time() - t0,
+        "frames": int(len(data)),
+        "latent_shape": list(lat.shape[1:]),
+    }
     return vae.requires_grad_(False), report
 
 
@@ -151,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("--shards", help="vldm shards (data_prep/shard_videos.py output): frames of the training split")
     src.add_argument("--videos", help="or a directory of mp4s: all their frames")
     p.add_argument("--size", type=int, default=32, help="frame size read from --shards (default 32)")
-    p.add_argument("--holdout-shards", type=int, default=1, help="last shards never used (as data.holdout_shards) (default 1)")
+    p.add_argument(
+        "--holdout-shards", type=int, default=1, help="last shards never used (as data.holdout_shards) (default 1)"
+    )
     p.add_argument("--out", required=True, help="output directory (e.g. BASE/vae)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps (default 600)")
     p.add_argument("--batch-size", type=int, default=32, help="frames per step (default 32)")
@@ -165,12 +198,23 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     frames = load_shard_frames(a.shards, a.size, a.holdout_shards) if a.shards else load_frames(a.videos, a.limit)
     print(f"[autoencoder] {len(frames)} frames {frames.shape[1]}x{frames.shape[2]}", flush=True)
-    vae, report = train_vae(frames, steps=a.steps, batch_size=a.batch_size, lr=a.lr, kl_weight=a.kl_weight,
-                            fg_weight=a.fg_weight, latent_channels=a.latent_channels,
-                            channels=tuple(int(c) for c in a.channels.split(",")), seed=a.seed)
+    vae, report = train_vae(
+        frames,
+        steps=a.steps,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        kl_weight=a.kl_weight,
+        fg_weight=a.fg_weight,
+        latent_channels=a.latent_channels,
+        channels=tuple(int(c) for c in a.channels.split(",")),
+        seed=a.seed,
+    )
     save_vae(vae, a.out, report)
-    print(f"[autoencoder] PSNR {report['psnr_db']:.1f} dB, latent {report['latent_shape']}, "
-          f"scaling_factor {report['scaling_factor']:.3f}, {report['seconds']:.0f}s -> {a.out}", flush=True)
+    print(
+        f"[autoencoder] PSNR {report['psnr_db']:.1f} dB, latent {report['latent_shape']}, "
+        f"scaling_factor {report['scaling_factor']:.3f}, {report['seconds']:.0f}s -> {a.out}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

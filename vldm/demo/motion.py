@@ -93,10 +93,14 @@ def motion_stats(videos: list[np.ndarray] | np.ndarray, **kw: float) -> MotionSt
         return float(fn(a)) if a.size else None
 
     return MotionStats(
-        accel_median=stat(accel, np.median), accel_mean=stat(accel, np.mean), speed_median=stat(speed, np.median),
-        stable_presence=float(stable.mean()) if stable.size else 0.0, presence=float(present.mean()) if present.size else 0.0,
+        accel_median=stat(accel, np.median),
+        accel_mean=stat(accel, np.mean),
+        speed_median=stat(speed, np.median),
+        stable_presence=float(stable.mean()) if stable.size else 0.0,
+        presence=float(present.mean()) if present.size else 0.0,
         flicker=float(np.mean(diffs)) if diffs else None,
-        num_videos=len(per), num_triples=int(accel.size),
+        num_videos=len(per),
+        num_triples=int(accel.size),
     )
 
 

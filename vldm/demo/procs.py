@@ -16,8 +16,15 @@ class StageFailed(RuntimeError):
     """A stage's command failed; the message names its log file and ends with the log's last lines."""
 
 
-def run_logged(cmd: list[str], log: Path, show: str | None = None, env: dict | None = None, cwd: str | None = None,
-               timeout: float | None = None, prefix: str = "    ") -> str:
+def run_logged(
+    cmd: list[str],
+    log: Path,
+    show: str | None = None,
+    env: dict | None = None,
+    cwd: str | None = None,
+    timeout: float | None = None,
+    prefix: str = "    ",
+) -> str:
     """Run `cmd`, appending all its output to `log`; echo lines matching the regex `show` to the console.
 
     Returns the whole output. Raises StageFailed (with the log's tail) on a non-zero exit or timeout.
@@ -29,8 +36,16 @@ def run_logged(cmd: list[str], log: Path, show: str | None = None, env: dict | N
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
-                                bufsize=1, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=cwd,
+            bufsize=1,
+            start_new_session=True,
+        )
         timer = threading.Timer(timeout, proc.kill) if timeout else None
         if timer:
             timer.start()

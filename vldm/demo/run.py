@@ -32,7 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RAY_ADDRESS = "http://127.0.0.1:8265"
 # trainer lines worth showing on the console (rank 0 logs every train.log_every steps)
-TRAIN_PROGRESS = r"\[vldm\.train .*\] (step |done|checkpoint .*final|stage=)|\[train_temporal .*\] (job|local)|Error|error:"
+TRAIN_PROGRESS = (
+    r"\[vldm\.train .*\] (step |done|checkpoint .*final|stage=)|\[train_temporal .*\] (job|local)|Error|error:"
+)
 
 
 @dataclass(frozen=True)
@@ -58,12 +60,40 @@ class Plan:
 
 
 # 288 videos x 3 overlapping clips = 864 clips (72 held out); ~12 min of the 15 on 2 quiet cores is training
-FULL = Plan("full", videos=288, video_frames=16, clip_frames=8, clip_stride=4, samples_per_shard=72, ae_steps=400,
-            image_steps=800, temporal_steps=800, temporal_every=400, warmup_steps=None, eval_samples=4,
-            num_prompts=8, sample_steps=25, real_clips=32)
-FAST = Plan("fast", videos=48, video_frames=8, clip_frames=8, clip_stride=8, samples_per_shard=16, ae_steps=40,
-            image_steps=20, temporal_steps=40, temporal_every=20, warmup_steps=2, eval_samples=2,
-            num_prompts=2, sample_steps=8, real_clips=8)
+FULL = Plan(
+    "full",
+    videos=288,
+    video_frames=16,
+    clip_frames=8,
+    clip_stride=4,
+    samples_per_shard=72,
+    ae_steps=400,
+    image_steps=800,
+    temporal_steps=800,
+    temporal_every=400,
+    warmup_steps=None,
+    eval_samples=4,
+    num_prompts=8,
+    sample_steps=25,
+    real_clips=32,
+)
+FAST = Plan(
+    "fast",
+    videos=48,
+    video_frames=8,
+    clip_frames=8,
+    clip_stride=8,
+    samples_per_shard=16,
+    ae_steps=40,
+    image_steps=20,
+    temporal_steps=40,
+    temporal_every=20,
+    warmup_steps=2,
+    eval_samples=2,
+    num_prompts=2,
+    sample_steps=8,
+    real_clips=8,
+)
 GUIDANCE = 3.0  # text guidance of the demo samples: a moderate scale for a tiny model (SD's 7.5 untried here)
 
 
@@ -83,7 +113,12 @@ class Demo:
         self.env["PYTHON"] = self.py  # slurm/train_temporal.sbatch runs $PYTHON
         self.env.setdefault("WANDB_MODE", "offline")
         wandb_dir = self.out / "wandb"
-        for var, sub in (("WANDB_DIR", ""), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
+        for var, sub in (
+            ("WANDB_DIR", ""),
+            ("WANDB_DATA_DIR", "data"),
+            ("WANDB_CACHE_DIR", "cache"),
+            ("WANDB_CONFIG_DIR", "config"),
+        ):
             self.env.setdefault(var, str(wandb_dir / sub))
         self.env.setdefault("WANDB_SILENT", "true")
         self.env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -138,9 +173,31 @@ class Demo:
     def make_corpus(self) -> None:
         p = self.plan
         # one shape (the motion metric tracks one centroid), 1.3-2.6 px per frame at 32 px
-        self.run([self.py, "data_prep/make_synthetic.py", str(self.corpus), "--count", str(p.videos), "--size", "32",
-                  "--frames", str(p.video_frames), "--fps", "8", "--max-shapes", "1", "--min-speed", "0.04",
-                  "--max-speed", "0.08", "--seed", "0"], "1_corpus.log", show=r"videos")
+        self.run(
+            [
+                self.py,
+                "data_prep/make_synthetic.py",
+                str(self.corpus),
+                "--count",
+                str(p.videos),
+                "--size",
+                "32",
+                "--frames",
+                str(p.video_frames),
+                "--fps",
+                "8",
+                "--max-shapes",
+                "1",
+                "--min-speed",
+                "0.04",
+                "--max-speed",
+                "0.08",
+                "--seed",
+                "0",
+            ],
+            "1_corpus.log",
+            show=r"videos",
+        )
         n = len(list(self.corpus.glob("*.mp4")))
         self.say(f"  {n} videos of {p.video_frames} frames at 32x32 in {self.corpus}")
 
@@ -157,8 +214,14 @@ class Demo:
         env = dict(self.env)
         env.setdefault("RAY_NUM_CPUS", "2")
         env.setdefault("RAY_OBJECT_STORE_BYTES", str(300 * 1024 * 1024))  # small blocks only: never frames
-        subprocess.run(["bash", "scripts/ray_local_up.sh"], check=True, env=env, cwd=str(ROOT), timeout=180,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["bash", "scripts/ray_local_up.sh"],
+            check=True,
+            env=env,
+            cwd=str(ROOT),
+            timeout=180,
+            stdout=subprocess.DEVNULL,
+        )
         self.started_ray = True
         if self.mem is not None:
             self.mem.add_ray()
@@ -169,35 +232,109 @@ class Demo:
         # the job's python is this venv's (PATH), and every path it gets is absolute.
         # a job's driver gets the cluster's environment, not ours: pass W&B's settings explicitly
         env_vars = {k: v for k, v in self.env.items() if k.startswith("WANDB_")}
-        return self.run(["ray", "job", "submit", "--address", RAY_ADDRESS, "--working-dir", ".",
-                         "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", "python", *args], log, show, timeout)
+        return self.run(
+            [
+                "ray",
+                "job",
+                "submit",
+                "--address",
+                RAY_ADDRESS,
+                "--working-dir",
+                ".",
+                "--runtime-env-json",
+                json.dumps({"env_vars": env_vars}),
+                "--",
+                "python",
+                *args,
+            ],
+            log,
+            show,
+            timeout,
+        )
 
     def make_shards(self) -> None:
         p = self.plan
         self.ray_up()
-        self.ray_job(["data_prep/shard_videos.py", str(self.corpus), str(self.shards), "--frames", str(p.clip_frames),
-                      "--fps", "8", "--size", "32", "--clip-stride", str(p.clip_stride),
-                      "--samples-per-shard", str(p.samples_per_shard), "--workers", "2", "--crf", "12"],
-                     "2_shards.log", show=r"clips/s|Job .* succeeded|shards? complete|ERROR")
+        self.ray_job(
+            [
+                "data_prep/shard_videos.py",
+                str(self.corpus),
+                str(self.shards),
+                "--frames",
+                str(p.clip_frames),
+                "--fps",
+                "8",
+                "--size",
+                "32",
+                "--clip-stride",
+                str(p.clip_stride),
+                "--samples-per-shard",
+                str(p.samples_per_shard),
+                "--workers",
+                "2",
+                "--crf",
+                "12",
+            ],
+            "2_shards.log",
+            show=r"clips/s|Job .* succeeded|shards? complete|ERROR",
+        )
         stats = json.loads((self.shards / "_stats.json").read_text())
         tars = sorted(self.shards.glob("*.tar"))
-        self.info["shards"] = {"tars": len(tars), "stats": {k: stats.get(k) for k in ("inputs", "clips", "failed") if k in stats}}
+        self.info["shards"] = {
+            "tars": len(tars),
+            "stats": {k: stats.get(k) for k in ("inputs", "clips", "failed") if k in stats},
+        }
         self.say(f"  {len(tars)} shards in {self.shards} (the last one is held out)")
 
     # ------------------------------------------------------------------ 3. training
     def train_autoencoder(self) -> None:
         # the random tiny SD-layout model (UNet from configs/demo_image.yaml, tiny CLIP text encoder);
         # its random vae/ is replaced by the trained autoencoder below
-        self.run([self.py, "-m", "vldm.demo.base_model", "--config", "configs/demo_image.yaml", "--out", str(self.base),
-                  "--vae-channels", "16,32,32"], "3a_autoencoder.log", show=r"\[base_model\]")
-        self.run([self.py, "-m", "vldm.demo.autoencoder", "--shards", str(self.shards), "--out", str(self.base / "vae"),
-                  "--steps", str(self.plan.ae_steps), "--channels", "16,32,32"], "3a_autoencoder.log",
-                 show=r"\[autoencoder\]")
+        self.run(
+            [
+                self.py,
+                "-m",
+                "vldm.demo.base_model",
+                "--config",
+                "configs/demo_image.yaml",
+                "--out",
+                str(self.base),
+                "--vae-channels",
+                "16,32,32",
+            ],
+            "3a_autoencoder.log",
+            show=r"\[base_model\]",
+        )
+        self.run(
+            [
+                self.py,
+                "-m",
+                "vldm.demo.autoencoder",
+                "--shards",
+                str(self.shards),
+                "--out",
+                str(self.base / "vae"),
+                "--steps",
+                str(self.plan.ae_steps),
+                "--channels",
+                "16,32,32",
+            ],
+            "3a_autoencoder.log",
+            show=r"\[autoencoder\]",
+        )
         self.info["autoencoder"] = json.loads((self.base / "vae" / "train_report.json").read_text())
 
-    def train(self, config: str, run_dir: Path, pretrained: Path, steps: int, every: int, log: str, slurm: bool) -> None:
-        overrides = [f"run_dir={run_dir}", f"model.pretrained={pretrained}", f"data.shards={self.shards}",
-                     f"train.max_steps={steps}", f"checkpoint.every={every}", f"train.log_every={max(1, min(50, steps // 10))}"]
+    def train(
+        self, config: str, run_dir: Path, pretrained: Path, steps: int, every: int, log: str, slurm: bool
+    ) -> None:
+        overrides = [
+            f"run_dir={run_dir}",
+            f"model.pretrained={pretrained}",
+            f"data.shards={self.shards}",
+            f"train.max_steps={steps}",
+            f"checkpoint.every={every}",
+            f"train.log_every={max(1, min(50, steps // 10))}",
+        ]
         if self.plan.warmup_steps is not None:
             overrides.append(f"optim.warmup_steps={self.plan.warmup_steps}")
         script = "slurm/train_temporal.sbatch"
@@ -243,13 +380,32 @@ class Demo:
         ae = self.info["autoencoder"]
         self.say(f"  autoencoder: PSNR {ae['psnr_db']:.1f} dB, latents {ae['latent_shape']}, {ae['seconds']:.0f} s")
         self.say(f"  3b: image LDM on frames (stage=image, {p.image_steps} steps, 2 local ranks)")
-        self.train("configs/demo_image.yaml", self.image_run, self.base, p.image_steps, p.image_steps, "3b_image.log", slurm=False)
+        self.train(
+            "configs/demo_image.yaml",
+            self.image_run,
+            self.base,
+            p.image_steps,
+            p.image_steps,
+            "3b_image.log",
+            slurm=False,
+        )
         self.assemble_image_ldm()
         slurm = self.slurm_ok()
-        how = "sbatch on the local SLURM cluster (2 nodes)" if slurm else "bash slurm/train_temporal.sbatch (no SLURM: 2 local ranks)"
+        how = (
+            "sbatch on the local SLURM cluster (2 nodes)"
+            if slurm
+            else "bash slurm/train_temporal.sbatch (no SLURM: 2 local ranks)"
+        )
         self.say(f"  3c: temporal layers (stage=temporal, {p.temporal_steps} steps, DeepSpeed ZeRO-2) via {how}")
-        self.train("configs/demo_temporal.yaml", self.video_run, self.image_ldm, p.temporal_steps, p.temporal_every,
-                   "3c_temporal.log", slurm=slurm)
+        self.train(
+            "configs/demo_temporal.yaml",
+            self.video_run,
+            self.image_ldm,
+            p.temporal_steps,
+            p.temporal_every,
+            "3c_temporal.log",
+            slurm=slurm,
+        )
         self.info["temporal_launcher"] = "sbatch" if slurm else "bash"
 
     # ------------------------------------------------------------------ 4. eval pool
@@ -257,11 +413,25 @@ class Demo:
         p = self.plan
         prompts = ",".join(self.prompts()[:4])
         self.ray_up()
-        self.ray_job(["ray_jobs/eval_pool.py", "--run-dir", str(self.video_run), "--once", "--suite", "configs/eval/tiny.yaml",
-                      f"sampling.num_samples={p.eval_samples}", "sampling.variants=ema", f"sampling.prompts={prompts}",
-                      f"val_loss.data={self.holdout_shard()}", f"val_loss.num_clips={min(8, p.real_clips)}",
-                      "pool.num_workers=2", f"pool.shard_size={max(1, p.eval_samples // 2)}"],
-                     "4_eval.log", show=r"\[eval\]|succeeded|failed")
+        self.ray_job(
+            [
+                "ray_jobs/eval_pool.py",
+                "--run-dir",
+                str(self.video_run),
+                "--once",
+                "--suite",
+                "configs/eval/tiny.yaml",
+                f"sampling.num_samples={p.eval_samples}",
+                "sampling.variants=ema",
+                f"sampling.prompts={prompts}",
+                f"val_loss.data={self.holdout_shard()}",
+                f"val_loss.num_clips={min(8, p.real_clips)}",
+                "pool.num_workers=2",
+                f"pool.shard_size={max(1, p.eval_samples // 2)}",
+            ],
+            "4_eval.log",
+            show=r"\[eval\]|succeeded|failed",
+        )
         report = self.run([self.py, "-m", "vldm.eval.report", str(self.video_run)], "4_eval_report.log")
         print("\n".join("    " + line for line in report.rstrip().splitlines()), flush=True)
         self.info["eval_report"] = report
@@ -277,8 +447,16 @@ class Demo:
         from vldm.config.data import DataConfig
         from vldm.data import build_loader
 
-        cfg = DataConfig(shards=str(self.shards), num_frames=self.plan.clip_frames, size=32, batch_size=1,
-                         shuffle_buffer=0, clip_start="start", holdout_shards=1, drop_last=False)
+        cfg = DataConfig(
+            shards=str(self.shards),
+            num_frames=self.plan.clip_frames,
+            size=32,
+            batch_size=1,
+            shuffle_buffer=0,
+            clip_start="start",
+            holdout_shards=1,
+            drop_last=False,
+        )
         clips, caps = [], []
         for batch in build_loader(cfg, split="holdout"):
             for v, c in zip(batch["pixels"], batch["captions"]):
@@ -315,18 +493,31 @@ class Demo:
         videos: dict[str, list[np.ndarray]] = {}
         for mode, image_mode in (("image_model", True), ("video_model", False)):
             t0 = time.perf_counter()
-            out = generate(cascade, prompts, seeds=seeds, progress=False, num_frames=p.clip_frames, steps=p.sample_steps,
-                           guidance_scale=GUIDANCE, image_mode=image_mode)
+            out = generate(
+                cascade,
+                prompts,
+                seeds=seeds,
+                progress=False,
+                num_frames=p.clip_frames,
+                steps=p.sample_steps,
+                guidance_scale=GUIDANCE,
+                image_mode=image_mode,
+            )
             d = self.out / "samples" / mode
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
             out.save(d / "sample.mp4" if len(prompts) > 1 else d / "sample_000.mp4")
             u8 = ((out.videos.permute(0, 2, 3, 4, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
             videos[mode] = list(u8)
-            self.say(f"  {mode}: {len(prompts)} videos x {p.clip_frames} frames in {time.perf_counter() - t0:.0f} s -> {d}")
+            self.say(
+                f"  {mode}: {len(prompts)} videos x {p.clip_frames} frames in {time.perf_counter() - t0:.0f} s -> {d}"
+            )
         real, _ = self.real_clips(p.real_clips)
-        self.motion = {"image_model": motion_stats(videos["image_model"]), "video_model": motion_stats(videos["video_model"]),
-                       "real_clips": motion_stats(real)}
+        self.motion = {
+            "image_model": motion_stats(videos["image_model"]),
+            "video_model": motion_stats(videos["video_model"]),
+            "real_clips": motion_stats(real),
+        }
         self.grid = save_png(grid_image(videos["image_model"], videos["video_model"]), self.out / "grid.png")
         self.say(f"  grid -> {self.grid}")
 
@@ -347,7 +538,10 @@ class Demo:
             "verdict": v,
             "prompts": self.prompts(),
             "seeds": list(range(len(self.prompts()))),
-            "samples": {k: sorted(str(p) for p in (self.out / "samples" / k).glob("*.mp4")) for k in ("image_model", "video_model")},
+            "samples": {
+                k: sorted(str(p) for p in (self.out / "samples" / k).glob("*.mp4"))
+                for k in ("image_model", "video_model")
+            },
             "grid": str(self.grid),
             "wandb_runs": self.wandb_runs(),
             "runs": {"image": str(self.image_run), "video": str(self.video_run)},
@@ -358,11 +552,23 @@ class Demo:
         }
         write_summary(self.out / "summary.json", data)
         print()
-        print(table({"image model (per frame)": m["image_model"], "video model": m["video_model"],
-                     "real clips (held out)": m["real_clips"]}))
+        print(
+            table(
+                {
+                    "image model (per frame)": m["image_model"],
+                    "video model": m["video_model"],
+                    "real clips (held out)": m["real_clips"],
+                }
+            )
+        )
         print("\naccel = median |c[t+1] - 2c[t] + c[t-1]| of the shape's centroid (frame units): 0 = constant velocity")
-        print(f"video model's gap to real clips: {v['accel_gap_video']:.4f} vs image model's {v['accel_gap_image']:.4f}"
-              f" ({'video model far closer' if v['far_closer'] else 'video model closer' if v['video_closer'] else 'NOT closer'})")
+        closer = (
+            "video model far closer" if v["far_closer"] else "video model closer" if v["video_closer"] else "NOT closer"
+        )
+        print(
+            f"video model's gap to real clips: {v['accel_gap_video']:.4f} vs image model's {v['accel_gap_image']:.4f}"
+            f" ({closer})"
+        )
         print(f"\nsummary  {self.out / 'summary.json'}\ngrid     {self.grid}\nsamples  {self.out / 'samples'}")
         for r in data["wandb_runs"]:
             print(f"W&B run  {r}   (upload later: wandb sync {r})")
@@ -397,15 +603,34 @@ class Demo:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vldm.demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--fast", action="store_true", default=os.environ.get("DEMO_FAST") == "1",
-                    help="the ~3 minute smoke-test variant (default: $DEMO_FAST=1)")
-    ap.add_argument("--out", default=os.environ.get("DEMO_OUT", "outputs/demo"), help="output directory (default: outputs/demo)")
-    ap.add_argument("--slurm", choices=("auto", "0", "1"), default=os.environ.get("DEMO_SLURM", "auto"),
-                    help="temporal stage through sbatch: auto = when a SLURM cluster with 2 idle nodes answers (default: $DEMO_SLURM or auto)")
-    ap.add_argument("--start-at", type=int, default=1, metavar="N",
-                    help="skip stages before N and reuse their outputs in --out (default: 1 = start from nothing)")
+    ap = argparse.ArgumentParser(
+        prog="python -m vldm.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--fast",
+        action="store_true",
+        default=os.environ.get("DEMO_FAST") == "1",
+        help="the ~3 minute smoke-test variant (default: $DEMO_FAST=1)",
+    )
+    ap.add_argument(
+        "--out", default=os.environ.get("DEMO_OUT", "outputs/demo"), help="output directory (default: outputs/demo)"
+    )
+    ap.add_argument(
+        "--slurm",
+        choices=("auto", "0", "1"),
+        default=os.environ.get("DEMO_SLURM", "auto"),
+        help=(
+            "temporal stage through sbatch: auto = when a SLURM cluster with 2 idle nodes answers (default: "
+            "$DEMO_SLURM or auto)"
+        ),
+    )
+    ap.add_argument(
+        "--start-at",
+        type=int,
+        default=1,
+        metavar="N",
+        help="skip stages before N and reuse their outputs in --out (default: 1 = start from nothing)",
+    )
     a = ap.parse_args(argv)
     from vldm.demo.procs import StageFailed
 

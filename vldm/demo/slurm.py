@@ -36,8 +36,16 @@ def job_state(job: str) -> str:
     return m.group(1) if m else ""
 
 
-def submit_and_wait(script: str, args: list[str], log: Path, env: dict, cwd: str, show: str | None = None,
-                    nodes: int = 2, timeout: float = 3600) -> None:
+def submit_and_wait(
+    script: str,
+    args: list[str],
+    log: Path,
+    env: dict,
+    cwd: str,
+    show: str | None = None,
+    nodes: int = 2,
+    timeout: float = 3600,
+) -> None:
     """sbatch on `nodes` CPU nodes (one rank each), follow its log, return when it has COMPLETED.
 
     A requeue (preemption) is followed too: the job keeps its id and appends to the same log.
@@ -46,8 +54,19 @@ def submit_and_wait(script: str, args: list[str], log: Path, env: dict, cwd: str
     from vldm.demo.procs import StageFailed
 
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = ["sbatch", "--parsable", f"--nodes={nodes}", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none",
-           "--time=01:00:00", f"--output={log}", "--open-mode=append", script, *args]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        f"--nodes={nodes}",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=1",
+        "--gres=none",
+        "--time=01:00:00",
+        f"--output={log}",
+        "--open-mode=append",
+        script,
+        *args,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=60)
     if res.returncode != 0:
         raise StageFailed(f"sbatch failed: {res.stderr.strip()}")

@@ -26,8 +26,8 @@ def grid_image(image_mode: list[np.ndarray], video: list[np.ndarray], scale: int
     canvas = np.full((len(image_mode) * (h + 2), 2 * half + GAP, 3), 40, np.uint8)
     for r, (a, b) in enumerate(zip(image_mode, video)):
         y = r * (h + 2)
-        canvas[y:y + h, :half] = np.concatenate(list(a), axis=1)
-        canvas[y:y + h, half + GAP:] = np.concatenate(list(b), axis=1)
+        canvas[y : y + h, :half] = np.concatenate(list(a), axis=1)
+        canvas[y : y + h, half + GAP :] = np.concatenate(list(b), axis=1)
     big = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
     out = Image.new("RGB", (big.width, big.height + header), (40, 40, 40))
     out.paste(big, (0, header))
@@ -50,13 +50,20 @@ def verdict(image: MotionStats, video: MotionStats, real: MotionStats) -> dict:
     """The claim of issue 7: the video model's motion is far closer to the real clips' than image mode's."""
     d_img, d_vid = closeness(image, real), closeness(video, real)
     ratio = d_img / d_vid if d_vid > 0 else float("inf")
-    return {"accel_gap_image": d_img, "accel_gap_video": d_vid, "gap_ratio": ratio,
-            "video_closer": bool(d_vid < d_img), "far_closer": bool(d_vid * 3 <= d_img)}
+    return {
+        "accel_gap_image": d_img,
+        "accel_gap_video": d_vid,
+        "gap_ratio": ratio,
+        "video_closer": bool(d_vid < d_img),
+        "far_closer": bool(d_vid * 3 <= d_img),
+    }
 
 
 def table(rows: dict[str, MotionStats]) -> str:
     """The printed table: one line per source of videos."""
-    head = f"{'videos':<24}{'n':>3}  {'accel (median)':>14}  {'speed (median)':>14}  {'stable shape':>12}  {'flicker':>7}"
+    head = (
+        f"{'videos':<24}{'n':>3}  {'accel (median)':>14}  {'speed (median)':>14}  {'stable shape':>12}  {'flicker':>7}"
+    )
     lines = [head, "-" * len(head)]
     for name, s in rows.items():
         acc = f"{s.accel_median:.4f}" if s.accel_median is not None else "n/a"

@@ -32,11 +32,22 @@ def diffusion_loss(
     b = latents.shape[0]
     dev = latents.device
     if noise is None:
-        noise = torch.randn(latents.shape, generator=generator, device="cpu" if generator is not None and generator.device.type == "cpu" else dev, dtype=torch.float32)
+        noise = torch.randn(
+            latents.shape,
+            generator=generator,
+            device="cpu" if generator is not None and generator.device.type == "cpu" else dev,
+            dtype=torch.float32,
+        )
         noise = noise.to(dev, latents.dtype)
     if timesteps is None:
         n = scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, n, (b,), generator=generator, device="cpu" if generator is not None and generator.device.type == "cpu" else dev)
+        timesteps = torch.randint(
+            0,
+            n,
+            (b,),
+            generator=generator,
+            device="cpu" if generator is not None and generator.device.type == "cpu" else dev,
+        )
     timesteps = timesteps.to(dev).long()
     noisy = scheduler.add_noise(latents, noise, timesteps)
     pred_type = scheduler.config.prediction_type

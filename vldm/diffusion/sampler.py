@@ -97,18 +97,19 @@ def decode_latents(vae, latents: torch.Tensor, chunk: int = 16) -> torch.Tensor:
         return latents.clamp(-1, 1)
     b, _, f = latents.shape[:3]
     flat = rearrange(latents, "b c f h w -> (b f) c h w") / vae.config.scaling_factor
-    outs = [vae.decode(flat[i:i + chunk].to(vae.dtype)).sample for i in range(0, flat.shape[0], chunk)]
+    outs = [vae.decode(flat[i : i + chunk].to(vae.dtype)).sample for i in range(0, flat.shape[0], chunk)]
     return rearrange(torch.cat(outs), "(b f) c h w -> b c f h w", b=b, f=f).clamp(-1, 1).float().contiguous()
 
 
 @torch.no_grad()
 def encode_pixels(vae, pixels: torch.Tensor, chunk: int = 16, sample: bool = False, generator=None) -> torch.Tensor:
-    """(b, 3, f, H, W) pixels in [-1, 1] -> scaled (b, c, f, h, w) latents (frame by frame: the encoder is an image model)."""
+    """(b, 3, f, H, W) pixels in [-1, 1] -> scaled (b, c, f, h, w) latents (frame by frame: the encoder is an
+    image model)."""
     b, _, f = pixels.shape[:3]
     flat = rearrange(pixels, "b c f h w -> (b f) c h w").to(vae.dtype)
     outs = []
     for i in range(0, flat.shape[0], chunk):
-        dist = vae.encode(flat[i:i + chunk]).latent_dist
+        dist = vae.encode(flat[i : i + chunk]).latent_dist
         outs.append(dist.sample(generator) if sample else dist.mean)
     lat = torch.cat(outs).float() * vae.config.scaling_factor
     # contiguous: the VAE returns channels-last strides, which crash the UNet's backward on CPU

@@ -15,8 +15,15 @@ def scheduler_config(cfg: DiffusionConfig, model_scheduler_config: dict | None) 
     if cfg.scheduler_from_model and model_scheduler_config:
         out = dict(model_scheduler_config)
     else:
-        out = dict(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                   beta_schedule=cfg.beta_schedule, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        out = dict(
+            num_train_timesteps=cfg.num_train_timesteps,
+            beta_start=cfg.beta_start,
+            beta_end=cfg.beta_end,
+            beta_schedule=cfg.beta_schedule,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        )
     if cfg.prediction_type != "auto":
         out["prediction_type"] = cfg.prediction_type
     out.setdefault("prediction_type", "epsilon")

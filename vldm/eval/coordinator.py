@@ -107,11 +107,15 @@ class Coordinator:
         self.suite_hash = protocol_hash(self.protocol)
         self.run_cfg = build_config(Config, [str(self.run_dir / RUN_CONFIG)])
         if self.run_cfg.stage != "temporal":
-            raise ValueError(f"{self.run_dir} is a stage={self.run_cfg.stage} run: the eval pool evaluates video "
-                             "(stage=temporal) checkpoints")
+            raise ValueError(
+                f"{self.run_dir} is a stage={self.run_cfg.stage} run: the eval pool evaluates video "
+                "(stage=temporal) checkpoints"
+            )
         self.resolved = resolve(suite, self.run_cfg)
         self.prompts = prompts(suite)
-        self.cache_dir = Path(suite.pool.reference_cache).expanduser() if suite.pool.reference_cache else default_reference_cache()
+        self.cache_dir = (
+            Path(suite.pool.reference_cache).expanduser() if suite.pool.reference_cache else default_reference_cache()
+        )
         self.logger = logger or NullLogger()
         self.log = log or (lambda m: print(f"[eval] {m}", flush=True))
         self.dir = suite_dir(self.run_dir, self.suite_hash)
@@ -127,8 +131,10 @@ class Coordinator:
     def write_suite_files(self) -> None:
         """suite.yaml (as given, incl. pool/W&B settings) and protocol.json (what the hash covers)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        for name, text in (("suite.yaml", dump_yaml(self.suite)),
-                           ("protocol.json", json.dumps(self.protocol, indent=2, sort_keys=True))):
+        for name, text in (
+            ("suite.yaml", dump_yaml(self.suite)),
+            ("protocol.json", json.dumps(self.protocol, indent=2, sort_keys=True)),
+        ):
             path = self.dir / name
             if not path.exists() or path.read_text() != text:  # a rerun leaves the run dir untouched
                 atomic_write_text(path, text)
@@ -186,8 +192,9 @@ class Coordinator:
                 self._fail(name, step, "plan", str(e), 0)
                 continue
             self._remove_stale_temp_files(name)
-            self.jobs[name] = _Job(name, tasks, {t.name for t in tasks if not partial_done(t)}, ckpt, step,
-                                   needs=self._needs())
+            self.jobs[name] = _Job(
+                name, tasks, {t.name for t in tasks if not partial_done(t)}, ckpt, step, needs=self._needs()
+            )
             new += 1
             done = len(tasks) - len(self.jobs[name].remaining)
             self.log(f"{name}: {len(tasks)} shards planned" + (f" ({done} already done)" if done else ""))
@@ -202,8 +209,13 @@ class Coordinator:
                 f.unlink(missing_ok=True)
 
     def queue(self) -> list[ShardTask]:
-        out = [t for job in (*self.refs.values(), *self.jobs.values()) if not job.failed
-               for t in job.tasks if t.name in job.remaining and t.name not in self.inflight]
+        out = [
+            t
+            for job in (*self.refs.values(), *self.jobs.values())
+            if not job.failed
+            for t in job.tasks
+            if t.name in job.remaining and t.name not in self.inflight
+        ]
         return sorted(out, key=ShardTask.sort_key)
 
     def dispatch(self, ex: Executor) -> None:
@@ -213,8 +225,17 @@ class Coordinator:
                 return
             head = queue[0]
             # same priority class (reference, or the same checkpoint): keep the weights the worker holds
-            pick = next((t for t in queue if t.weights_key == held and held
-                         and (t.kind == "reference") == (head.kind == "reference") and t.step == head.step), head)
+            pick = next(
+                (
+                    t
+                    for t in queue
+                    if t.weights_key == held
+                    and held
+                    and (t.kind == "reference") == (head.kind == "reference")
+                    and t.step == head.step
+                ),
+                head,
+            )
             queue.remove(pick)
             self.inflight[pick.name] = pick
             ex.submit(slot, pick)
@@ -226,7 +247,9 @@ class Coordinator:
     def _fail(self, name: str, step: int, task: str, error: str, attempts: int) -> None:
         self.failed[name] = error
         write_error(self.run_dir, self.suite_hash, name, step, task, error, attempts)
-        self.log(f"{name}: FAILED ({task}, {attempts} attempts): {error.strip().splitlines()[-1] if error.strip() else ''}")
+        self.log(
+            f"{name}: FAILED ({task}, {attempts} attempts): {error.strip().splitlines()[-1] if error.strip() else ''}"
+        )
 
     def handle(self, out: Outcome) -> None:
         t = out.task
@@ -241,8 +264,10 @@ class Coordinator:
         self.attempts[t.name] += 1
         n = self.attempts[t.name]
         why = "worker lost" if out.lost else "error"
-        self.log(f"{t.name}: {why} (attempt {n}/{self.suite.pool.max_attempts})"
-                 + (f": {out.error.strip().splitlines()[-1]}" if out.error.strip() else ""))
+        self.log(
+            f"{t.name}: {why} (attempt {n}/{self.suite.pool.max_attempts})"
+            + (f": {out.error.strip().splitlines()[-1]}" if out.error.strip() else "")
+        )
         if n >= self.suite.pool.max_attempts:
             job.failed = out.error or why
             if t.kind == "reference":
@@ -278,8 +303,18 @@ class Coordinator:
             if any(m not in self.ref_stats for m in job.needs):
                 continue  # reference statistics still being computed
             try:
-                result = finalize_checkpoint(self.run_dir, self.suite, self.suite_hash, self.protocol, self.resolved,
-                                             job.ckpt, job.step, job.tasks, self.ref_stats, self.prompts)
+                result = finalize_checkpoint(
+                    self.run_dir,
+                    self.suite,
+                    self.suite_hash,
+                    self.protocol,
+                    self.resolved,
+                    job.ckpt,
+                    job.step,
+                    job.tasks,
+                    self.ref_stats,
+                    self.prompts,
+                )
             except Exception:  # noqa: BLE001 - e.g. a partial deleted under us: record, do not crash the pool
                 self._fail(name, job.step, "merge", traceback.format_exc(), 1)
                 del self.jobs[name]

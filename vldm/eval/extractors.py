@@ -65,9 +65,11 @@ def verify_weights(path: str | os.PathLike, expected: str, what: str) -> str:
     """Return the sha256 of `path`; refuse it if `expected` is given and differs."""
     got = weights_sha256(path)
     if expected and got != expected.strip().lower():
-        raise ValueError(f"{what}: sha256 mismatch for {path}: expected {expected}, got {got}. "
-                         "This is not the file the suite pins (wrong download, truncated or different weights); "
-                         "fix the path or, if the new file is intended, update the sha256 (it changes the suite hash).")
+        raise ValueError(
+            f"{what}: sha256 mismatch for {path}: expected {expected}, got {got}. "
+            "This is not the file the suite pins (wrong download, truncated or different weights); "
+            "fix the path or, if the new file is intended, update the sha256 (it changes the suite hash)."
+        )
     return got
 
 
@@ -75,7 +77,9 @@ def select_frames(videos: torch.Tensor, num_frames: int, stride: int = 1) -> tor
     """The first `num_frames` frames taken every `stride` frames of (b, c, f, h, w) videos."""
     need = (num_frames - 1) * stride + 1
     if videos.shape[2] < need:
-        raise ValueError(f"videos have {videos.shape[2]} frames; the protocol needs {need} ({num_frames} at stride {stride})")
+        raise ValueError(
+            f"videos have {videos.shape[2]} frames; the protocol needs {need} ({num_frames} at stride {stride})"
+        )
     return videos[:, :, :need:stride]
 
 
@@ -109,8 +113,16 @@ class I3DExtractor:
 
     name = "i3d"
 
-    def __init__(self, path: str | os.PathLike, sha256: str = "", num_frames: int = 16, stride: int = 1,
-                 resize: int = 224, device: str | torch.device = "cpu", batch_size: int = 4):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        sha256: str = "",
+        num_frames: int = 16,
+        stride: int = 1,
+        resize: int = 224,
+        device: str | torch.device = "cpu",
+        batch_size: int = 4,
+    ):
         self.path = Path(path).expanduser()
         self.sha256 = verify_weights(self.path, sha256, "fvd.weights (I3D)")
         self.num_frames, self.stride, self.resize = num_frames, stride, resize
@@ -119,7 +131,9 @@ class I3DExtractor:
             self.format = "torchscript"
             self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
             args = _forward_args(self.net)
-            self._kwargs = {k: v for k, v in dict(rescale=False, resize=False, return_features=True).items() if k in args}
+            self._kwargs = {
+                k: v for k, v in dict(rescale=False, resize=False, return_features=True).items() if k in args
+            }
         else:
             from vldm.eval.i3d import InceptionI3d
 
@@ -131,14 +145,23 @@ class I3DExtractor:
             net = InceptionI3d(num_classes=classes)
             missing, unexpected = net.load_state_dict(sd, strict=False)
             if missing or unexpected:
-                raise ValueError(f"{self.path} is not a pytorch-i3d InceptionI3d state dict: missing {missing[:4]}, "
-                                 f"unexpected {unexpected[:4]}")
+                raise ValueError(
+                    f"{self.path} is not a pytorch-i3d InceptionI3d state dict: missing {missing[:4]}, "
+                    f"unexpected {unexpected[:4]}"
+                )
             self.net, self._kwargs = net.to(self.device).eval(), {}
         self.dim: int | None = None
 
     def protocol(self) -> dict:
-        return {"extractor": "i3d", "format": self.format, "sha256": self.sha256, "frames": self.num_frames,
-                "stride": self.stride, "resize": f"full-frame bilinear {self.resize}x{self.resize}", "input": "[-1,1]"}
+        return {
+            "extractor": "i3d",
+            "format": self.format,
+            "sha256": self.sha256,
+            "frames": self.num_frames,
+            "stride": self.stride,
+            "resize": f"full-frame bilinear {self.resize}x{self.resize}",
+            "input": "[-1,1]",
+        }
 
     @torch.no_grad()
     def __call__(self, videos: torch.Tensor) -> torch.Tensor:
@@ -146,7 +169,7 @@ class I3DExtractor:
         clips = select_frames(videos, self.num_frames, self.stride)
         outs = []
         for i in range(0, clips.shape[0], self.batch_size):
-            x = resize_frames(clips[i:i + self.batch_size].float(), self.resize).to(self.device)
+            x = resize_frames(clips[i : i + self.batch_size].float(), self.resize).to(self.device)
             out = self.net(x, **self._kwargs)
             outs.append(out.reshape(out.shape[0], -1).double().cpu())
         feats = torch.cat(outs)
@@ -167,8 +190,9 @@ def load_pytorch_fid_inception(path: str | os.PathLike):
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - say what the file should have been
-        raise ValueError(f"fid.weights: {path} is neither a TorchScript archive nor a loadable state dict "
-                         f"({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"fid.weights: {path} is neither a TorchScript archive nor a loadable state dict ({type(e).__name__}: {e})"
+        ) from e
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -181,12 +205,16 @@ def load_pytorch_fid_inception(path: str | os.PathLike):
     unexpected = sorted(set(sd) - set(expected))
     wrong = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
     if missing or unexpected or wrong:
+
         def show(keys):
             return f"{len(keys)} {keys[:8]}{' ...' if len(keys) > 8 else ''}"
-        raise ValueError(f"fid.weights: {path} is not pytorch-fid's FID Inception state dict "
-                         f"(pt_inception-2015-12-05-6726825d.pth): missing keys {show(missing)}, "
-                         f"unexpected keys {show(unexpected)}, wrong shapes "
-                         f"{show([f'{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}' for k in wrong])}")
+
+        raise ValueError(
+            f"fid.weights: {path} is not pytorch-fid's FID Inception state dict "
+            f"(pt_inception-2015-12-05-6726825d.pth): missing keys {show(missing)}, "
+            f"unexpected keys {show(unexpected)}, wrong shapes "
+            f"{show([f'{k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}' for k in wrong])}"
+        )
     net.load_state_dict(sd, strict=False)  # complete but for optional counters, checked above
     return net
 
@@ -196,8 +224,14 @@ class InceptionExtractor:
 
     name = "inception"
 
-    def __init__(self, path: str | os.PathLike, sha256: str = "", resize: int = 299,
-                 device: str | torch.device = "cpu", batch_size: int = 32):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        sha256: str = "",
+        resize: int = 299,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+    ):
         self.path = Path(path).expanduser()
         self.sha256 = verify_weights(self.path, sha256, "fid.weights (Inception)")
         self.resize, self.device, self.batch_size = resize, torch.device(device), batch_size
@@ -210,16 +244,20 @@ class InceptionExtractor:
             self.net, self._kwargs = load_pytorch_fid_inception(self.path).to(self.device).eval(), {}
 
     def protocol(self) -> dict:
-        return {"extractor": "inception", "format": self.format, "sha256": self.sha256,
-                "resize": f"bilinear {self.resize}x{self.resize}",
-                "input": "[0,255]" if self.format == "torchscript" else "[0,1] (pytorch-fid maps it to [-1,1])"}
+        return {
+            "extractor": "inception",
+            "format": self.format,
+            "sha256": self.sha256,
+            "resize": f"bilinear {self.resize}x{self.resize}",
+            "input": "[0,255]" if self.format == "torchscript" else "[0,1] (pytorch-fid maps it to [-1,1])",
+        }
 
     @torch.no_grad()
     def frames(self, frames: torch.Tensor) -> torch.Tensor:
         """(n, 3, h, w) in [-1, 1] -> (n, 2048) float64."""
         outs = []
         for i in range(0, frames.shape[0], self.batch_size):
-            x = frames[i:i + self.batch_size].float()
+            x = frames[i : i + self.batch_size].float()
             if tuple(x.shape[-2:]) != (self.resize, self.resize):
                 x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
             if self.format == "torchscript":
@@ -246,8 +284,9 @@ class CLIPExtractor:
 
     name = "clip"
 
-    def __init__(self, model_dir: str | os.PathLike, sha256: str = "", device: str | torch.device = "cpu",
-                 batch_size: int = 32):
+    def __init__(
+        self, model_dir: str | os.PathLike, sha256: str = "", device: str | torch.device = "cpu", batch_size: int = 32
+    ):
         from transformers import AutoTokenizer, CLIPModel
 
         self.path = Path(model_dir).expanduser()
@@ -272,8 +311,12 @@ class CLIPExtractor:
         self.std = torch.tensor(std).view(1, 3, 1, 1)
 
     def protocol(self) -> dict:
-        return {"extractor": "clip", "sha256": self.sha256, "preprocess": f"shorter side bicubic {self.size}, "
-                f"centre crop {self.crop}, CLIP mean/std", "score": "cosine, mean over frames"}
+        return {
+            "extractor": "clip",
+            "sha256": self.sha256,
+            "preprocess": f"shorter side bicubic {self.size}, centre crop {self.crop}, CLIP mean/std",
+            "score": "cosine, mean over frames",
+        }
 
     def _preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         x = (frames.float() + 1) / 2
@@ -282,7 +325,7 @@ class CLIPExtractor:
         nh, nw = max(self.crop, round(h * scale)), max(self.crop, round(w * scale))
         x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
         top, left = (nh - self.crop) // 2, (nw - self.crop) // 2
-        x = x[..., top:top + self.crop, left:left + self.crop]
+        x = x[..., top : top + self.crop, left : left + self.crop]
         return (x - self.mean) / self.std
 
     @torch.no_grad()
@@ -290,7 +333,7 @@ class CLIPExtractor:
         """(n, 3, h, w) in [-1, 1] -> (n, d) unit-norm image embeddings."""
         outs = []
         for i in range(0, frames.shape[0], self.batch_size):
-            px = self._preprocess(frames[i:i + self.batch_size]).to(self.device)
+            px = self._preprocess(frames[i : i + self.batch_size]).to(self.device)
             out = self.model.get_image_features(pixel_values=px)
             out = getattr(out, "pooler_output", out)  # transformers 5 may wrap the projection in an output object
             outs.append(F.normalize(out.float(), dim=-1).cpu())
@@ -298,8 +341,9 @@ class CLIPExtractor:
 
     @torch.no_grad()
     def text_embeds(self, texts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.tokenizer.model_max_length,
-                             return_tensors="pt").to(self.device)
+        tok = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.tokenizer.model_max_length, return_tensors="pt"
+        ).to(self.device)
         out = self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
         out = getattr(out, "pooler_output", out)
         return F.normalize(out.float(), dim=-1).cpu()

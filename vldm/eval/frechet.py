@@ -184,9 +184,12 @@ def frechet_from_stats(a: FeatureStats, b: FeatureStats, name: str = "FD") -> fl
     """FD between two feature sets; warns (SmallSampleWarning) when either has fewer samples than dims."""
     for label, st in (("first", a), ("second", b)):
         if st.count < st.dim:
-            warnings.warn(f"{name}: {label} set has N={st.count} < feature dim {st.dim}: the covariance is "
-                          "singular and the distance is strongly biased (compare only at equal N)",
-                          SmallSampleWarning, stacklevel=2)
+            warnings.warn(
+                f"{name}: {label} set has N={st.count} < feature dim {st.dim}: the covariance is "
+                "singular and the distance is strongly biased (compare only at equal N)",
+                SmallSampleWarning,
+                stacklevel=2,
+            )
     mu1, s1 = a.mean_cov()
     mu2, s2 = b.mean_cov()
     small, other = (b, s1) if b.rows() is not None else (a, s2) if a.rows() is not None else (None, None)

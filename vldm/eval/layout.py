@@ -1,15 +1,15 @@
 """Where evaluation writes, inside the run directory (readers: the pool, `report`, W&B catch-up).
 
-    RUN/eval/<suite_hash>/
-      suite.yaml  protocol.json        the suite as given, and the hashed protocol
-      .lock                            held (flock) by the one coordinator working on this suite
-      step_<N:08d>/                    one per checkpoint (same name as the checkpoint directory)
-        result.json                    the result, written once, atomically (temp + rename)
-        error.json                     why the last attempt failed (removed on success)
-        shards/<variant>_<kind>_<start>-<stop>.npz    per-shard partial statistics (atomic)
-        videos/<variant>/<index:06d>.mp4               the samples
-        .wandb-<id>                    marker: this result was logged to W&B run <id>
-    <reference_cache>/<ref_hash>/stats.npz, meta.json, shards/   real-data statistics
+RUN/eval/<suite_hash>/
+  suite.yaml  protocol.json        the suite as given, and the hashed protocol
+  .lock                            held (flock) by the one coordinator working on this suite
+  step_<N:08d>/                    one per checkpoint (same name as the checkpoint directory)
+    result.json                    the result, written once, atomically (temp + rename)
+    error.json                     why the last attempt failed (removed on success)
+    shards/<variant>_<kind>_<start>-<stop>.npz    per-shard partial statistics (atomic)
+    videos/<variant>/<index:06d>.mp4               the samples
+    .wandb-<id>                    marker: this result was logged to W&B run <id>
+<reference_cache>/<ref_hash>/stats.npz, meta.json, shards/   real-data statistics
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ class SuiteLock:
         except BlockingIOError:
             holder = os.read(fd, 512).decode(errors="replace").strip()
             os.close(fd)
-            raise SuiteBusy(f"another eval pool is working on {self.path.parent} ({holder or 'unknown holder'})") from None
+            raise SuiteBusy(
+                f"another eval pool is working on {self.path.parent} ({holder or 'unknown holder'})"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid()}).encode())
         self._fd = fd

@@ -77,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no eval results under {run / 'eval'}", file=sys.stderr)
         return 1
     if a.format == "json":
-        print(json.dumps({h: [{"step": r["step"], "metrics": r["metrics"]} for r in rs] for h, rs in by_suite.items()},
-                         indent=2))
+        print(
+            json.dumps(
+                {h: [{"step": r["step"], "metrics": r["metrics"]} for r in rs] for h, rs in by_suite.items()}, indent=2
+            )
+        )
         return 0
     for h, rs in by_suite.items():
         if a.format == "csv":

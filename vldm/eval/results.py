@@ -56,10 +56,15 @@ def finalize_reference(cache_dir: Path, key: str, tasks: list[ShardTask]) -> tup
         extractor = meta.get("extractor", extractor)
     merged = _merge(stats)
     if merged is None or merged.count < 2:
-        raise ValueError(f"reference {key}: fewer than 2 readable real videos ({len(skipped)} skipped): "
-                         f"{skipped[:3]}")
-    meta = {"key": key, "metric": tasks[0].metric, "n": merged.count, "skipped": skipped, "extractor": extractor,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        raise ValueError(f"reference {key}: fewer than 2 readable real videos ({len(skipped)} skipped): {skipped[:3]}")
+    meta = {
+        "key": key,
+        "metric": tasks[0].metric,
+        "n": merged.count,
+        "skipped": skipped,
+        "extractor": extractor,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     merged.save(cache_dir / key / REF_STATS)  # stats before meta: meta.json marks the entry complete
     atomic_write_text(cache_dir / key / REF_META, json.dumps(meta, indent=2))
     return merged, meta
@@ -74,7 +79,7 @@ def first_frame_grid(frames: np.ndarray, cols: int = 4) -> np.ndarray:
     grid = np.zeros((rows * h, cols * w, c), np.uint8)
     for i, fr in enumerate(frames):
         r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = fr
+        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = fr
     return grid
 
 
@@ -94,14 +99,28 @@ def _frechet(name: str, fake: FeatureStats, ref: tuple[FeatureStats, dict], unit
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         value = frechet_from_stats(fake, real, name)
-    info = {"n_fake": fake.count, "n_real": real.count, "unit": unit, "real_skipped": len(meta.get("skipped", [])),
-            "extractor": meta.get("extractor", {}), "warnings": [str(w.message) for w in caught]}
+    info = {
+        "n_fake": fake.count,
+        "n_real": real.count,
+        "unit": unit,
+        "real_skipped": len(meta.get("skipped", [])),
+        "extractor": meta.get("extractor", {}),
+        "warnings": [str(w.message) for w in caught],
+    }
     return value, info
 
 
 def finalize_checkpoint(
-    run_dir: Path, suite: EvalSuite, suite_hash: str, proto: dict, resolved: Resolved, ckpt: Path, step: int,
-    tasks: list[ShardTask], references: dict[str, tuple[FeatureStats, dict]], prompt_list: list[str],
+    run_dir: Path,
+    suite: EvalSuite,
+    suite_hash: str,
+    proto: dict,
+    resolved: Resolved,
+    ckpt: Path,
+    step: int,
+    tasks: list[ShardTask],
+    references: dict[str, tuple[FeatureStats, dict]],
+    prompt_list: list[str],
 ) -> dict:
     """Merge every partial of one checkpoint and write `result.json` (atomically). Returns the result."""
     sdir = step_dir(run_dir, suite_hash, ckpt.name)
@@ -131,15 +150,19 @@ def finalize_checkpoint(
             if fake is None:
                 continue
             value, info = _frechet(f"{metric.upper()} {variant} step {step}", fake, references[metric], unit)
-            info["extractor_fake"] = next((m.get("i3d_protocol" if metric == "fvd" else "inception_protocol")
-                                           for m, _ in parts["samples"]), {})
+            info["extractor_fake"] = next(
+                (m.get("i3d_protocol" if metric == "fvd" else "inception_protocol") for m, _ in parts["samples"]), {}
+            )
             name = f"{variant}/{metric}_fake{info['n_fake']}_real{info['n_real']}"
             metrics[name] = value
             details[name] = info
         if parts["val_loss"]:
             losses = np.concatenate([a["val_loss"] for _, a in parts["val_loss"]])  # (clips, timesteps)
             metrics[f"{variant}/val_loss"] = float(losses.mean())
-            details[f"{variant}/val_loss"] = {"n_clips": int(losses.shape[0]), "timesteps": list(suite.val_loss.timesteps)}
+            details[f"{variant}/val_loss"] = {
+                "n_clips": int(losses.shape[0]),
+                "timesteps": list(suite.val_loss.timesteps),
+            }
             for j, t in enumerate(suite.val_loss.timesteps):
                 metrics[f"{variant}/val_loss_t{t}"] = float(losses[:, j].mean())
         vdir = sdir / VIDEOS / variant
@@ -148,16 +171,27 @@ def finalize_checkpoint(
         listed = max(suite.wandb.log_videos, LISTED_VIDEOS)
         videos[variant] = [
             {**sample_spec(suite, i, prompt_list), "path": f"{VIDEOS}/{variant}/{i:06d}.mp4"}
-            for i in range(min(listed, suite.sampling.num_samples)) if (vdir / f"{i:06d}.mp4").exists()]
+            for i in range(min(listed, suite.sampling.num_samples))
+            if (vdir / f"{i:06d}.mp4").exists()
+        ]
         firsts = [a["first_frames"] for a in samples if "first_frames" in a]
         if firsts:
             png = _save_png(sdir / f"first_frames_{variant}.png", first_frame_grid(np.concatenate(firsts)))
             if png:
                 grids[variant] = png
     result = {
-        "step": step, "checkpoint": str(ckpt), "suite": suite.name, "suite_hash": suite_hash,
-        "metrics": metrics, "details": details, "resolved": resolved.as_dict(), "videos": videos,
-        "first_frame_grids": grids, "protocol": proto, "shard_wall_s": wall, "workers": sorted(hosts),
+        "step": step,
+        "checkpoint": str(ckpt),
+        "suite": suite.name,
+        "suite_hash": suite_hash,
+        "metrics": metrics,
+        "details": details,
+        "resolved": resolved.as_dict(),
+        "videos": videos,
+        "first_frame_grids": grids,
+        "protocol": proto,
+        "shard_wall_s": wall,
+        "workers": sorted(hosts),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_text(sdir / RESULT, json.dumps(result, indent=2, default=float))
@@ -165,10 +199,22 @@ def finalize_checkpoint(
     return result
 
 
-def write_error(run_dir: Path, suite_hash: str, ckpt_name: str, step: int, task: str, error: str, attempts: int) -> None:
-    atomic_write_text(step_dir(run_dir, suite_hash, ckpt_name) / ERROR, json.dumps(
-        {"step": step, "task": task, "attempts": attempts, "error": error,
-         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
+def write_error(
+    run_dir: Path, suite_hash: str, ckpt_name: str, step: int, task: str, error: str, attempts: int
+) -> None:
+    atomic_write_text(
+        step_dir(run_dir, suite_hash, ckpt_name) / ERROR,
+        json.dumps(
+            {
+                "step": step,
+                "task": task,
+                "attempts": attempts,
+                "error": error,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+            indent=2,
+        ),
+    )
 
 
 def read_results(run_dir: str | Path) -> dict[str, list[dict]]:

@@ -47,9 +47,12 @@ def sample_spec(suite: EvalSuite, index: int, prompt_list: list[str] | None = No
     """What sample `index` is: its prompt, class label (or None) and seed."""
     ps = prompt_list if prompt_list is not None else prompts(suite)
     labels = suite.sampling.class_labels
-    return {"index": index, "prompt": ps[index % len(ps)],
-            "label": labels[index % len(labels)] if labels else None,
-            "seed": sample_seed(suite.sampling.seed, index)}
+    return {
+        "index": index,
+        "prompt": ps[index % len(ps)],
+        "label": labels[index % len(labels)] if labels else None,
+        "seed": sample_seed(suite.sampling.seed, index),
+    }
 
 
 def protocol(suite: EvalSuite) -> dict:
@@ -73,7 +76,9 @@ def protocol(suite: EvalSuite) -> dict:
         out["real"] = {"listing_sha256": listing_digest(refs), "num_videos": suite.real.num_videos}
     for name, key in (("fvd", "weights"), ("fid", "weights"), ("clipsim", "model_dir")):
         sec = getattr(suite, name)
-        if sec.enabled or (name == "clipsim" and suite.video.consistency and suite.video.consistency_features == "clip"):
+        if sec.enabled or (
+            name == "clipsim" and suite.video.consistency and suite.video.consistency_features == "clip"
+        ):
             entry = d[name]
             # the content is the protocol, not the path; a pinned sha256 that differs is refused here
             entry["sha256"] = verify_weights(entry.pop(key), entry["sha256"], f"{name}.{key}")
@@ -104,15 +109,20 @@ def resolve(suite: EvalSuite, run_cfg) -> Resolved:
     data = run_cfg.data
     s, v = suite.sampling, suite.val_loss
     r = Resolved(
-        num_frames=s.num_frames or data.num_frames, height=s.height or data.size, width=s.width or data.size,
-        val_frames=v.num_frames or data.num_frames, val_size=v.size or data.size,
+        num_frames=s.num_frames or data.num_frames,
+        height=s.height or data.size,
+        width=s.width or data.size,
+        val_frames=v.num_frames or data.num_frames,
+        val_size=v.size or data.size,
         fid_frames=suite.fid.num_frames or s.num_frames or data.num_frames,
     )
     if suite.fvd.enabled:
         need = (suite.fvd.num_frames - 1) * suite.fvd.stride + 1
         if r.num_frames < need:
-            raise ValueError(f"FVD needs {need} frames per video ({suite.fvd.num_frames} at stride {suite.fvd.stride}); "
-                             f"sampling.num_frames resolves to {r.num_frames}")
+            raise ValueError(
+                f"FVD needs {need} frames per video ({suite.fvd.num_frames} at stride {suite.fvd.stride}); "
+                f"sampling.num_frames resolves to {r.num_frames}"
+            )
     if (suite.video.flicker or suite.video.consistency) and r.num_frames < 2:
         raise ValueError("flicker/consistency need videos of at least 2 frames")
     if suite.fid.enabled and r.fid_frames > r.num_frames:

@@ -73,8 +73,19 @@ def checkpoint_tasks(run_dir: str | Path, suite: EvalSuite, suite_hash: str, ckp
             jobs.append(("val_loss", suite.val_loss.num_clips))
         for kind, n in jobs:
             for a, b in _ranges(n, size):
-                out.append(ShardTask(kind, ckpt.name, a, b, str(shards / f"{v}_{kind}_{a:06d}-{b:06d}.npz"),
-                                     variant=v, ckpt=str(ckpt), step=step, fingerprint=fp))
+                out.append(
+                    ShardTask(
+                        kind,
+                        ckpt.name,
+                        a,
+                        b,
+                        str(shards / f"{v}_{kind}_{a:06d}-{b:06d}.npz"),
+                        variant=v,
+                        ckpt=str(ckpt),
+                        step=step,
+                        fingerprint=fp,
+                    )
+                )
     return out
 
 
@@ -91,8 +102,10 @@ def reference_key(suite: EvalSuite, proto: dict, metric: str) -> str:
 
 def reference_tasks(suite: EvalSuite, metric: str, cache_dir: Path, key: str, num_real: int) -> list[ShardTask]:
     shards = cache_dir / key / SHARDS
-    return [ShardTask("reference", key, a, b, str(shards / f"{metric}_{a:06d}-{b:06d}.npz"), metric=metric)
-            for a, b in _ranges(num_real, max(suite.pool.shard_size, 16))]
+    return [
+        ShardTask("reference", key, a, b, str(shards / f"{metric}_{a:06d}-{b:06d}.npz"), metric=metric)
+        for a, b in _ranges(num_real, max(suite.pool.shard_size, 16))
+    ]
 
 
 # ------------------------------------------------------------------ partial files

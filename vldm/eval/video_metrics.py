@@ -53,8 +53,9 @@ def pixel_features(frames: torch.Tensor, size: int = 16) -> torch.Tensor:
     return x.flatten(1)
 
 
-def frame_consistency(videos: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      size: int = 16) -> torch.Tensor:
+def frame_consistency(
+    videos: torch.Tensor, features: Callable[[torch.Tensor], torch.Tensor] | None = None, size: int = 16
+) -> torch.Tensor:
     """(b, c, f, h, w) -> (b,) mean cosine similarity of consecutive frames' features (1 = unchanging)."""
     b, f = videos.shape[0], videos.shape[2]
     if f < 2:
@@ -94,9 +95,12 @@ def validation_loss(
     for j, t in enumerate(timesteps):
         if not 0 <= t < n_train:
             raise ValueError(f"val_loss.timesteps: {t} is outside [0, {n_train})")
-        noise = torch.stack([
-            torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(noise_seed(seed, i, t)))
-            for i in indices]).to(latents.device, latents.dtype)
+        noise = torch.stack(
+            [
+                torch.randn(latents.shape[1:], generator=torch.Generator().manual_seed(noise_seed(seed, i, t)))
+                for i in indices
+            ]
+        ).to(latents.device, latents.dtype)
         ts = torch.full((latents.shape[0],), int(t), dtype=torch.long, device=latents.device)
         out[:, j] = diffusion_loss(model_fn, latents, scheduler, timesteps=ts, noise=noise, reduce=False).double().cpu()
     return out

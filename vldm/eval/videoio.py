@@ -50,8 +50,10 @@ def list_videos(spec: str, limit: int = 0) -> list[VideoRef]:
     for f in _expand(spec):
         if f.suffix.lower() == ".tar":
             with tarfile.open(f) as tf:
-                members = sorted((m for m in tf.getmembers() if m.isfile() and Path(m.name).suffix.lower() in VIDEO_EXTS),
-                                 key=lambda m: m.name)
+                members = sorted(
+                    (m for m in tf.getmembers() if m.isfile() and Path(m.name).suffix.lower() in VIDEO_EXTS),
+                    key=lambda m: m.name,
+                )
                 refs.extend(VideoRef(str(f), m.name, m.size) for m in members)
         elif f.suffix.lower() in VIDEO_EXTS:
             refs.append(VideoRef(str(f), "", f.stat().st_size))

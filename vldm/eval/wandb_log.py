@@ -33,8 +33,11 @@ def training_wandb(run_dir: Path, run_cfg=None) -> dict[str, str]:
     """The training run's W&B group, project and entity (`wandb.*` of its config; the trainer's
     defaults when unset: group = the run dir's name)."""
     w = getattr(run_cfg, "wandb", None)
-    return {"group": getattr(w, "group", "") or Path(run_dir).resolve().name,
-            "project": getattr(w, "project", "") or "vldm", "entity": getattr(w, "entity", "") or ""}
+    return {
+        "group": getattr(w, "group", "") or Path(run_dir).resolve().name,
+        "project": getattr(w, "project", "") or "vldm",
+        "entity": getattr(w, "entity", "") or "",
+    }
 
 
 def eval_run_id(group: str, run_dir: Path, suite_hash: str) -> str:
@@ -60,15 +63,30 @@ class WandbLogger:
 
     enabled = True
 
-    def __init__(self, cfg: EvalWandbConfig, run_dir: Path, suite_name: str, suite_hash: str, protocol: dict,
-                 group: str, project: str = "vldm", entity: str = ""):
+    def __init__(
+        self,
+        cfg: EvalWandbConfig,
+        run_dir: Path,
+        suite_name: str,
+        suite_hash: str,
+        protocol: dict,
+        group: str,
+        project: str = "vldm",
+        entity: str = "",
+    ):
         self.cfg, self.run = cfg, None
         self.run_id = eval_run_id(group, run_dir, suite_hash)
         # files go beside the results unless WANDB_DIR says otherwise: under `ray job submit` the
         # working directory is a temporary copy that disappears with the job
         self._init = dict(
-            project=cfg.project or project, entity=cfg.entity or entity or None, group=group, job_type="eval", id=self.run_id,
-            name=f"eval-{suite_name}-{group}", resume="allow", mode=resolve_mode(cfg.mode),
+            project=cfg.project or project,
+            entity=cfg.entity or entity or None,
+            group=group,
+            job_type="eval",
+            id=self.run_id,
+            name=f"eval-{suite_name}-{group}",
+            resume="allow",
+            mode=resolve_mode(cfg.mode),
             dir=os.environ.get("WANDB_DIR") or str(Path(run_dir) / "eval" / suite_hash),
             config={"suite": suite_name, "suite_hash": suite_hash, "protocol": protocol, "run_dir": str(run_dir)},
         )
@@ -89,13 +107,18 @@ class WandbLogger:
         data: dict = {"trainer/global_step": result["step"]}
         data.update({f"eval/{k}": v for k, v in result["metrics"].items()})
         for variant, vids in result["videos"].items():
-            media = [self.wandb.Video(str(sdir / v["path"]), caption=f"#{v['index']} {v['prompt']}", format="mp4")
-                     for v in vids[: self.cfg.log_videos] if (sdir / v["path"]).exists()]
+            media = [
+                self.wandb.Video(str(sdir / v["path"]), caption=f"#{v['index']} {v['prompt']}", format="mp4")
+                for v in vids[: self.cfg.log_videos]
+                if (sdir / v["path"]).exists()
+            ]
             if media:
                 data[f"eval/{variant}/samples"] = media
         for variant, png in result.get("first_frame_grids", {}).items():
             if (sdir / png).exists():
-                data[f"eval/{variant}/first_frames"] = self.wandb.Image(str(sdir / png), caption=f"step {result['step']}")
+                data[f"eval/{variant}/first_frames"] = self.wandb.Image(
+                    str(sdir / png), caption=f"step {result['step']}"
+                )
         self.run.log(data)
 
     def finish(self) -> None:
@@ -107,8 +130,9 @@ class WandbLogger:
             self.run = None
 
 
-def make_logger(cfg: EvalWandbConfig, run_dir: Path, suite_name: str, suite_hash: str, protocol: dict,
-                run_cfg=None) -> WandbLogger | NullLogger:
+def make_logger(
+    cfg: EvalWandbConfig, run_dir: Path, suite_name: str, suite_hash: str, protocol: dict, run_cfg=None
+) -> WandbLogger | NullLogger:
     """The eval run's logger; group, project and entity default to the training run's."""
     if not cfg.enabled or resolve_mode(cfg.mode) == "disabled":
         return NullLogger()
@@ -118,5 +142,6 @@ def make_logger(cfg: EvalWandbConfig, run_dir: Path, suite_name: str, suite_hash
         print("[eval] wandb is not installed: results are written to the run dir only")
         return NullLogger()
     train = training_wandb(run_dir, run_cfg)
-    return WandbLogger(cfg, run_dir, suite_name, suite_hash, protocol, cfg.group or train["group"],
-                       train["project"], train["entity"])
+    return WandbLogger(
+        cfg, run_dir, suite_name, suite_hash, protocol, cfg.group or train["group"], train["project"], train["entity"]
+    )

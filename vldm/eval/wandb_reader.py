@@ -31,11 +31,11 @@ def raw_records(path: str | Path) -> Iterator[bytes]:
         if left < 7:  # a block tail too short for a record header is padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         pos += 7
         if kind == 0 and length == 0:
             break
-        chunk = data[pos:pos + length]
+        chunk = data[pos : pos + length]
         pos += length
         if kind == 1:
             yield chunk

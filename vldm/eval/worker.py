@@ -55,21 +55,24 @@ def _center_crop_resize(frames: torch.Tensor, size: int) -> torch.Tensor:
     nh, nw = max(size, round(h * s)), max(size, round(w * s))
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
     top, left = (nh - size) // 2, (nw - size) // 2
-    x = x[..., top:top + size, left:left + size]
+    x = x[..., top : top + size, left : left + size]
     return x.reshape(b, f, c, size, size).transpose(1, 2)
 
 
 class EvalWorker:
-    def __init__(self, run_dir: str | Path, suite: EvalSuite, suite_hash: str, device: str = "auto",
-                 threads: int | None = None):
+    def __init__(
+        self, run_dir: str | Path, suite: EvalSuite, suite_hash: str, device: str = "auto", threads: int | None = None
+    ):
         if threads:
             torch.set_num_threads(max(1, int(threads)))
         self.run_dir = Path(run_dir).resolve()
         self.suite, self.suite_hash = suite, suite_hash
         self.run_cfg = build_config(Config, [str(self.run_dir / RUN_CONFIG)])
         if self.run_cfg.stage != "temporal":
-            raise ValueError(f"{self.run_dir}: the eval pool evaluates video (stage=temporal) runs, this one is "
-                             f"stage={self.run_cfg.stage}")
+            raise ValueError(
+                f"{self.run_dir}: the eval pool evaluates video (stage=temporal) runs, this one is "
+                f"stage={self.run_cfg.stage}"
+            )
         self.resolved = resolve(suite, self.run_cfg)
         self.device = pick_device(suite.pool.device)
         self.dtype = DTYPES[suite.sampling.dtype]
@@ -110,10 +113,13 @@ class EvalWorker:
 
             s, bs = self.suite, self.suite.pool.feature_batch_size
             if name == "i3d":
-                self._extractors[name] = I3DExtractor(s.fvd.weights, s.fvd.sha256, s.fvd.num_frames, s.fvd.stride,
-                                                      s.fvd.resize, self.device, bs)
+                self._extractors[name] = I3DExtractor(
+                    s.fvd.weights, s.fvd.sha256, s.fvd.num_frames, s.fvd.stride, s.fvd.resize, self.device, bs
+                )
             elif name == "inception":
-                self._extractors[name] = InceptionExtractor(s.fid.weights, s.fid.sha256, s.fid.resize, self.device, bs * 8)
+                self._extractors[name] = InceptionExtractor(
+                    s.fid.weights, s.fid.sha256, s.fid.resize, self.device, bs * 8
+                )
             elif name == "clip":
                 self._extractors[name] = CLIPExtractor(s.clipsim.model_dir, s.clipsim.sha256, self.device, bs * 8)
             else:
@@ -154,7 +160,9 @@ class EvalWorker:
             kw["class_labels"] = torch.tensor(labels, device=self.device)
             ukw["class_labels"] = torch.full_like(kw["class_labels"], no_label)
         elif any(s["label"] is not None for s in specs):
-            raise ValueError("sampling.class_labels given but the model has no class conditioning (temporal.num_class_labels=0)")
+            raise ValueError(
+                "sampling.class_labels given but the model has no class conditioning (temporal.num_class_labels=0)"
+            )
         conds = {}
         for name in opts.scalar_conds:
             if name != "fps":
@@ -175,13 +183,27 @@ class EvalWorker:
         if r.height % vsf or r.width % vsf:
             raise ValueError(f"sample size {r.height}x{r.width} is not divisible by the VAE factor {vsf}")
         ctx = encode_text(comps, [x["prompt"] for x in specs], self.device, self.dtype)
-        neg = encode_text(comps, [s.negative_prompt] * len(specs), self.device, self.dtype) if s.guidance_scale != 1 else None
+        neg = (
+            encode_text(comps, [s.negative_prompt] * len(specs), self.device, self.dtype)
+            if s.guidance_scale != 1
+            else None
+        )
         kw, ukw = self._conditioning(specs)
         latents = sample_latents(
-            model, ctx, r.num_frames, r.height // vsf, r.width // vsf, seeds=[x["seed"] for x in specs],
-            scheduler_config=scheduler_config(self.run_cfg.diffusion, comps.scheduler_config), steps=s.steps,
-            guidance_scale=s.guidance_scale, negative_hidden_states=neg, sampler=s.sampler,
-            model_kwargs=kw or None, uncond_model_kwargs=ukw or None)
+            model,
+            ctx,
+            r.num_frames,
+            r.height // vsf,
+            r.width // vsf,
+            seeds=[x["seed"] for x in specs],
+            scheduler_config=scheduler_config(self.run_cfg.diffusion, comps.scheduler_config),
+            steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            negative_hidden_states=neg,
+            sampler=s.sampler,
+            model_kwargs=kw or None,
+            uncond_model_kwargs=ukw or None,
+        )
         videos = decode_latents(comps.vae, latents).float().cpu()
         if comps.vae is None:  # latent-only model: show the first 3 latent channels
             videos = videos[:, :3]
@@ -198,7 +220,7 @@ class EvalWorker:
         stats: dict[str, FeatureStats | None] = {"fvd": None, "fid": None}
         first_frames = []
         for b in range(0, len(specs), suite.pool.batch_size):
-            batch = specs[b:b + suite.pool.batch_size]
+            batch = specs[b : b + suite.pool.batch_size]
             videos = self._generate(batch)
             frames_u8 = to_uint8(videos).numpy()
             for spec, fr in zip(batch, frames_u8):
@@ -212,15 +234,19 @@ class EvalWorker:
                 feats = self.extractor("clip").image_embeds if suite.video.consistency_features == "clip" else None
                 per_sample["consistency"].append(frame_consistency(videos, feats, suite.video.consistency_size))
             if suite.clipsim.enabled:
-                per_sample["clipsim"].append(self.extractor("clip").clipsim(videos, [x["prompt"] for x in batch],
-                                                                            suite.clipsim.num_frames))
+                per_sample["clipsim"].append(
+                    self.extractor("clip").clipsim(videos, [x["prompt"] for x in batch], suite.clipsim.num_frames)
+                )
             if suite.fvd.enabled:
                 f = self.extractor("i3d")(videos)
                 stats["fvd"] = (stats["fvd"] or FeatureStats(f.shape[1])).update(f)
             if suite.fid.enabled:
                 f = self.extractor("inception")(videos, self.resolved.fid_frames)
                 stats["fid"] = (stats["fid"] or FeatureStats(f.shape[1])).update(f)
-        arrays = {"indices": np.array([x["index"] for x in specs]), "seeds": np.array([x["seed"] for x in specs], dtype=np.int64)}
+        arrays = {
+            "indices": np.array([x["index"] for x in specs]),
+            "seeds": np.array([x["seed"] for x in specs], dtype=np.int64),
+        }
         for k, v in per_sample.items():
             if v:
                 arrays[k] = torch.cat(v).numpy()
@@ -244,8 +270,12 @@ class EvalWorker:
         vsf = comps.vae_scale_factor
         if not v.data:  # synthetic held-out set: N(0, 1) latents, fixed by (seed, index)
             shape = (comps.latent_channels, r.val_frames, r.val_size // vsf, r.val_size // vsf)
-            lat = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(v.seed, i, -1)))
-                               for i in indices])
+            lat = torch.stack(
+                [
+                    torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(v.seed, i, -1)))
+                    for i in indices
+                ]
+            )
             return lat.to(self.device, self.dtype), [""] * len(indices)
         refs = self._refs(v.data, v.num_clips)
         clips, captions = [], []
@@ -293,7 +323,7 @@ class EvalWorker:
             f = ext(videos) if task.metric == "fvd" else ext(videos, frames)
             return (stats or FeatureStats(f.shape[1])).update(f)
 
-        for ref in refs[task.start:task.stop]:
+        for ref in refs[task.start : task.stop]:
             try:
                 # consecutive frames: the extractor takes every stride-th, exactly as for generated videos
                 clip, _ = read_clip(ref, (frames - 1) * stride + 1)

@@ -20,8 +20,16 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from vldm.config.core import to_dict
 from vldm.config.model import ModelConfig, UNetSpec
 
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 
 
 @dataclass
@@ -115,21 +123,30 @@ def build_video_unet(cfg: ModelConfig, comps: Components):
 
 
 @torch.no_grad()
-def encode_text(comps: Components, captions: list[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+def encode_text(
+    comps: Components, captions: list[str], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """(B, L, D) text embeddings; without a text encoder, a fixed zero context of length 1."""
     if comps.text_encoder is None or comps.tokenizer is None:
         return torch.zeros(len(captions), 1, comps.text_dim, device=device, dtype=dtype or torch.float32)
-    tok = comps.tokenizer(list(captions), padding="max_length", max_length=comps.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt")
+    tok = comps.tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=comps.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
     enc = comps.text_encoder.to(device)
     out = enc(tok.input_ids.to(device))[0]
     return out.to(dtype) if dtype is not None else out
 
 
 # ---------------------------------------------------------------------------- tiny models
-TINY_WORDS = ("a an the and to of in on moving up down left right red green blue yellow white black orange "
-              "purple cyan magenta square circle triangle shape shapes two one small large slowly quickly "
-              "bouncing ball car day night").split()
+TINY_WORDS = (
+    "a an the and to of in on moving up down left right red green blue yellow white black orange "
+    "purple cyan magenta square circle triangle shape shapes two one small large slowly quickly "
+    "bouncing ball car day night"
+).split()
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -201,19 +218,34 @@ def build_tiny_base(
     if with_vae:
         n = len(vae_channels)
         AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=spec.in_channels, block_out_channels=tuple(vae_channels),
-            down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-            layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=1.0,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=spec.in_channels,
+            block_out_channels=tuple(vae_channels),
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=1.0,
         ).save_pretrained(str(out / "vae"))
     if with_text:
         tok_dir = build_tiny_tokenizer(out / "tokenizer")
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
-        CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tok), hidden_size=spec.cross_attention_dim, intermediate_size=spec.cross_attention_dim * 2,
-            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tok.model_max_length,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        )).save_pretrained(str(out / "text_encoder"))
+        CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tok),
+                hidden_size=spec.cross_attention_dim,
+                intermediate_size=spec.cross_attention_dim * 2,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=tok.model_max_length,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
+        ).save_pretrained(str(out / "text_encoder"))
     DDIMScheduler(**SD_SCHEDULER).save_pretrained(str(out / "scheduler"))
     return out

@@ -2,9 +2,10 @@
 
 No 3D discriminator was ever published (reference §2), so this is the 2D PatchGAN of pix2pix/taming
 (NLayerDiscriminator: k=4 s=2 p=1 convs, `n_layers` of them, 64 base channels, then two k=4 s=1
-convs) with 3D convolutions, and GroupNorm instead of BatchNorm (see `_norm`). Time: the strided layers halve it like space; the stride-1 layers use a
-temporal kernel of 3 (padding 1) so clips of 2**n_layers frames still give at least one logit per
-patch. Shorter clips (smaller frames) are padded by repeating their border frames (pixels).
+convs) with 3D convolutions, and GroupNorm instead of BatchNorm (see `_norm`). Time: the strided
+layers halve it like space; the stride-1 layers use a temporal kernel of 3 (padding 1) so clips of
+2**n_layers frames still give at least one logit per patch. Shorter clips (smaller frames) are padded
+by repeating their border frames (pixels).
 
 Each logit judges one space-time patch of the clip, so the discriminator punishes flicker locally,
 which is what the video decoder must fix. The paper found an added image discriminator hurts (FVD
@@ -24,22 +25,31 @@ class PatchDiscriminator3D(nn.Module):
     def __init__(self, in_channels: int = 3, base_channels: int = 64, n_layers: int = 3):
         super().__init__()
         self.n_layers = n_layers
-        layers: list[nn.Module] = [nn.Conv3d(in_channels, base_channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        layers: list[nn.Module] = [
+            nn.Conv3d(in_channels, base_channels, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, True),
+        ]
         mult = 1
         for n in range(1, n_layers):
-            prev, mult = mult, min(2 ** n, 8)
-            layers += [nn.Conv3d(base_channels * prev, base_channels * mult, 4, stride=2, padding=1, bias=False),
-                       _norm(base_channels * mult), nn.LeakyReLU(0.2, True)]
-        prev, mult = mult, min(2 ** n_layers, 8)
-        layers += [nn.Conv3d(base_channels * prev, base_channels * mult, (3, 4, 4), stride=1, padding=1, bias=False),
-                   _norm(base_channels * mult), nn.LeakyReLU(0.2, True),
-                   nn.Conv3d(base_channels * mult, 1, (3, 4, 4), stride=1, padding=1)]
+            prev, mult = mult, min(2**n, 8)
+            layers += [
+                nn.Conv3d(base_channels * prev, base_channels * mult, 4, stride=2, padding=1, bias=False),
+                _norm(base_channels * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        prev, mult = mult, min(2**n_layers, 8)
+        layers += [
+            nn.Conv3d(base_channels * prev, base_channels * mult, (3, 4, 4), stride=1, padding=1, bias=False),
+            _norm(base_channels * mult),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv3d(base_channels * mult, 1, (3, 4, 4), stride=1, padding=1),
+        ]
         self.main = nn.Sequential(*layers)
         self.apply(_init)
 
     @property
     def min_frames(self) -> int:
-        return 2 ** self.n_layers
+        return 2**self.n_layers
 
     @property
     def min_size(self) -> int:

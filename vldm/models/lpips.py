@@ -90,7 +90,9 @@ def load_lpips(path: str | Path, sha256: str = "", device: torch.device | str = 
         meta = f.metadata() or {}
         sd = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != "vldm-lpips":
-        raise ValueError(f"{p} is not a vldm LPIPS file (convert the official weights with python -m vldm.models.lpips)")
+        raise ValueError(
+            f"{p} is not a vldm LPIPS file (convert the official weights with python -m vldm.models.lpips)"
+        )
     model = LPIPS(tuple(json.loads(meta["channels"])))
     model.load_state_dict(sd, strict=True)
     return model.to(device)
@@ -107,12 +109,17 @@ def convert_official(vgg16_state: dict[str, torch.Tensor], lin_state: dict[str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m vldm.models.lpips", description="Convert the official LPIPS (VGG) weights to one local file.")
+    ap = argparse.ArgumentParser(
+        prog="python -m vldm.models.lpips", description="Convert the official LPIPS (VGG) weights to one local file."
+    )
     ap.add_argument("--vgg", required=True, help="torchvision vgg16 state dict (.pth), e.g. vgg16-397923af.pth")
     ap.add_argument("--lin", required=True, help="lpips linear layers (.pth), e.g. lpips/weights/v0.1/vgg.pth")
     ap.add_argument("--out", required=True, help="output .safetensors")
     a = ap.parse_args(argv)
-    model = convert_official(torch.load(a.vgg, map_location="cpu", weights_only=True), torch.load(a.lin, map_location="cpu", weights_only=True))
+    model = convert_official(
+        torch.load(a.vgg, map_location="cpu", weights_only=True),
+        torch.load(a.lin, map_location="cpu", weights_only=True),
+    )
     print(f"wrote {a.out} sha256={save_lpips(model, a.out)}")
 
 

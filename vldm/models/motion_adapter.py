@@ -34,8 +34,10 @@ def _adapter_prefix(name: str) -> str:
 def _check_exportable(model) -> None:
     o = model.opts
     if o.temporal_block != "animatediff":
-        raise ValueError("only temporal_block=animatediff models can be exported to a MotionAdapter "
-                         "(the paper's 3D convs, merge factors in the wrong place and text cross-attention have no slot)")
+        raise ValueError(
+            "only temporal_block=animatediff models can be exported to a MotionAdapter "
+            "(the paper's 3D convs, merge factors in the wrong place and text cross-attention have no slot)"
+        )
     extra = [k for k in model.temporal.keys() if not isinstance(model.temporal[k], MotionModule)]
     if extra:
         raise ValueError(f"temporal inputs {extra} have no MotionAdapter equivalent")

@@ -61,8 +61,9 @@ class MotionBlock(nn.Module):
 class MotionModule(nn.Module):
     """One AnimateDiff motion module with a merge factor; takes and returns `(b f) c h w`."""
 
-    def __init__(self, channels: int, heads: int, groups: int, num_layers: int = 1,
-                 dropout: float = 0.0, merge_init: float = 0.0):
+    def __init__(
+        self, channels: int, heads: int, groups: int, num_layers: int = 1, dropout: float = 0.0, merge_init: float = 0.0
+    ):
         super().__init__()
         if channels % heads:
             raise ValueError(f"motion module: {channels} channels are not divisible by {heads} heads")
@@ -74,8 +75,15 @@ class MotionModule(nn.Module):
         self.proj_out = zero_(nn.Linear(channels, channels))  # identity at initialisation, as AnimateDiff
         self.merge = MergeFactor(merge_init)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None, image_only: torch.Tensor, num_frames: int,
-                frame_indices: torch.Tensor | None = None, attn_band: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        image_only: torch.Tensor,
+        num_frames: int,
+        frame_indices: torch.Tensor | None = None,
+        attn_band: int | None = None,
+    ) -> torch.Tensor:
         del context  # motion modules have no text cross-attention
         _, _, hh, ww = x.shape
         h = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
@@ -115,5 +123,6 @@ def add_motion_modules(model) -> None:
     """Populate `model.temporal` (a VideoLDMUNet) with motion modules at UNetMotionModel's positions."""
     o, cfg = model.opts, model.unet.config
     for name, ch in motion_module_sites(model.unet):
-        model.temporal[name] = MotionModule(ch, o.motion_num_attention_heads, cfg.norm_num_groups,
-                                            dropout=o.dropout, merge_init=o.merge_init)
+        model.temporal[name] = MotionModule(
+            ch, o.motion_num_attention_heads, cfg.norm_num_groups, dropout=o.dropout, merge_init=o.merge_init
+        )

@@ -26,7 +26,9 @@ from vldm.checkpoint import COMPLETE, latest_checkpoint
 from vldm.models.video_unet import CONFIG_NAME, VideoLDMUNet
 
 _PEFT = re.compile(r"^(?:unet\.)?(?P<mod>.+)\.lora_(?P<kind>A|B)(?:\.default)?\.weight$")
-_PROC = re.compile(r"^(?:unet\.)?(?P<mod>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<kind>down|up)\.weight$")
+_PROC = re.compile(
+    r"^(?:unet\.)?(?P<mod>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<kind>down|up)\.weight$"
+)
 _KOHYA = re.compile(r"^lora_unet_(?P<mod>.+)\.(?P<kind>lora_down|lora_up)\.weight$")
 
 
@@ -65,7 +67,8 @@ def _pairs(sd: dict[str, torch.Tensor], unet: torch.nn.Module) -> dict[str, dict
 
 @torch.no_grad()
 def fuse_lora(unet: UNet2DConditionModel, lora: dict[str, torch.Tensor] | str | Path, scale: float = 1.0) -> list[str]:
-    """Add scale * (alpha / rank) * up @ down to each targeted weight of `unet` in place; returns the modules changed."""
+    """Add scale * (alpha / rank) * up @ down to each targeted weight of `unet` in place; returns the modules
+    changed."""
     sd = load_lora(lora) if isinstance(lora, (str, Path)) else lora
     modules = dict(unet.named_modules())
     changed = []
@@ -87,7 +90,8 @@ def fuse_lora(unet: UNet2DConditionModel, lora: dict[str, torch.Tensor] | str | 
 
 
 def _temporal_dir(path: Path) -> Path:
-    """A directory holding temporal.safetensors + temporal_config.json: itself, a checkpoint, or a run's newest checkpoint."""
+    """A directory holding temporal.safetensors + temporal_config.json: itself, a checkpoint, or a run's newest
+    checkpoint."""
     if (path / CONFIG_NAME).exists():
         return path
     ck = path if (path / COMPLETE).exists() else latest_checkpoint(path)
@@ -99,11 +103,17 @@ def _temporal_dir(path: Path) -> Path:
 def load_image_unet(path: str | Path) -> UNet2DConditionModel:
     p = Path(path)
     sub = "unet" if (p / "unet").is_dir() else None
-    return UNet2DConditionModel.from_pretrained(str(p), subfolder=sub, local_files_only=True).eval().requires_grad_(False)
+    return (
+        UNet2DConditionModel.from_pretrained(str(p), subfolder=sub, local_files_only=True).eval().requires_grad_(False)
+    )
 
 
-def personalize(temporal: VideoLDMUNet | str | Path, unet: UNet2DConditionModel | str | Path,
-                lora: dict[str, torch.Tensor] | str | Path | None = None, lora_scale: float = 1.0) -> VideoLDMUNet:
+def personalize(
+    temporal: VideoLDMUNet | str | Path,
+    unet: UNet2DConditionModel | str | Path,
+    lora: dict[str, torch.Tensor] | str | Path | None = None,
+    lora_scale: float = 1.0,
+) -> VideoLDMUNet:
     """A VideoLDMUNet on `unet` (a fine-tuned image UNet, model dir or its unet/) with the temporal layers
     of `temporal` (a model, a temporal-weights directory, a checkpoint or a run directory).
 

@@ -39,7 +39,9 @@ class MergeFactor(nn.Module):
         a = torch.where(image_only, torch.ones((), dtype=dtype, device=a.device), a)
         return repeat(a, "b -> (b f) 1 1 1", f=num_frames)
 
-    def forward(self, spatial: torch.Tensor, temporal: torch.Tensor, image_only: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(
+        self, spatial: torch.Tensor, temporal: torch.Tensor, image_only: torch.Tensor, num_frames: int
+    ) -> torch.Tensor:
         a = self.alpha(image_only, num_frames, spatial.dtype)
         if spatial.ndim == 3:
             a = a[..., 0]
@@ -49,8 +51,16 @@ class MergeFactor(nn.Module):
 class TemporalResBlock(nn.Module):
     """Residual block of (k,1,1) 3D convolutions with the diffusion timestep embedding (sgm's VideoResBlock)."""
 
-    def __init__(self, channels: int, emb_channels: int, kernel_size: int = 3, groups: int = 32,
-                 dropout: float = 0.0, merge_init: float = 0.0, cond_channels: int = 0):
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        kernel_size: int = 3,
+        groups: int = 32,
+        dropout: float = 0.0,
+        merge_init: float = 0.0,
+        cond_channels: int = 0,
+    ):
         super().__init__()
         pad = (kernel_size // 2, 0, 0)
         self.norm1 = nn.GroupNorm(groups, channels, eps=1e-5)
@@ -63,8 +73,14 @@ class TemporalResBlock(nn.Module):
         self.cond_proj = zero_(nn.Conv2d(cond_channels, channels, 1)) if cond_channels else None
         self.merge = MergeFactor(merge_init)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, image_only: torch.Tensor, num_frames: int,
-                cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        image_only: torch.Tensor,
+        num_frames: int,
+        cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         h = x
         if self.cond_proj is not None and cond is not None:
             h = h + self.cond_proj(cond)
@@ -104,7 +120,9 @@ class TemporalAttention(nn.Module):
         self.backend = "auto"
         self.max_batch = 65535
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         ctx = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
         q, k, v = (rearrange(t, "n s (h d) -> n h s d", h=self.heads) for t in (q, k, v))
@@ -133,13 +151,24 @@ class TemporalTransformer(nn.Module):
     `b (h w f) c` against the per-video text embedding: no copy of the text per pixel.
     """
 
-    def __init__(self, channels: int, heads: int, head_dim: int, context_dim: int | None,
-                 ff_mult: int = 4, frame_embedding: bool = True, dropout: float = 0.0, merge_init: float = 0.0):
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        head_dim: int,
+        context_dim: int | None,
+        ff_mult: int = 4,
+        frame_embedding: bool = True,
+        dropout: float = 0.0,
+        merge_init: float = 0.0,
+    ):
         super().__init__()
         inner = heads * head_dim
         self.channels = channels
         if frame_embedding:
-            self.frame_embed = nn.Sequential(nn.Linear(channels, channels * 4), nn.SiLU(), nn.Linear(channels * 4, channels))
+            self.frame_embed = nn.Sequential(
+                nn.Linear(channels, channels * 4), nn.SiLU(), nn.Linear(channels * 4, channels)
+            )
             zero_(self.frame_embed[2])
         else:
             self.frame_embed = None
@@ -161,8 +190,15 @@ class TemporalTransformer(nn.Module):
         self.merge = MergeFactor(merge_init)
         assert inner > 0
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None, image_only: torch.Tensor, num_frames: int,
-                frame_indices: torch.Tensor | None = None, attn_band: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        image_only: torch.Tensor,
+        num_frames: int,
+        frame_indices: torch.Tensor | None = None,
+        attn_band: int | None = None,
+    ) -> torch.Tensor:
         bf, c, hh, ww = x.shape
         b = bf // num_frames
         h = rearrange(x, "(b f) c h w -> (b h w) f c", f=num_frames)
@@ -196,7 +232,9 @@ class ScalarEmbedding(nn.Module):
         zero_(self.mlp[2])
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
-        emb = get_timestep_embedding(value.reshape(-1).float(), self.freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        emb = get_timestep_embedding(
+            value.reshape(-1).float(), self.freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0
+        )
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 

@@ -145,7 +145,9 @@ class VideoDecoder(ModelMixin, ConfigMixin):
         return video
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, window: int = 16, overlap: int = 4, image_only: bool = False) -> torch.Tensor:
+    def decode(
+        self, latents: torch.Tensor, window: int = 16, overlap: int = 4, image_only: bool = False
+    ) -> torch.Tensor:
         """Decode a video of any length in overlapping windows of frames, cross-faded, clamped to [-1, 1].
 
         The temporal convs see at most `window` frames at a time (memory); the overlap hides the seams.
@@ -155,14 +157,16 @@ class VideoDecoder(ModelMixin, ConfigMixin):
         latents = latents.to(dtype)
         if f <= window or image_only:
             chunks = [(0, f)] if not image_only else [(s, min(f, s + window)) for s in range(0, f, window)]
-            return torch.cat([self(latents[:, :, s:e], image_only=image_only).float() for s, e in chunks], 2).clamp(-1, 1)
+            return torch.cat([self(latents[:, :, s:e], image_only=image_only).float() for s, e in chunks], 2).clamp(
+                -1, 1
+            )
         step = window - overlap
         starts = list(range(0, f - window + 1, step))
         if starts[-1] + window < f:
             starts.append(f - window)
         out, wsum = None, torch.zeros(f, device=latents.device)
         for s in starts:
-            y = self(latents[:, :, s:s + window]).float()
+            y = self(latents[:, :, s : s + window]).float()
             w = torch.ones(window, device=latents.device)
             if overlap:
                 r = torch.arange(1, overlap + 1, device=latents.device).float() / (overlap + 1)
@@ -172,6 +176,6 @@ class VideoDecoder(ModelMixin, ConfigMixin):
                     w[-overlap:] = r.flip(0)
             if out is None:
                 out = torch.zeros(y.shape[:2] + (f,) + y.shape[3:], device=y.device)
-            out[:, :, s:s + window] += y * w[None, None, :, None, None]
-            wsum[s:s + window] += w
+            out[:, :, s : s + window] += y * w[None, None, :, None, None]
+            wsum[s : s + window] += w
         return (out / repeat(wsum, "f -> 1 1 f 1 1")).clamp(-1, 1)

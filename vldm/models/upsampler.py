@@ -29,12 +29,19 @@ MAX_NOISE_LEVEL = 350  # SD x4 upscaler: StableDiffusionUpscalePipeline(max_nois
 # The architecture of stabilityai/stable-diffusion-x4-upscaler's unet/config.json (as published), for
 # building an untrained model of that shape; real weights load from a local directory instead.
 SD_X4_UPSCALER_UNET = dict(
-    in_channels=7, out_channels=4, sample_size=128, layers_per_block=2,
+    in_channels=7,
+    out_channels=4,
+    sample_size=128,
+    layers_per_block=2,
     block_out_channels=(256, 512, 512, 1024),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    only_cross_attention=(True, True, True, False), attention_head_dim=8, cross_attention_dim=1024,
-    num_class_embeds=1000, use_linear_projection=True, norm_num_groups=32,
+    only_cross_attention=(True, True, True, False),
+    attention_head_dim=8,
+    cross_attention_dim=1024,
+    num_class_embeds=1000,
+    use_linear_projection=True,
+    norm_num_groups=32,
 )
 
 
@@ -43,8 +50,13 @@ def is_upscaler_unet(unet: UNet2DConditionModel, latent_channels: int) -> bool:
     return unet.config.in_channels > latent_channels and bool(unet.config.num_class_embeds)
 
 
-def build_tiny_upscaler(out_dir: str | Path, base_dir: str | Path | None = None, latent_channels: int = 4,
-                        lowres_channels: int = 3, seed: int = 0) -> Path:
+def build_tiny_upscaler(
+    out_dir: str | Path,
+    base_dir: str | Path | None = None,
+    latent_channels: int = 4,
+    lowres_channels: int = 3,
+    seed: int = 0,
+) -> Path:
     """A tiny random x4 upscaler in the SD upscaler layout.
 
     The VAE, text encoder and tokenizer are those of the tiny base (its VAE downsamples by 4, as the
@@ -59,8 +71,12 @@ def build_tiny_upscaler(out_dir: str | Path, base_dir: str | Path | None = None,
         if (base / sub).is_dir():
             shutil.copytree(base / sub, out / sub, dirs_exist_ok=True)
     unet_cfg = json.loads((base / "unet" / "config.json").read_text())
-    spec = UNetSpec(in_channels=latent_channels + lowres_channels, out_channels=latent_channels,
-                    cross_attention_dim=unet_cfg["cross_attention_dim"], num_class_embeds=MAX_NOISE_LEVEL + 1)
+    spec = UNetSpec(
+        in_channels=latent_channels + lowres_channels,
+        out_channels=latent_channels,
+        cross_attention_dim=unet_cfg["cross_attention_dim"],
+        num_class_embeds=MAX_NOISE_LEVEL + 1,
+    )
     torch.manual_seed(seed + 1)
     UNet2DConditionModel(**spec.diffusers_kwargs()).save_pretrained(str(out / "unet"))
     DDIMScheduler(**SD_SCHEDULER).save_pretrained(str(out / "scheduler"))

@@ -45,9 +45,19 @@ CONFIG_NAME = "temporal_config.json"
 
 def _unet_shape(cfg: dict) -> dict:
     """The part of an image UNet config that temporal weights depend on (checked on load)."""
-    keys = ("in_channels", "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
-            "mid_block_type", "cross_attention_dim", "attention_head_dim", "num_attention_heads",
-            "norm_num_groups", "transformer_layers_per_block")
+    keys = (
+        "in_channels",
+        "block_out_channels",
+        "layers_per_block",
+        "down_block_types",
+        "up_block_types",
+        "mid_block_type",
+        "cross_attention_dim",
+        "attention_head_dim",
+        "num_attention_heads",
+        "norm_num_groups",
+        "transformer_layers_per_block",
+    )
     out = {}
     for k in keys:
         v = cfg.get(k)
@@ -72,7 +82,9 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
     _supports_gradient_checkpointing = False  # our own per-block checkpointing, see TemporalOptions
 
     @register_to_config
-    def __init__(self, unet_config: dict, temporal_options: dict | None = None, unet2d: UNet2DConditionModel | None = None):
+    def __init__(
+        self, unet_config: dict, temporal_options: dict | None = None, unet2d: UNet2DConditionModel | None = None
+    ):
         super().__init__()
         self.opts: TemporalOptions = from_dict(TemporalOptions, temporal_options or {}, prefix="model.temporal")
         self.unet = unet2d if unet2d is not None else UNet2DConditionModel.from_config(unet_config)
@@ -97,14 +109,18 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
         cfg = self.unet.config
         for b in self.unet.down_blocks:
             if type(b).__name__ not in SUPPORTED_DOWN:
-                raise NotImplementedError(f"down block {type(b).__name__} is not supported (supported: {SUPPORTED_DOWN})")
+                raise NotImplementedError(
+                    f"down block {type(b).__name__} is not supported (supported: {SUPPORTED_DOWN})"
+                )
         for b in self.unet.up_blocks:
             if type(b).__name__ not in SUPPORTED_UP:
                 raise NotImplementedError(f"up block {type(b).__name__} is not supported (supported: {SUPPORTED_UP})")
         if self.unet.mid_block is not None and type(self.unet.mid_block).__name__ not in SUPPORTED_MID:
             raise NotImplementedError(f"mid block {type(self.unet.mid_block).__name__} is not supported")
         if cfg.addition_embed_type is not None or cfg.class_embeddings_concat or cfg.encoder_hid_dim is not None:
-            raise NotImplementedError("addition_embed_type / class_embeddings_concat / encoder_hid_dim UNets are not supported")
+            raise NotImplementedError(
+                "addition_embed_type / class_embeddings_concat / encoder_hid_dim UNets are not supported"
+            )
 
     def _emb_channels(self) -> int:
         return self.unet.time_embedding.linear_2.out_features
@@ -122,13 +138,23 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
 
         def res(name: str, ch: int, level: int) -> None:
             if o.res_blocks:
-                self.temporal[name] = TemporalResBlock(ch, emb, o.kernel_size, groups, o.dropout, o.merge_init, cond_ch.get(level, 0))
+                self.temporal[name] = TemporalResBlock(
+                    ch, emb, o.kernel_size, groups, o.dropout, o.merge_init, cond_ch.get(level, 0)
+                )
 
         def attn(name: str, tf: nn.Module) -> None:
             if o.attention:
                 heads, head_dim = tf.config.num_attention_heads, tf.config.attention_head_dim
                 self.temporal[name] = TemporalTransformer(
-                    tf.config.in_channels, heads, head_dim, ctx_dim, o.ff_mult, o.frame_embedding, o.dropout, o.merge_init)
+                    tf.config.in_channels,
+                    heads,
+                    head_dim,
+                    ctx_dim,
+                    o.ff_mult,
+                    o.frame_embedding,
+                    o.dropout,
+                    o.merge_init,
+                )
 
         n = len(self.unet.down_blocks)
         if o.temporal_block == "animatediff":
@@ -152,7 +178,9 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
             for j, tf in enumerate(getattr(blk, "attentions", [])):
                 attn(f"up{i}_attn{j}", tf)
         if o.extra_in_channels:
-            self.temporal["extra_in"] = nn.Conv2d(o.extra_in_channels, self.unet.conv_in.out_channels, 3, padding=1, bias=False)
+            self.temporal["extra_in"] = nn.Conv2d(
+                o.extra_in_channels, self.unet.conv_in.out_channels, 3, padding=1, bias=False
+            )
             nn.init.zeros_(self.temporal["extra_in"].weight)
         if o.num_class_labels:
             # one extra row: the "no label" class used for label dropout / guidance
@@ -170,6 +198,7 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
             if isinstance(m, TemporalAttention):
                 m.backend, m.max_batch = backend, max_batch
         from vldm.models.attention import _flash_attn_func
+
         if backend in ("flash", "math") or (backend == "auto" and _flash_attn_func is not None):
             self.unet.set_attn_processor(SpatialAttnProcessor(backend, max_batch))
         else:
@@ -206,7 +235,9 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
             cond = st["cond_feats"][st["levels"][name]] if st["cond_feats"] is not None else None
             fn = lambda x: layer(x, st["emb_video"], st["image_only"], st["num_frames"], cond)  # noqa: E731
         else:
-            fn = lambda x: layer(x, st["temporal_ctx"], st["image_only"], st["num_frames"], st["frame_indices"], st["attn_band"])  # noqa: E731
+            fn = lambda x: layer(
+                x, st["temporal_ctx"], st["image_only"], st["num_frames"], st["frame_indices"], st["attn_band"]
+            )  # noqa: E731
         if self.training and self.opts.gradient_checkpointing == "temporal" and torch.is_grad_enabled():
             return checkpoint(fn, x, use_reentrant=False)
         return fn(x)
@@ -307,7 +338,9 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
         t_frames = repeat(t, "b -> (b f)", f=f)
         emb = self.unet.time_embedding(self.unet.get_time_embed(sample=x, timestep=t_frames))
         if unet_class_labels is not None:
-            emb = emb + self.unet.get_class_embed(sample=x, class_labels=repeat(unet_class_labels, "b -> (b f)", f=f)).to(emb.dtype)
+            emb = emb + self.unet.get_class_embed(
+                sample=x, class_labels=repeat(unet_class_labels, "b -> (b f)", f=f)
+            ).to(emb.dtype)
         extra_emb = torch.zeros(b, emb.shape[-1], device=dev, dtype=emb.dtype)
         if class_labels is not None:
             extra_emb = extra_emb + self.temporal["class_embed"](class_labels.long()).to(emb.dtype)
@@ -322,11 +355,19 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
         emb_video = emb[::f]  # identical across a video's frames
 
         st: dict[str, Any] = dict(
-            emb=emb, emb_video=emb_video, num_frames=f, image_only=image_only_indicator,
-            skip_temporal=skip_temporal, frame_indices=frame_indices, attn_band=attn_band,
+            emb=emb,
+            emb_video=emb_video,
+            num_frames=f,
+            image_only=image_only_indicator,
+            skip_temporal=skip_temporal,
+            frame_indices=frame_indices,
+            attn_band=attn_band,
             ctx=repeat(encoder_hidden_states, "b l d -> (b f) l d", f=f),
-            temporal_ctx=encoder_hidden_states if temporal_encoder_hidden_states is None else temporal_encoder_hidden_states,
-            cond_feats=None, levels=self._levels(),
+            temporal_ctx=encoder_hidden_states
+            if temporal_encoder_hidden_states is None
+            else temporal_encoder_hidden_states,
+            cond_feats=None,
+            levels=self._levels(),
         )
         if temporal_cond is not None and "cond_encoder" in self.temporal and not skip_temporal:
             st["cond_feats"] = self.temporal["cond_encoder"](temporal_cond.to(dtype))
@@ -337,18 +378,28 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
             x = x + self.temporal["extra_in"](extra)
 
         # 3. down / mid / up, each block optionally checkpointed as a whole
-        up_factor = 2 ** self.unet.num_upsamplers
+        up_factor = 2**self.unet.num_upsamplers
         forward_upsample_size = h % up_factor != 0 or w % up_factor != 0
         skips: tuple = (x,)
         for i in range(len(self.unet.down_blocks)):
-            x, outs = self._run(lambda x, i=i: self._down(i, x, st), x) if self.opts.gradient_checkpointing == "block" else self._down(i, x, st)
+            x, outs = (
+                self._run(lambda x, i=i: self._down(i, x, st), x)
+                if self.opts.gradient_checkpointing == "block"
+                else self._down(i, x, st)
+            )
             skips += outs
         if self.unet.mid_block is not None:
-            x = self._run(lambda x: self._mid(x, st), x) if self.opts.gradient_checkpointing == "block" else self._mid(x, st)
+            x = (
+                self._run(lambda x: self._mid(x, st), x)
+                if self.opts.gradient_checkpointing == "block"
+                else self._mid(x, st)
+            )
         for i, blk in enumerate(self.unet.up_blocks):
             n = len(blk.resnets)
             res, skips = skips[-n:], skips[:-n]
-            upsample_size = skips[-1].shape[2:] if (i < len(self.unet.up_blocks) - 1 and forward_upsample_size) else None
+            upsample_size = (
+                skips[-1].shape[2:] if (i < len(self.unet.up_blocks) - 1 and forward_upsample_size) else None
+            )
             # skips are consumed last-first inside _up
             if self.opts.gradient_checkpointing == "block":
                 x = self._run(lambda x, *r, i=i, us=upsample_size: self._up(i, x, r, us, st), x, *res)
@@ -367,11 +418,11 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
             lv = {}
             for name in self.temporal.keys():
                 if name.startswith("down"):
-                    lv[name] = int(name[4:name.index("_")])
+                    lv[name] = int(name[4 : name.index("_")])
                 elif name.startswith("mid"):
                     lv[name] = n - 1
                 elif name.startswith("up"):
-                    lv[name] = n - 1 - int(name[2:name.index("_")])
+                    lv[name] = n - 1 - int(name[2 : name.index("_")])
             self._level_cache = lv
         return self._level_cache
 
@@ -390,6 +441,7 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
     def save_temporal(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write `temporal.safetensors` + `temporal_config.json` (atomically) into `directory`."""
         from vldm.config.core import atomic_write_text
+
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         sd = state_dict if state_dict is not None else self.temporal_state_dict()
@@ -407,17 +459,24 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
         if cfg_path.exists():
             saved = json.loads(cfg_path.read_text())
             mine = _unet_shape(self.unet.config)
-            diff = {k: (saved["base_unet_shape"].get(k), v) for k, v in mine.items() if saved["base_unet_shape"].get(k) != v}
+            diff = {
+                k: (saved["base_unet_shape"].get(k), v) for k, v in mine.items() if saved["base_unet_shape"].get(k) != v
+            }
             if diff:
-                raise ValueError(f"temporal weights in {p} were trained on a different UNet shape: {diff} (saved, this)")
+                raise ValueError(
+                    f"temporal weights in {p} were trained on a different UNet shape: {diff} (saved, this)"
+                )
         sd = load_file(str(weights))
         missing, unexpected = self.temporal.load_state_dict(sd, strict=False)
         if strict and (missing or unexpected):
-            raise ValueError(f"temporal weights {weights} do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"temporal weights {weights} do not match: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
 
     @classmethod
     def from_unet2d_and_temporal(cls, unet2d: UNet2DConditionModel, directory: str | Path) -> VideoLDMUNet:
-        """Personalised text-to-video (paper §4.2): trained temporal layers onto another image UNet of the same shape."""
+        """Personalised text-to-video (paper §4.2): trained temporal layers onto another image UNet of the same
+        shape."""
         cfg = json.loads((Path(directory) / CONFIG_NAME).read_text())
         model = cls.from_unet2d(unet2d, **cfg["temporal"])
         model.load_temporal(directory)

@@ -70,13 +70,19 @@ class Cascade:
     temporal_text: Components | None = None
 
     def __post_init__(self) -> None:
-        expected = {"keyframes": ("generate", "predict"), "predictor": ("predict",), "interpolator": ("interpolate",),
-                    "upsampler": ("upsample",)}
+        expected = {
+            "keyframes": ("generate", "predict"),
+            "predictor": ("predict",),
+            "interpolator": ("interpolate",),
+            "upsampler": ("upsample",),
+        }
         for name, tasks in expected.items():
             stage = getattr(self, name)
             if stage is not None and stage.task not in tasks:
-                raise ValueError(f"the {name} stage needs a model trained with task {' or '.join(tasks)}, "
-                                 f"got task={stage.task!r} ({stage.source or 'in memory'})")
+                raise ValueError(
+                    f"the {name} stage needs a model trained with task {' or '.join(tasks)}, "
+                    f"got task={stage.task!r} ({stage.source or 'in memory'})"
+                )
 
     @property
     def device(self) -> torch.device:
@@ -91,10 +97,20 @@ class Cascade:
         return stages.interp_options(self.interpolator).factor if self.interpolator is not None else 1
 
     @classmethod
-    def from_runs(cls, run: str | Path, predict_run: str | Path | None = None, interp_run: str | Path | None = None,
-                  decoder_run: str | Path | None = None, upsampler_run: str | Path | None = None,
-                  personalized: str | Path | None = None, lora: str | Path | None = None, lora_scale: float = 1.0,
-                  ema: bool = False, device: str = "auto", dtype: str = "float32") -> Cascade:
+    def from_runs(
+        cls,
+        run: str | Path,
+        predict_run: str | Path | None = None,
+        interp_run: str | Path | None = None,
+        decoder_run: str | Path | None = None,
+        upsampler_run: str | Path | None = None,
+        personalized: str | Path | None = None,
+        lora: str | Path | None = None,
+        lora_scale: float = 1.0,
+        ema: bool = False,
+        device: str = "auto",
+        dtype: str = "float32",
+    ) -> Cascade:
         """Each stage from its training run directory (newest complete checkpoint) or a checkpoint.
 
         `personalized`: a fine-tuned image model directory (unet/, text_encoder/, tokenizer/) whose UNet
@@ -126,10 +142,19 @@ class Cascade:
         for name in ("keyframes", "predictor", "interpolator"):
             stage = getattr(self, name)
             if stage is not None and not (name == "predictor" and stage is self.keyframes):
-                setattr(self, name, dataclasses.replace(stage, model=personalize(stage.model, tuned.unet2d).to(stage.model.dtype)))
-        self.temporal_text = Components(unet2d=self.components.unet2d, text_encoder=self.components.text_encoder,
-                                        tokenizer=self.components.tokenizer)
-        self.components = dataclasses.replace(self.components, text_encoder=tuned.text_encoder, tokenizer=tuned.tokenizer)
+                setattr(
+                    self,
+                    name,
+                    dataclasses.replace(stage, model=personalize(stage.model, tuned.unet2d).to(stage.model.dtype)),
+                )
+        self.temporal_text = Components(
+            unet2d=self.components.unet2d,
+            text_encoder=self.components.text_encoder,
+            tokenizer=self.components.tokenizer,
+        )
+        self.components = dataclasses.replace(
+            self.components, text_encoder=tuned.text_encoder, tokenizer=tuned.tokenizer
+        )
 
 
 @dataclass
@@ -153,10 +178,12 @@ def plan_key_frames(num_frames: int, factor: int, passes: int) -> int:
     """Key frames T whose `passes`-fold interpolation covers `num_frames`: k^p (T - 1) + 1 >= N."""
     if passes == 0 or factor == 1:
         return num_frames
-    return math.ceil((num_frames - 1) / factor ** passes) + 1
+    return math.ceil((num_frames - 1) / factor**passes) + 1
 
 
-def _text(comps: Components, prompts: list[str], negative: str, need_uncond: bool, device, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _text(
+    comps: Components, prompts: list[str], negative: str, need_uncond: bool, device, dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     cond = encode_text(comps, prompts, device, dtype)
     if not need_uncond:
         return cond, None
@@ -165,18 +192,28 @@ def _text(comps: Components, prompts: list[str], negative: str, need_uncond: boo
     return cond, encode_text(comps, [negative] * len(prompts), device, dtype)
 
 
-def encode_prompts(cascade: Cascade, comps: Components, prompts: list[str], cfg: SampleConfig, temporal: bool = True) -> TextInputs:
+def encode_prompts(
+    cascade: Cascade, comps: Components, prompts: list[str], cfg: SampleConfig, temporal: bool = True
+) -> TextInputs:
     dev, dt = cascade.device, cascade.keyframes.model.dtype
     cond, uncond = _text(comps, prompts, cfg.negative_prompt, True, dev, dt)
     out = TextInputs(cond=cond, uncond=uncond, class_label=cfg.class_label)
     if temporal and cascade.temporal_text is not None:
-        out.temporal_cond, out.temporal_uncond = _text(cascade.temporal_text, prompts, cfg.negative_prompt, True, dev, dt)
+        out.temporal_cond, out.temporal_uncond = _text(
+            cascade.temporal_text, prompts, cfg.negative_prompt, True, dev, dt
+        )
     return out
 
 
 @torch.no_grad()
-def generate(cascade: Cascade, prompts: list[str] | str, cfg: SampleConfig | None = None, seeds: list[int] | None = None,
-             progress: bool = True, **overrides: Any) -> VideoOutput:
+def generate(
+    cascade: Cascade,
+    prompts: list[str] | str,
+    cfg: SampleConfig | None = None,
+    seeds: list[int] | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> VideoOutput:
     """Generate one video per prompt with the whole cascade; `overrides` are SampleConfig fields."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     cfg = from_dict(SampleConfig, {**to_dict(cfg or SampleConfig()), **overrides})
@@ -226,7 +263,7 @@ def generate(cascade: Cascade, prompts: list[str] | str, cfg: SampleConfig | Non
         z = stages.interpolate(cascade.interpolator, text, run, z, label, fps)
         timings[f"interpolation{p + 1}"] = time.perf_counter() - t0
         frames[f"interpolation{p + 1}"] = z.shape[2]
-    z = z[:, :, :cfg.num_frames]
+    z = z[:, :, : cfg.num_frames]
 
     t0 = time.perf_counter()
     bar.set_description("decoding")

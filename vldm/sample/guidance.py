@@ -174,7 +174,7 @@ def windowed(model: ModelFn, window: int, overlap: int) -> ModelFn:
             if s == 0:
                 w[:overlap] = 1.0
             if s + window == f:
-                w[window - overlap:] = 1.0
+                w[window - overlap :] = 1.0
             if out is None:
                 out = torch.zeros(y.shape[:2] + (f,) + y.shape[3:], device=y.device)
             out[:, :, sl] += y * w[None, None, :, None, None]

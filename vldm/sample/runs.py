@@ -42,8 +42,13 @@ def _base_key(cfg_tree: dict) -> str:
     return model.get("pretrained") or json.dumps(model.get("unet", {}), sort_keys=True)
 
 
-def load_stage(run_or_checkpoint: str | Path, ema: bool = False, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32, shared: dict[str, Components] | None = None) -> tuple[StageModel, Components]:
+def load_stage(
+    run_or_checkpoint: str | Path,
+    ema: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    shared: dict[str, Components] | None = None,
+) -> tuple[StageModel, Components]:
     """A diffusion stage and its base model's components (VAE, text encoder) from a run or checkpoint.
 
     An image-stage run becomes a VideoLDMUNet whose temporal layers are the identity (the image model).
@@ -65,14 +70,22 @@ def load_stage(run_or_checkpoint: str | Path, ema: bool = False, device: torch.d
     for m in (comps.vae, comps.text_encoder):
         if m is not None:
             m.to(device)
-    stage = StageModel(model=model, task=cfg.task, task_options=dict(getattr(cfg, "task_options", {}) or {}),
-                       clip_frames=cfg.data.num_frames, size=cfg.data.size,
-                       width=getattr(cfg.data, "width", 0),
-                       scheduler_config=scheduler_config(cfg.diffusion, comps.scheduler_config), source=str(ck))
+    stage = StageModel(
+        model=model,
+        task=cfg.task,
+        task_options=dict(getattr(cfg, "task_options", {}) or {}),
+        clip_frames=cfg.data.num_frames,
+        size=cfg.data.size,
+        width=getattr(cfg.data, "width", 0),
+        scheduler_config=scheduler_config(cfg.diffusion, comps.scheduler_config),
+        source=str(ck),
+    )
     return stage, comps
 
 
-def load_decoder(run_or_checkpoint: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> VideoDecoder:
+def load_decoder(
+    run_or_checkpoint: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> VideoDecoder:
     """The fine-tuned video decoder of a stage=decoder run (newest checkpoint) or of one checkpoint."""
     ck = checkpoint_dir(run_or_checkpoint)
     if not (ck / DECODER_DIR).is_dir():

@@ -78,22 +78,48 @@ class Run:
     seeds: list[int]
     on_step: Callable[[], Any] | None = None
 
-    def guidance(self, text: TextInputs, model: VideoLDMUNet, extra: dict | None = None,
-                 no_context: dict | None = None, context_scale: float | None = None, text_scale: float | None = None) -> Conditioning:
+    def guidance(
+        self,
+        text: TextInputs,
+        model: VideoLDMUNet,
+        extra: dict | None = None,
+        no_context: dict | None = None,
+        context_scale: float | None = None,
+        text_scale: float | None = None,
+    ) -> Conditioning:
         extra = extra or {}
         cond = {**text.kwargs(model, False), **extra}
         scale = self.cfg.guidance_scale if text_scale is None else text_scale
-        no_text = {**text.kwargs(model, True), **extra} if text.uncond is not None or model.opts.num_class_labels else None
+        no_text = (
+            {**text.kwargs(model, True), **extra} if text.uncond is not None or model.opts.num_class_labels else None
+        )
         if no_text is None:
             scale = 1.0
-        return Conditioning(cond=cond, no_text=no_text, no_context={**cond, **no_context} if no_context else None,
-                            text_scale=scale, context_scale=self.cfg.context_guidance if context_scale is None else context_scale)
+        return Conditioning(
+            cond=cond,
+            no_text=no_text,
+            no_context={**cond, **no_context} if no_context else None,
+            text_scale=scale,
+            context_scale=self.cfg.context_guidance if context_scale is None else context_scale,
+        )
 
 
 def _denoise(stage: StageModel, run: Run, shape: tuple, tags: tuple, cond: Conditioning, **kw: Any) -> torch.Tensor:
     m = stage.model
-    return denoise(m, shape, [subseed(s, *tags) for s in run.seeds], stage.scheduler_config, cond, steps=run.cfg.steps,
-                   sampler=run.cfg.sampler, device=m.device, dtype=m.dtype, on_step=run.on_step, eta=run.cfg.eta, **kw)
+    return denoise(
+        m,
+        shape,
+        [subseed(s, *tags) for s in run.seeds],
+        stage.scheduler_config,
+        cond,
+        steps=run.cfg.steps,
+        sampler=run.cfg.sampler,
+        device=m.device,
+        dtype=m.dtype,
+        on_step=run.on_step,
+        eta=run.cfg.eta,
+        **kw,
+    )
 
 
 def _band(run: Run, num_frames: int, trained_frames: int) -> dict:
@@ -102,8 +128,9 @@ def _band(run: Run, num_frames: int, trained_frames: int) -> dict:
     return {"attn_band": band} if band and num_frames > max(band, trained_frames) else {}
 
 
-def keyframes(stage: StageModel, text: TextInputs, run: Run, num_frames: int, hw: tuple[int, int],
-              image_mode: bool = False) -> torch.Tensor:
+def keyframes(
+    stage: StageModel, text: TextInputs, run: Run, num_frames: int, hw: tuple[int, int], image_mode: bool = False
+) -> torch.Tensor:
     """`num_frames` frames in one pass (temporal self-attention banded to `attn_band` frames beyond the
     model's training length); with `image_mode` every frame independently by the image model."""
     c = stage.latent_channels
@@ -118,8 +145,14 @@ def _empty_context(like: torch.Tensor, c: int, f: int, hw: tuple[int, int]) -> t
     return torch.zeros(b, c + 1, f, *hw, device=like.device, dtype=like.dtype)
 
 
-def rollout(stage: StageModel, text: TextInputs, run: Run, num_frames: int, hw: tuple[int, int],
-            start: torch.Tensor | None = None) -> torch.Tensor:
+def rollout(
+    stage: StageModel,
+    text: TextInputs,
+    run: Run,
+    num_frames: int,
+    hw: tuple[int, int],
+    start: torch.Tensor | None = None,
+) -> torch.Tensor:
     """A video of `num_frames` frames from a prediction model (paper §3.2, long video generation).
 
     Without `start`: the first frame from the image model (f = 1: temporal layers skipped), then a chunk
@@ -143,8 +176,12 @@ def rollout(stage: StageModel, text: TextInputs, run: Run, num_frames: int, hw: 
         given = torch.zeros(b, c, f, *hw, device=video.device, dtype=video.dtype)
         given[:, :, :s] = video[:, :, -s:]
         mask = first_frames_mask(torch.full((b,), s, device=video.device), f)
-        cond = run.guidance(text, stage.model, {"temporal_cond": context_condition(given, mask)},
-                            no_context={"temporal_cond": _empty_context(video, c, f, hw)})
+        cond = run.guidance(
+            text,
+            stage.model,
+            {"temporal_cond": context_condition(given, mask)},
+            no_context={"temporal_cond": _empty_context(video, c, f, hw)},
+        )
         x = _denoise(stage, run, (c, f, *hw), ("rollout", chunk), cond, known=Known(given, mask))
         video = torch.cat([video, x[:, :, s:]], 2)
         chunk += 1
@@ -170,7 +207,9 @@ def interp_window(stage: StageModel) -> int:
     return InterpolateTask(**stage.task_options).window(stage.clip_frames)
 
 
-def interpolate(stage: StageModel, text: TextInputs, run: Run, keys: torch.Tensor, stage_label: int, fps_out: float) -> torch.Tensor:
+def interpolate(
+    stage: StageModel, text: TextInputs, run: Run, keys: torch.Tensor, stage_label: int, fps_out: float
+) -> torch.Tensor:
     """(b, c, T, h, w) key frames -> (b, c, factor (T - 1) + 1, h, w), key frames kept at every factor-th
     position exactly (paper §3.3); windows of the model's training length share their end key frames."""
     o = interp_options(stage)
@@ -183,15 +222,19 @@ def interpolate(stage: StageModel, text: TextInputs, run: Run, keys: torch.Tenso
         k1 = min(k0 + per_window - 1, t - 1)
         n = interpolated_length(k1 - k0 + 1, factor)
         given = torch.zeros(b, c, n, h, w, device=keys.device, dtype=keys.dtype)
-        given[:, :, ::factor] = keys[:, :, k0:k1 + 1]
+        given[:, :, ::factor] = keys[:, :, k0 : k1 + 1]
         mask = key_frame_mask(n, factor, keys.device)[None].expand(b, -1)
         conds = {"stage": torch.full((b,), float(stage_label), device=keys.device)}
         if o.fps_condition:
             conds["fps"] = torch.full((b,), float(fps_out), device=keys.device)
-        extra = {"temporal_cond": context_condition(given, mask), "conditions": conds, **_band(run, n, interp_window(stage))}
+        extra = {
+            "temporal_cond": context_condition(given, mask),
+            "conditions": conds,
+            **_band(run, n, interp_window(stage)),
+        }
         cond = run.guidance(text, stage.model, extra, no_context={"temporal_cond": _empty_context(given, c, n, (h, w))})
         x = _denoise(stage, run, (c, n, h, w), ("interpolate", stage_label, wi), cond, known=Known(given, mask))
-        out[:, :, factor * k0: factor * k1 + 1] = x
+        out[:, :, factor * k0 : factor * k1 + 1] = x
     return out
 
 
@@ -200,8 +243,9 @@ def interp_windows(stage: StageModel, num_keys: int) -> int:
     return len(range(0, num_keys - 1, per_window - 1))
 
 
-def upsample(stage: StageModel, text: TextInputs, run: Run, pixels: torch.Tensor, out_hw: tuple[int, int],
-             low_res_scheduler=None) -> torch.Tensor:
+def upsample(
+    stage: StageModel, text: TextInputs, run: Run, pixels: torch.Tensor, out_hw: tuple[int, int], low_res_scheduler=None
+) -> torch.Tensor:
     """Low-res pixels (b, 3, f, H, W) -> high-res latents (b, c, f, h', w') (paper §3.4).
 
     The low-res frames are noise-augmented to `upsample_noise_level` and concatenated to the input at
@@ -219,6 +263,17 @@ def upsample(stage: StageModel, text: TextInputs, run: Run, pixels: torch.Tensor
     extra = noise_level_inputs(o.condition_via, level)
     cond = run.guidance(text, m, extra, text_scale=cfg.upsample_guidance_scale or cfg.guidance_scale)
     model_fn = windowed(m, cfg.upsample_window, cfg.upsample_overlap)
-    return denoise(model_fn, (stage.latent_channels, f, *out_hw), [subseed(s, "upsample") for s in run.seeds],
-                   stage.scheduler_config, cond, steps=cfg.steps, sampler=cfg.sampler, device=m.device, dtype=m.dtype,
-                   extra_channels=lowres, on_step=run.on_step, eta=cfg.eta)
+    return denoise(
+        model_fn,
+        (stage.latent_channels, f, *out_hw),
+        [subseed(s, "upsample") for s in run.seeds],
+        stage.scheduler_config,
+        cond,
+        steps=cfg.steps,
+        sampler=cfg.sampler,
+        device=m.device,
+        dtype=m.dtype,
+        extra_channels=lowres,
+        on_step=run.on_step,
+        eta=cfg.eta,
+    )

@@ -29,8 +29,15 @@ def perturb(module: torch.nn.Module, scale: float = 0.02, seed: int = 0) -> None
         p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-def stage_model(unet2d: UNet2DConditionModel, task: str, task_options: dict | None = None, clip_frames: int = 8,
-                size: int = 32, seed: int = 0, temporal: dict | None = None) -> StageModel:
+def stage_model(
+    unet2d: UNet2DConditionModel,
+    task: str,
+    task_options: dict | None = None,
+    clip_frames: int = 8,
+    size: int = 32,
+    seed: int = 0,
+    temporal: dict | None = None,
+) -> StageModel:
     """A VideoLDMUNet on `unet2d` built as the trainer builds it for `task` (task options merged)."""
     t = get_task(task, **(task_options or {}))
     opts = to_dict(TemporalOptions(**(temporal or {})))
@@ -38,12 +45,24 @@ def stage_model(unet2d: UNet2DConditionModel, task: str, task_options: dict | No
         opts[k] = list(dict.fromkeys(list(opts.get(k) or []) + list(v))) if isinstance(v, tuple) else v
     model = VideoLDMUNet.from_unet2d(unet2d, **opts).eval()
     perturb(model.temporal, seed=seed)
-    return StageModel(model=model, task=task, task_options=dict(task_options or {}), clip_frames=clip_frames, size=size,
-                      scheduler_config=dict(SD_SCHEDULER), source="tiny")
+    return StageModel(
+        model=model,
+        task=task,
+        task_options=dict(task_options or {}),
+        clip_frames=clip_frames,
+        size=size,
+        scheduler_config=dict(SD_SCHEDULER),
+        source="tiny",
+    )
 
 
-def build_tiny_cascade(root: str | Path, stages: tuple[str, ...] = ("predict", "interpolate", "decoder", "upsample"),
-                       clip_frames: int = 8, size: int = 32, seed: int = 0) -> Cascade:
+def build_tiny_cascade(
+    root: str | Path,
+    stages: tuple[str, ...] = ("predict", "interpolate", "decoder", "upsample"),
+    clip_frames: int = 8,
+    size: int = 32,
+    seed: int = 0,
+) -> Cascade:
     """Key frames (generate) + the requested stages on one tiny base model written under `root`."""
     root = Path(root)
     base = root / "base"
@@ -52,10 +71,14 @@ def build_tiny_cascade(root: str | Path, stages: tuple[str, ...] = ("predict", "
     comps = load_components(ModelConfig(pretrained=str(base)))
     unet = comps.unet2d
     key = stage_model(unet, "generate", clip_frames=clip_frames, size=size, seed=seed)
-    pred = stage_model(unet, "predict", clip_frames=clip_frames, size=size, seed=seed + 1) if "predict" in stages else None
+    pred = (
+        stage_model(unet, "predict", clip_frames=clip_frames, size=size, seed=seed + 1) if "predict" in stages else None
+    )
     interp = None
     if "interpolate" in stages:
-        interp = stage_model(unet, "interpolate", {"window": 5, "stages": [0, 1]}, clip_frames=4 * (5 - 1) + 1, size=size, seed=seed + 2)
+        interp = stage_model(
+            unet, "interpolate", {"window": 5, "stages": [0, 1]}, clip_frames=4 * (5 - 1) + 1, size=size, seed=seed + 2
+        )
     dec = None
     if "decoder" in stages:
         dec = VideoDecoder.from_vae(comps.vae).eval()
@@ -70,5 +93,14 @@ def build_tiny_cascade(root: str | Path, stages: tuple[str, ...] = ("predict", "
         up_vae = AutoencoderKL.from_pretrained(str(up_dir / "vae")).eval().requires_grad_(False)
     from vldm.tasks.paper import low_res_scheduler
 
-    return Cascade(key, comps, pred, interp, dec, up, up_vae, comps if up is not None else None,
-                   low_res_scheduler() if up is not None else None)
+    return Cascade(
+        key,
+        comps,
+        pred,
+        interp,
+        dec,
+        up,
+        up_vae,
+        comps if up is not None else None,
+        low_res_scheduler() if up is not None else None,
+    )

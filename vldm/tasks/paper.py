@@ -42,7 +42,8 @@ def context_condition(latents: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 
 def first_frames_mask(num_context: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """(b,) numbers S of given frames -> (b, f) bool: the first S frames of each clip are given (prediction's context)."""
+    """(b,) numbers S of given frames -> (b, f) bool: the first S frames of each clip are given (prediction's
+    context)."""
     return torch.arange(num_frames, device=num_context.device)[None, :] < num_context[:, None]
 
 
@@ -87,9 +88,14 @@ class _OptionsTask(Task):
 @dataclass
 class PredictOptions:
     latent_channels: int = field_(4, "latent channels c of the base model: the condition has c + 1 channels")
-    context_frames: tuple[int, ...] = field_((0, 1, 2), "numbers S of given first frames drawn per clip; S = 0 is the unconditional branch for context guidance")
+    context_frames: tuple[int, ...] = field_(
+        (0, 1, 2),
+        "numbers S of given first frames drawn per clip; S = 0 is the unconditional branch for context guidance",
+    )
     context_probs: tuple[float, ...] = field_((), "probabilities of context_frames (empty = uniform)")
-    loss_frames: Literal["generated", "all"] = field_("generated", "frames in the loss: the non-context frames only, or all")
+    loss_frames: Literal["generated", "all"] = field_(
+        "generated", "frames in the loss: the non-context frames only, or all"
+    )
 
     def validate(self) -> None:
         if self.context_probs and len(self.context_probs) != len(self.context_frames):
@@ -111,7 +117,9 @@ class PredictTask(_OptionsTask):
     def training_inputs(self, latents: torch.Tensor, batch: dict, generator: torch.Generator | None) -> TaskInputs:
         b, c, f = latents.shape[:3]
         if c != self.opts.latent_channels:
-            raise ValueError(f"predict task: latents have {c} channels, task_options.latent_channels is {self.opts.latent_channels}")
+            raise ValueError(
+                f"predict task: latents have {c} channels, task_options.latent_channels is {self.opts.latent_channels}"
+            )
         s = _choice(self.opts.context_frames, self.opts.context_probs, b, generator).clamp(max=f - 1)
         mask = first_frames_mask(s.to(latents.device), f)
         kwargs = {"temporal_cond": context_condition(latents, mask)}
@@ -127,15 +135,29 @@ class PredictTask(_OptionsTask):
 @dataclass
 class InterpolateOptions:
     latent_channels: int = field_(4, "latent channels c of the base model: the condition has c + 1 channels")
-    factor: int = field_(4, "frame-rate factor: key frames at every factor-th position, factor - 1 frames predicted between them")
+    factor: int = field_(
+        4, "frame-rate factor: key frames at every factor-th position, factor - 1 frames predicted between them"
+    )
     window: int = field_(0, "frames per training window, factor * k + 1 (0 = the longest that fits the clip)")
-    stages: tuple[int, ...] = field_((0, 1), "stage labels trained: 1 = the last (finest) stage uses the clip's own frame rate, 0 = the stage before it uses every factor-th frame (needs clips of factor * (window - 1) + 1 frames)")
+    stages: tuple[int, ...] = field_(
+        (0, 1),
+        "stage labels trained: 1 = the last (finest) stage uses the clip's own frame rate, 0 = the stage before it "
+        "uses every factor-th frame (needs clips of factor * (window - 1) + 1 frames)",
+    )
     stage_probs: tuple[float, ...] = field_((), "probabilities of stages (empty = uniform)")
-    fps_key: str = field_("fps", "batch key (or key of each clip's meta) holding the frame rate of the stored video; the training clips' rate is it / data.frame_stride (the trainer passes the stride as batch['frame_stride'])")
+    fps_key: str = field_(
+        "fps",
+        "batch key (or key of each clip's meta) holding the frame rate of the stored video; the training clips' rate "
+        "is it / data.frame_stride (the trainer passes the stride as batch['frame_stride'])",
+    )
     fps: float = field_(8.0, "frame rate of the training clips (after data.frame_stride) when the batch carries none")
     fps_condition: bool = field_(True, "condition on the output frame rate (scalar condition 'fps')")
-    context_dropout: float = field_(0.1, "probability of hiding the key frames of a clip (the unconditional branch of context guidance)")
-    loss_frames: Literal["generated", "all"] = field_("generated", "frames in the loss: the in-between frames only, or all")
+    context_dropout: float = field_(
+        0.1, "probability of hiding the key frames of a clip (the unconditional branch of context guidance)"
+    )
+    loss_frames: Literal["generated", "all"] = field_(
+        "generated", "frames in the loss: the in-between frames only, or all"
+    )
 
     def validate(self) -> None:
         if self.factor < 2:
@@ -177,16 +199,21 @@ class InterpolateTask(_OptionsTask):
         n = self.window(f)
         span = (n - 1) * stride + 1
         if n < o.factor + 1 or span > f:
-            raise ValueError(f"interpolate: stage {stage} needs clips of {max(span, o.factor * stride + 1)} frames "
-                             f"(window {max(n, o.factor + 1)} at stride {stride}), got {f}: raise data.num_frames or train stages=[1]")
+            raise ValueError(
+                f"interpolate: stage {stage} needs clips of {max(span, o.factor * stride + 1)} frames "
+                f"(window {max(n, o.factor + 1)} at stride {stride}), got {f}: raise data.num_frames or train "
+                "stages=[1]"
+            )
         start = int(torch.randint(0, f - span + 1, (1,), generator=generator)[0])
-        clip = latents[:, :, start:start + span:stride]
+        clip = latents[:, :, start : start + span : stride]
         mask = key_frame_mask(n, o.factor, dev)[None].expand(b, -1)
         mask = mask & (_rand(b, generator) >= o.context_dropout).to(dev)[:, None]
         # the clips' own rate: the stored rate over the loader's frame stride (or `fps`, already the clips'
         # rate); the output rate of this stage is that over the stage's stride (every factor-th frame in stage 0)
         stored = _clip_scalar(batch, o.fps_key, b, float("nan"))
-        clip_fps = torch.where(stored.isnan(), torch.full_like(stored, o.fps), stored / float(batch.get("frame_stride", 1)))
+        clip_fps = torch.where(
+            stored.isnan(), torch.full_like(stored, o.fps), stored / float(batch.get("frame_stride", 1))
+        )
         fps = clip_fps / stride
         conds = {"stage": torch.full((b,), float(stage), device=dev)}
         if o.fps_condition:
@@ -205,11 +232,24 @@ LOW_RES_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02
 @dataclass
 class UpsampleOptions:
     scale: int = field_(4, "upsampling factor between the low-res input and the output pixels")
-    condition_via: Literal["unet", "temporal"] = field_("unet", "unet: the image UNet is an upscaler (in_channels = latent + low-res channels, noise level as its class label, e.g. SD x4); temporal: a plain image UNet gets the low-res frames through zero-initialised extra input channels and the noise level as a scalar condition")
+    condition_via: Literal["unet", "temporal"] = field_(
+        "unet",
+        "unet: the image UNet is an upscaler (in_channels = latent + low-res channels, noise level as its class "
+        "label, e.g. SD x4); temporal: a plain image UNet gets the low-res frames through zero-initialised extra "
+        "input channels and the noise level as a scalar condition",
+    )
     lowres_channels: int = field_(3, "channels of the low-res frames (3 = RGB pixels)")
-    pixels_key: str = field_("pixels", "batch key of the clip's pixels (b, 3, f, H, W) in [-1, 1]; the low-res input is made from them")
-    max_noise_level: int = field_(350, "noise augmentation: the level t_g is drawn from [0, max_noise_level] (SD x4: 350)")
-    patch_size: int = field_(0, "train on random patches of this many latent pixels (0 = whole frames); the model is applied convolutionally at sampling")
+    pixels_key: str = field_(
+        "pixels", "batch key of the clip's pixels (b, 3, f, H, W) in [-1, 1]; the low-res input is made from them"
+    )
+    max_noise_level: int = field_(
+        350, "noise augmentation: the level t_g is drawn from [0, max_noise_level] (SD x4: 350)"
+    )
+    patch_size: int = field_(
+        0,
+        "train on random patches of this many latent pixels (0 = whole frames); the model is applied convolutionally "
+        "at sampling",
+    )
 
     def validate(self) -> None:
         if self.scale < 1 or self.max_noise_level < 0 or self.patch_size < 0:
@@ -232,8 +272,12 @@ def make_lowres(pixels: torch.Tensor, scale: int, size: tuple[int, int]) -> torc
     return rearrange(x, "(b f) c h w -> b c f h w", b=b)
 
 
-def noise_augment(lowres: torch.Tensor, noise_level: torch.Tensor, generator: torch.Generator | None = None,
-                  scheduler: DDPMScheduler | None = None) -> torch.Tensor:
+def noise_augment(
+    lowres: torch.Tensor,
+    noise_level: torch.Tensor,
+    generator: torch.Generator | None = None,
+    scheduler: DDPMScheduler | None = None,
+) -> torch.Tensor:
     """Noise the low-res input to level t_g (paper §3.4 noise augmentation); (b,) integer levels."""
     sched = scheduler or low_res_scheduler()
     noise = torch.randn(lowres.shape, generator=generator, dtype=torch.float32).to(lowres.device, lowres.dtype)
@@ -276,14 +320,24 @@ class UpsampleTask(_OptionsTask):
             p = o.patch_size
             ys = torch.randint(0, h - p + 1, (b,), generator=generator).tolist()
             xs = torch.randint(0, w - p + 1, (b,), generator=generator).tolist()
-            target = torch.stack([latents[i, :, :, y:y + p, x:x + p] for i, (y, x) in enumerate(zip(ys, xs))])
-            lowres = torch.stack([lowres[i, :, :, y:y + p, x:x + p] for i, (y, x) in enumerate(zip(ys, xs))])
+            target = torch.stack([latents[i, :, :, y : y + p, x : x + p] for i, (y, x) in enumerate(zip(ys, xs))])
+            lowres = torch.stack([lowres[i, :, :, y : y + p, x : x + p] for i, (y, x) in enumerate(zip(ys, xs))])
         kwargs = noise_level_inputs(o.condition_via, level.to(latents.device))
         return TaskInputs(model_kwargs=kwargs, extra_channels=lowres.contiguous(), target_latents=target.contiguous())
 
 
 __all__ = [
-    "InterpolateOptions", "InterpolateTask", "PredictOptions", "PredictTask", "UpsampleOptions", "UpsampleTask",
-    "context_condition", "first_frames_mask", "interpolated_length", "key_frame_mask", "make_lowres",
-    "noise_augment", "noise_level_inputs",
+    "InterpolateOptions",
+    "InterpolateTask",
+    "PredictOptions",
+    "PredictTask",
+    "UpsampleOptions",
+    "UpsampleTask",
+    "context_condition",
+    "first_frames_mask",
+    "interpolated_length",
+    "key_frame_mask",
+    "make_lowres",
+    "noise_augment",
+    "noise_level_inputs",
 ]

@@ -15,14 +15,26 @@ import sys
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m vldm.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="config reference: python -m vldm.config --reference")
-    ap.add_argument("--config", action="append", default=[], metavar="YAML",
-                    help="config file (overrides only; repeat to layer several)")
-    ap.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run_dir=outputs/x train.max_steps=100 optim.lr=1e-4")
+    ap = argparse.ArgumentParser(
+        prog="python -m vldm.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config reference: python -m vldm.config --reference",
+    )
+    ap.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="config file (overrides only; repeat to layer several)",
+    )
+    ap.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="e.g. run_dir=outputs/x train.max_steps=100 optim.lr=1e-4"
+    )
     ap.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
-    ap.add_argument("--print", dest="print_key", metavar="KEY", help="validate, print one resolved value (e.g. run_dir), and exit")
+    ap.add_argument(
+        "--print", dest="print_key", metavar="KEY", help="validate, print one resolved value (e.g. run_dir), and exit"
+    )
     return ap.parse_args(argv)
 
 
@@ -40,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return CONFIG_EXIT
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)) if "SLURM_STEP_ID" in os.environ or "RANK" in os.environ else 0)
+    rank = int(
+        os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))
+        if "SLURM_STEP_ID" in os.environ or "RANK" in os.environ
+        else 0
+    )
     for w in warnings:
         if rank == 0:
             print(f"config warning: {w}", file=sys.stderr)

@@ -72,7 +72,11 @@ def _unb64(text: str) -> Any:
 
 def rng_state() -> dict:
     """This process's RNG states (torch CPU, CUDA, numpy, python), JSON-safe."""
-    state = {"torch": _b64(torch.get_rng_state()), "numpy": _b64(np.random.get_state()), "python": _b64(random.getstate())}
+    state = {
+        "torch": _b64(torch.get_rng_state()),
+        "numpy": _b64(np.random.get_state()),
+        "python": _b64(random.getstate()),
+    }
     if torch.cuda.is_available():
         state["cuda"] = _b64(torch.cuda.get_rng_state_all())
     return state
@@ -125,7 +129,7 @@ def full_fp32_weights(built: Built) -> dict[str, torch.Tensor]:
     for name, p in built.trainable():
         full = safe_get_full_fp32_param(p) if p.dtype != torch.float32 and hasattr(p, "_hp_mapping") else None
         t = full if full is not None else p.detach()
-        out[name[len(built.prefix):]] = t.float().cpu().contiguous()
+        out[name[len(built.prefix) :]] = t.float().cpu().contiguous()
     return out
 
 
@@ -135,7 +139,7 @@ def set_fp32_weights(built: Built, tensors: dict[str, torch.Tensor]) -> None:
 
     with torch.no_grad():
         for name, p in built.trainable():
-            key = name[len(built.prefix):]
+            key = name[len(built.prefix) :]
             if key not in tensors:
                 raise KeyError(f"consolidated weights have no entry for {key!r}")
             value = tensors[key].to(p.device, torch.float32)
@@ -175,13 +179,25 @@ def plan_resume(cfg: Config, world_size: int) -> ResumePlan:
     saved_world = int(state["world_size"])
     has_ds = (path / DEEPSPEED_DIR).is_dir()
     if saved_world == world_size and has_ds:
-        return ResumePlan(path, "deepspeed", state,
-                          f"resuming from {path} (step {state['step']}): DeepSpeed state (model, ZeRO optimizer, fp32 masters), "
-                          "EMA, data position and RNG of every rank")
-    why = f"saved at world size {saved_world}, now {world_size}" if saved_world != world_size else "no DeepSpeed state in it"
-    return ResumePlan(path, "consolidated", state,
-                      f"resuming from {path} (step {state['step']}) with a FRESH optimizer state ({why}): consolidated fp32 "
-                      "weights and EMA, step and LR schedule restored; Adam moments restart from zero")
+        return ResumePlan(
+            path,
+            "deepspeed",
+            state,
+            f"resuming from {path} (step {state['step']}): DeepSpeed state (model, ZeRO optimizer, fp32 masters), "
+            "EMA, data position and RNG of every rank",
+        )
+    why = (
+        f"saved at world size {saved_world}, now {world_size}"
+        if saved_world != world_size
+        else "no DeepSpeed state in it"
+    )
+    return ResumePlan(
+        path,
+        "consolidated",
+        state,
+        f"resuming from {path} (step {state['step']}) with a FRESH optimizer state ({why}): consolidated fp32 "
+        "weights and EMA, step and LR schedule restored; Adam moments restart from zero",
+    )
 
 
 def _consolidated(path: Path, stage: str, ema: bool) -> dict[str, torch.Tensor]:
@@ -196,8 +212,13 @@ def restore(plan: ResumePlan, cfg: Config, built: Built, engine, ema: EMA, sourc
         return
     st = plan.state
     if plan.mode == "deepspeed":
-        load_path, _ = engine.load_checkpoint(str(plan.path / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=False,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        load_path, _ = engine.load_checkpoint(
+            str(plan.path / DEEPSPEED_DIR),
+            tag=DEEPSPEED_TAG,
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {plan.path / DEEPSPEED_DIR}")
     else:
@@ -213,7 +234,10 @@ def restore(plan: ResumePlan, cfg: Config, built: Built, engine, ema: EMA, sourc
         # shard loader logs the layout change and starts a fresh epoch order at the next epoch.
         source.load_state_dict(_from_jsonable(loaders[world.rank] if same_world else loaders[0]))
         if not same_world:
-            dist.print0(f"data: world size changed ({st['world_size']} -> {world.world_size}); the data source was given rank 0's position")
+            dist.print0(
+                f"data: world size changed ({st['world_size']} -> {world.world_size}); the data source was given rank "
+                "0's position"
+            )
     rngs = st.get("rng") or []
     if same_world and rngs:
         set_rng_state(rngs[world.rank])
@@ -271,20 +295,34 @@ class Checkpointer:
         if self.world.is_main:
             fresh_checkpoint_dirs(self.cfg.run_dir, step)
         dist.barrier()
-        loader_states = dist.all_gather_object(_jsonable(source.state_dict()) if hasattr(source, "state_dict") else None)
+        loader_states = dist.all_gather_object(
+            _jsonable(source.state_dict()) if hasattr(source, "state_dict") else None
+        )
         rng_states = dist.all_gather_object(rng_state())
         if self.cfg.checkpoint.save_optimizer:
-            engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state={"step": step},
-                                   save_latest=False, exclude_frozen_parameters=True)
+            engine.save_checkpoint(
+                str(tmp / DEEPSPEED_DIR),
+                tag=DEEPSPEED_TAG,
+                client_state={"step": step},
+                save_latest=False,
+                exclude_frozen_parameters=True,
+            )
         weights = full_fp32_weights(self.built)  # collective under bf16/fp16
         if self.world.is_main:
             # without EMA, the "EMA" file holds the raw weights: readers can always ask for it
             self._write_weights(tmp, weights, ema.tensors(strip_prefix=self.built.prefix) if ema.enabled else weights)
             # the model section with the task's temporal options merged: enough to rebuild the model
             dump_yaml(dataclasses.replace(self.cfg, model=self.built.model_cfg), tmp / RUN_CONFIG)
-            state = {**trainer_state, "world_size": self.world.world_size, "reason": reason, "saved_at": time.time(),
-                     "ema_updates": ema.num_updates, "loader": loader_states, "rng": rng_states,
-                     "deepspeed": DEEPSPEED_DIR if self.cfg.checkpoint.save_optimizer else None}
+            state = {
+                **trainer_state,
+                "world_size": self.world.world_size,
+                "reason": reason,
+                "saved_at": time.time(),
+                "ema_updates": ema.num_updates,
+                "loader": loader_states,
+                "rng": rng_states,
+                "deepspeed": DEEPSPEED_DIR if self.cfg.checkpoint.save_optimizer else None,
+            }
             atomic_write_text(tmp / TRAINER_STATE, json.dumps(state, indent=1))
             publish_checkpoint(tmp, final, step, self.cfg.checkpoint.keep_last)
         dist.barrier()
@@ -301,5 +339,8 @@ class Checkpointer:
                 save_file(sd, str(tmp / sub / UNET_WEIGHTS), metadata={"format": "pt"})
             return
         model.save_temporal(tmp, state_dict=weights)
-        save_file({k: v.cpu().contiguous() for k, v in ema_weights.items()}, str(tmp / TEMPORAL_EMA_WEIGHTS), metadata={"format": "pt"})
-
+        save_file(
+            {k: v.cpu().contiguous() for k, v in ema_weights.items()},
+            str(tmp / TEMPORAL_EMA_WEIGHTS),
+            metadata={"format": "pt"},
+        )

@@ -70,7 +70,9 @@ DISC_WEIGHTS = "discriminator.safetensors"
 OPTIM_STATE = "optimizer.pt"
 
 
-def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor, world_size: int = 1) -> torch.Tensor:
+def adaptive_weight(
+    rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer: torch.Tensor, world_size: int = 1
+) -> torch.Tensor:
     """|grad rec| / |grad adv| at `last_layer` (Esser et al. 2021): balances the GAN term per step.
 
     Over several ranks the gradients are averaged first (what DDP does to the parameter gradients), so
@@ -102,8 +104,15 @@ class DecoderTrainer:
     `watchdog`, when given, is re-armed at every step (a rank stuck in a collective ends the job).
     """
 
-    def __init__(self, cfg: Any, batches: Any = None, device: torch.device | str | None = None,
-                 world: dist.World | None = None, stop: StopRequest | None = None, watchdog: dist.Watchdog | None = None):
+    def __init__(
+        self,
+        cfg: Any,
+        batches: Any = None,
+        device: torch.device | str | None = None,
+        world: dist.World | None = None,
+        stop: StopRequest | None = None,
+        watchdog: dist.Watchdog | None = None,
+    ):
         self.cfg, self.dc = cfg, cfg.decoder
         self.watchdog = watchdog
         self.world = world or dist.detect_world()
@@ -134,7 +143,9 @@ class DecoderTrainer:
         # DDP averages the gradients of the trainable parameters only (frozen ones get no hooks)
         self.g = DistributedDataParallel(self.model, device_ids=ids) if ws > 1 else self.model
         self.d = DistributedDataParallel(self.disc, device_ids=ids) if ws > 1 else self.disc
-        self.lpips = load_lpips(self.dc.lpips_weights, self.dc.lpips_sha256, self.device) if self.dc.lpips_weight > 0 else None
+        self.lpips = (
+            load_lpips(self.dc.lpips_weights, self.dc.lpips_sha256, self.device) if self.dc.lpips_weight > 0 else None
+        )
         self.source = batches if batches is not None else self._source()
         from vldm.train.logger import build_logger
 
@@ -146,8 +157,15 @@ class DecoderTrainer:
 
         size = self.cfg.data.size
         hw = (size // self.vsf, size // self.vsf)
-        return build_source(self.cfg, self.world.rank, self.world.world_size, self.vae.config.latent_channels, hw,
-                            self.vsf, has_vae=True)
+        return build_source(
+            self.cfg,
+            self.world.rank,
+            self.world.world_size,
+            self.vae.config.latent_channels,
+            hw,
+            self.vsf,
+            has_vae=True,
+        )
 
     def log0(self, msg: str) -> None:
         dist.print0(f"[decoder {time.strftime('%H:%M:%S')}] {msg}", world=self.world)
@@ -174,21 +192,32 @@ class DecoderTrainer:
             # at another world size the synthetic source carries its position over exactly; the shard
             # loader logs the layout change and starts a fresh epoch order (as in the DeepSpeed trainer)
             self.source.load_state_dict(_from_jsonable(loaders[self.world.rank] if same_world else loaders[0]))
-        self.log0(f"resumed from {ck} at step {self.step} (saved at world size {len(loaders or [None])}, "
-                  f"now {self.world.world_size})")
+        self.log0(
+            f"resumed from {ck} at step {self.step} (saved at world size {len(loaders or [None])}, "
+            f"now {self.world.world_size})"
+        )
 
     def save(self) -> Path:
         """Every rank calls this (the loader positions are gathered); rank 0 writes."""
-        loaders = dist.all_gather_object(_jsonable(self.source.state_dict()) if hasattr(self.source, "state_dict") else None)
+        loaders = dist.all_gather_object(
+            _jsonable(self.source.state_dict()) if hasattr(self.source, "state_dict") else None
+        )
         final = self.run_dir / CHECKPOINTS / step_dir_name(self.step)
         if self.world.is_main:
             tmp, final = fresh_checkpoint_dirs(self.run_dir, self.step)
             self.model.save_pretrained(str(tmp / DECODER_DIR))
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.disc.state_dict().items()}, str(tmp / DISC_WEIGHTS))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in self.disc.state_dict().items()}, str(tmp / DISC_WEIGHTS)
+            )
             torch.save({"g": self.opt_g.state_dict(), "d": self.opt_d.state_dict()}, tmp / OPTIM_STATE)
             dump_yaml(self.cfg, tmp / RUN_CONFIG)
-            state = {"step": self.step, "stage": "decoder", "world_size": self.world.world_size, "loader": loaders,
-                     "saved_at": time.time()}
+            state = {
+                "step": self.step,
+                "stage": "decoder",
+                "world_size": self.world.world_size,
+                "loader": loaders,
+                "saved_at": time.time(),
+            }
             atomic_write_text(tmp / TRAINER_STATE, json.dumps(state))
             publish_checkpoint(tmp, final, self.step, self.cfg.checkpoint.keep_last)
         dist.barrier()  # nobody reads the checkpoint or exits before it is complete
@@ -221,8 +250,11 @@ class DecoderTrainer:
             self.disc.requires_grad_(False)
             g_loss = hinge_g_loss(self.disc(rec))
             self.disc.requires_grad_(True)
-            lam = (adaptive_weight(rec_loss, g_loss, self.model.time_conv_out.weight, self.world.world_size)
-                   if dc.adaptive_weight else torch.tensor(1.0))
+            lam = (
+                adaptive_weight(rec_loss, g_loss, self.model.time_conv_out.weight, self.world.world_size)
+                if dc.adaptive_weight
+                else torch.tensor(1.0)
+            )
             loss = rec_loss + dc.disc_weight * lam * g_loss
             logs.update({"train/g_loss": g_loss.item(), "train/adaptive_weight": lam.item()})
         self.opt_g.zero_grad(set_to_none=True)
@@ -270,25 +302,43 @@ class DecoderTrainer:
             local = [logs.get(k, 0.0) for k in LOG_KEYS]
             finite = all(v == v and abs(v) != float("inf") for v in local)
             # one collective per step: the ranks' losses (summed), non-finite ranks, ranks asking to stop
-            agreed = dist.all_reduce(torch.tensor([*(v if finite else 0.0 for v in local), float(not finite),
-                                                   float(self.stop.local(steps_this_job))], dtype=torch.float64))
+            agreed = dist.all_reduce(
+                torch.tensor(
+                    [*(v if finite else 0.0 for v in local), float(not finite), float(self.stop.local(steps_this_job))],
+                    dtype=torch.float64,
+                )
+            )
             if agreed[-2] > 0:
-                raise FloatingPointError(f"non-finite decoder loss at step {self.step} on {int(agreed[-2])} rank(s); "
-                                         f"this rank: {logs}. Lower optim.lr or decoder.disc_lr, or check the data.")
+                raise FloatingPointError(
+                    f"non-finite decoder loss at step {self.step} on {int(agreed[-2])} rank(s); "
+                    f"this rank: {logs}. Lower optim.lr or decoder.disc_lr, or check the data."
+                )
             step_s = time.perf_counter() - t0
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                 mean = {k: agreed[i].item() / world.world_size for i, k in enumerate(LOG_KEYS) if k in logs}
-                self.logger.log({**mean, "train/lr": lr, "perf/step_time_s": step_s,
-                                 "perf/clips_per_s": pixels.shape[0] * world.world_size / step_s}, self.step)
-                self.log0(f"step {self.step}/{cfg.train.max_steps} "
-                          + " ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in mean.items()) + f" {step_s:.3f} s/step")
+                self.logger.log(
+                    {
+                        **mean,
+                        "train/lr": lr,
+                        "perf/step_time_s": step_s,
+                        "perf/clips_per_s": pixels.shape[0] * world.world_size / step_s,
+                    },
+                    self.step,
+                )
+                self.log0(
+                    f"step {self.step}/{cfg.train.max_steps} "
+                    + " ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in mean.items())
+                    + f" {step_s:.3f} s/step"
+                )
             if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps:
                 last, last_saved = self.save(), self.step
             if agreed[-1] > 0 and self.step < cfg.train.max_steps:
                 if last_saved != self.step:
                     last = self.save()
-                self.log0(f"stopped at step {self.step} ({self.stop.reason(steps_this_job)}): exit {REQUEUE_EXIT}; "
-                          "run the same command again to resume from this checkpoint")
+                self.log0(
+                    f"stopped at step {self.step} ({self.stop.reason(steps_this_job)}): exit {REQUEUE_EXIT}; "
+                    "run the same command again to resume from this checkpoint"
+                )
                 self.exit_code = REQUEUE_EXIT
                 self.logger.preempting()
                 break
@@ -316,10 +366,13 @@ def run_decoder(cfg: Config) -> int:
     watchdog.arm(max(cfg.deepspeed.timeout_s, 600.0))  # start-up: rendezvous and model loading
     try:
         trainer = DecoderTrainer(cfg, world=world, stop=stop, watchdog=watchdog)
-        dist.print0(f"[decoder] rank {world.rank}/{world.world_size} via {world.launcher}, device {trainer.device}: "
-                    f"{sum(p.numel() for p in trainer.params) / 1e6:.3f}M trainable decoder parameters "
-                    f"(decoder.trainable={cfg.decoder.trainable}), "
-                    f"{sum(p.numel() for p in trainer.disc.parameters()) / 1e6:.3f}M discriminator parameters", world=world)
+        dist.print0(
+            f"[decoder] rank {world.rank}/{world.world_size} via {world.launcher}, device {trainer.device}: "
+            f"{sum(p.numel() for p in trainer.params) / 1e6:.3f}M trainable decoder parameters "
+            f"(decoder.trainable={cfg.decoder.trainable}), "
+            f"{sum(p.numel() for p in trainer.disc.parameters()) / 1e6:.3f}M discriminator parameters",
+            world=world,
+        )
         t0 = time.perf_counter()
         trainer.run()
         code = trainer.exit_code

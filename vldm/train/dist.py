@@ -50,7 +50,9 @@ def _slurm_master_addr(env: dict) -> str:
     if not nodelist:
         return "127.0.0.1"
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True)
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        )
         return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return nodelist.split(",")[0]
@@ -94,8 +96,13 @@ def detect_world(env: dict | None = None) -> World:
 
 def export_env(world: World) -> None:
     """The variables torch.distributed's env:// and DeepSpeed read."""
-    os.environ.update(RANK=str(world.rank), WORLD_SIZE=str(world.world_size), LOCAL_RANK=str(world.local_rank),
-                      MASTER_ADDR=world.master_addr, MASTER_PORT=str(world.master_port))
+    os.environ.update(
+        RANK=str(world.rank),
+        WORLD_SIZE=str(world.world_size),
+        LOCAL_RANK=str(world.local_rank),
+        MASTER_ADDR=world.master_addr,
+        MASTER_PORT=str(world.master_port),
+    )
 
 
 def device_for(world: World) -> torch.device:
@@ -111,9 +118,14 @@ def init_process_group(world: World, backend: str, timeout_s: float) -> None:
     export_env(world)
     if torch.cuda.is_available():
         torch.cuda.set_device(device_for(world))
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s),
-                               rank=world.rank, world_size=world.world_size)
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        verbose=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        rank=world.rank,
+        world_size=world.world_size,
+    )
 
 
 def init_torch_process_group(world: World, device: torch.device, timeout_s: float) -> None:
@@ -124,8 +136,13 @@ def init_torch_process_group(world: World, device: torch.device, timeout_s: floa
     export_env(world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=world.rank,
-                             world_size=world.world_size, timeout=datetime.timedelta(seconds=timeout_s))
+    tdist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method="env://",
+        rank=world.rank,
+        world_size=world.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 def initialized() -> bool:

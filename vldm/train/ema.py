@@ -35,14 +35,14 @@ class EMA:
     def tensors(self, strip_prefix: str = "") -> dict[str, torch.Tensor]:
         """{name: fp32 tensor}: the EMA weights under the parameters' names (minus `strip_prefix`)."""
         src = self.shadow if self.enabled else [p.detach().float() for p in self.params]
-        return {n[len(strip_prefix):] if n.startswith(strip_prefix) else n: t for n, t in zip(self.names, src)}
+        return {n[len(strip_prefix) :] if n.startswith(strip_prefix) else n: t for n, t in zip(self.names, src)}
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor], strip_prefix: str = "") -> None:
         if not self.enabled:
             return
         for i, n in enumerate(self.names):
-            key = n[len(strip_prefix):] if n.startswith(strip_prefix) else n
+            key = n[len(strip_prefix) :] if n.startswith(strip_prefix) else n
             if key not in tensors:
                 raise KeyError(f"EMA weights have no entry for {key!r}")
             self.shadow[i].copy_(tensors[key].to(self.shadow[i].device, torch.float32))

@@ -86,9 +86,9 @@ def parallelize(model: nn.Module, cfg: Config, world_size: int, device: torch.de
         raise RuntimeError("the model has no trainable parameters")
     model.to(device)
     optimizer = build_optimizer(trainable, cfg, device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, world_size, precision),
-                                           dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, precision), dist_init_required=False
+    )
     return engine
 
 

@@ -50,12 +50,17 @@ def export(source: str | Path, out: str | Path, raw: bool = False, vae: str | Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vldm.train.export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("source", help="an image-stage run directory (newest complete checkpoint) or a checkpoint directory")
+    ap = argparse.ArgumentParser(
+        prog="python -m vldm.train.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "source", help="an image-stage run directory (newest complete checkpoint) or a checkpoint directory"
+    )
     ap.add_argument("out", help="output base model directory")
     ap.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
-    ap.add_argument("--vae", help="autoencoder directory (diffusers AutoencoderKL) if the run's model.pretrained has none")
+    ap.add_argument(
+        "--vae", help="autoencoder directory (diffusers AutoencoderKL) if the run's model.pretrained has none"
+    )
     a = ap.parse_args(argv)
     path = export(a.source, a.out, a.raw, a.vae)
     print(f"wrote {path}: " + ", ".join(sorted(p.name for p in path.iterdir())))

@@ -58,9 +58,16 @@ class WandbLogger:
         name = Path(cfg.run_dir).resolve().name
         self.run_id = run_id_for(cfg)
         self.run = wandb.init(
-            project=cfg.wandb.project, entity=cfg.wandb.entity or None, group=cfg.wandb.group or name,
-            name=cfg.wandb.name or name, id=self.run_id, resume="allow", config=resolved, mode=cfg.wandb.mode,
-            tags=list(cfg.wandb.tags), job_type="train",
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity or None,
+            group=cfg.wandb.group or name,
+            name=cfg.wandb.name or name,
+            id=self.run_id,
+            resume="allow",
+            config=resolved,
+            mode=cfg.wandb.mode,
+            tags=list(cfg.wandb.tags),
+            job_type="train",
             # W&B files go beside the run unless WANDB_DIR says otherwise
             dir=os.environ.get("WANDB_DIR") or str(Path(cfg.run_dir)),
         )

@@ -40,13 +40,19 @@ class Objective:
         self.scheduler = make_scheduler(scheduler_config(cfg.diffusion, comps.scheduler_config), "ddpm")
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
         enc = cfg.train.encoder_dtype
-        self.encoder_dtype = ENCODER_DTYPES[enc] if enc != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.encoder_dtype = (
+            ENCODER_DTYPES[enc] if enc != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        )
         for m in (comps.vae, comps.text_encoder):
             if m is not None:
                 m.to(device=device, dtype=self.encoder_dtype).eval().requires_grad_(False)
         self.image_stage = cfg.stage == "image"
         # "no label" index: the extra embedding row (temporal), or the image UNet's last class row
-        self.num_labels = built.model_cfg.temporal.num_class_labels if not self.image_stage else max(0, (comps.unet2d.config.num_class_embeds or 0) - 1)
+        self.num_labels = (
+            built.model_cfg.temporal.num_class_labels
+            if not self.image_stage
+            else max(0, (comps.unet2d.config.num_class_embeds or 0) - 1)
+        )
         self.unet_null_label = (comps.unet2d.config.num_class_embeds or 0) - 1
         self.class_index = {name: i for i, name in enumerate(cfg.diffusion.class_names)}
         self.missing_labels = 0
@@ -61,7 +67,9 @@ class Objective:
             return torch.as_tensor(batch["latents"]).to(self.device, torch.float32)
         vae = self.built.comps.vae
         if vae is None:
-            raise RuntimeError("batch has pixels but the base model has no vae/ (set data.use_latents=true for latent shards)")
+            raise RuntimeError(
+                "batch has pixels but the base model has no vae/ (set data.use_latents=true for latent shards)"
+            )
         pixels = torch.as_tensor(batch["pixels"]).to(self.device, non_blocking=True)
         if pixels.dtype == torch.uint8:  # data.pixel_dtype=uint8: 4x less host memory and copy; scaled here
             pixels = pixels.float() / 127.5 - 1.0
@@ -157,8 +165,16 @@ class Objective:
             return self.forward(model, x.to(dtype), tt, ctx, kwargs)
 
         if inputs.loss_mask is None:
-            per = diffusion_loss(model_fn, target, self.scheduler, weighting=cfg.diffusion.loss_weighting,
-                                 snr_gamma=cfg.diffusion.snr_gamma, timesteps=timesteps, noise=noise_t, reduce=False)
+            per = diffusion_loss(
+                model_fn,
+                target,
+                self.scheduler,
+                weighting=cfg.diffusion.loss_weighting,
+                snr_gamma=cfg.diffusion.snr_gamma,
+                timesteps=timesteps,
+                noise=noise_t,
+                reduce=False,
+            )
             return per.mean(), n
         # frames outside the mask predict their target exactly (zero error); the clip mean is rescaled
         # to the mean over counted frames
@@ -172,8 +188,16 @@ class Objective:
             pred = model_fn(noisy, tt).float()
             return pred * m + goal * (1 - m)
 
-        per = diffusion_loss(masked_fn, target, self.scheduler, weighting=cfg.diffusion.loss_weighting,
-                             snr_gamma=cfg.diffusion.snr_gamma, timesteps=timesteps, noise=noise_t, reduce=False)
+        per = diffusion_loss(
+            masked_fn,
+            target,
+            self.scheduler,
+            weighting=cfg.diffusion.loss_weighting,
+            snr_gamma=cfg.diffusion.snr_gamma,
+            timesteps=timesteps,
+            noise=noise_t,
+            reduce=False,
+        )
         return (per / m.flatten(1).mean(1).clamp(min=1e-8)).mean(), n
 
     def task_batch(self, batch: dict, labels: torch.Tensor | None = None) -> dict:
@@ -194,8 +218,11 @@ class Objective:
         # the image UNet's own class embedding: the task's label for it (an upscaler's noise level, the
         # pixel-space upsampler of the driving model) or the clip's class label
         labels = kwargs.get("unet_class_labels", kwargs.get("class_labels"))
-        out = model(rearrange(x, "b c f h w -> (b f) c h w"), repeat(t, "b -> (b f)", f=f),
-                    encoder_hidden_states=repeat(ctx, "b l d -> (b f) l d", f=f),
-                    class_labels=repeat(labels, "b -> (b f)", f=f) if labels is not None else None, return_dict=False)[0]
+        out = model(
+            rearrange(x, "b c f h w -> (b f) c h w"),
+            repeat(t, "b -> (b f)", f=f),
+            encoder_hidden_states=repeat(ctx, "b l d -> (b f) l d", f=f),
+            class_labels=repeat(labels, "b -> (b f)", f=f) if labels is not None else None,
+            return_dict=False,
+        )[0]
         return rearrange(out, "(b f) c h w -> b c f h w", f=f)
-

@@ -20,8 +20,17 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 # dense bf16 peak TFLOP/s (no sparsity), by substring of torch.cuda.get_device_name()
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0,
-                    "L4": 121.0, "RTX 4090": 165.0, "V100": 125.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+    "L4": 121.0,
+    "RTX 4090": 165.0,
+    "V100": 125.0,
+}
 
 
 def peak_tflops(device: torch.device, configured: float = 0.0) -> float:
@@ -46,7 +55,9 @@ def count_flops(fn: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
-def step_flops(forward: Callable[[], object], model: torch.nn.Module, trainable_prefix: str, all_trainable: bool) -> int:
+def step_flops(
+    forward: Callable[[], object], model: torch.nn.Module, trainable_prefix: str, all_trainable: bool
+) -> int:
     """Training FLOPs of one micro-batch from one no-grad run of `forward` (see the module docstring)."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         forward()
@@ -55,8 +66,11 @@ def step_flops(forward: Callable[[], object], model: torch.nn.Module, trainable_
         return 3 * total
     root = type(model).__name__ + "." + trainable_prefix.rstrip(".")
     # top-level trainable modules only: a module's count already includes its children
-    trainable = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
-                    if name.startswith(root + ".") and "." not in name[len(root) + 1:])
+    trainable = sum(
+        sum(ops.values())
+        for name, ops in counter.get_flop_counts().items()
+        if name.startswith(root + ".") and "." not in name[len(root) + 1 :]
+    )
     return 2 * total + trainable
 
 

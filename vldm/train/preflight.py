@@ -37,9 +37,14 @@ def check(cfg: Config, cuda: bool | None = None) -> list[str]:
         if not root.is_dir():
             raise ConfigError(f"model.pretrained: {root} is not a local directory (nothing is downloaded)")
         if not (root / "unet").is_dir() and cfg.stage == "temporal":
-            raise ConfigError(f"model.pretrained: {root} has no unet/ (diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+            raise ConfigError(
+                f"model.pretrained: {root} has no unet/ (diffusers layout: unet/, vae/, text_encoder/, tokenizer/, "
+                "scheduler/)"
+            )
         if not cfg.data.use_latents and not (root / "vae").is_dir():
-            raise ConfigError(f"data.use_latents: false needs a VAE, and {root} has no vae/ (use latent shards or add the VAE)")
+            raise ConfigError(
+                f"data.use_latents: false needs a VAE, and {root} has no vae/ (use latent shards or add the VAE)"
+            )
     if m.temporal_weights and not Path(m.temporal_weights).exists():
         raise ConfigError(f"model.temporal_weights: {m.temporal_weights} does not exist")
     if cfg.stage == "decoder":
@@ -47,30 +52,43 @@ def check(cfg: Config, cuda: bool | None = None) -> list[str]:
         if not m.pretrained or not (Path(m.pretrained).expanduser() / "vae").is_dir():
             raise ConfigError("model.pretrained: stage=decoder needs a model directory with vae/ (an AutoencoderKL)")
         if cfg.data.use_latents:
-            raise ConfigError("data.use_latents: stage=decoder trains on pixels (the decoder reconstructs them); set it to false")
+            raise ConfigError(
+                "data.use_latents: stage=decoder trains on pixels (the decoder reconstructs them); set it to false"
+            )
         if cfg.task != "generate":
             raise ConfigError(f"task: stage=decoder has no diffusion task (got task={cfg.task!r})")
     if cfg.stage == "image":
         # an image model on frames: plain generation, or the image upscaler of a pixel-space video upsampler
         # (driving case), whose class embedding takes the noise level
         if cfg.task not in ("generate", "upsample"):
-            raise ConfigError(f"task: stage=image trains the image model on frames; task={cfg.task!r} needs stage=temporal")
+            raise ConfigError(
+                f"task: stage=image trains the image model on frames; task={cfg.task!r} needs stage=temporal"
+            )
         if cfg.task == "upsample":
             if cfg.task_options.get("condition_via", "unet") != "unet":
-                raise ConfigError("task_options.condition_via: stage=image has no temporal layers; the image upscaler takes the "
-                                  "noise level as its class label (condition_via: unet)")
+                raise ConfigError(
+                    "task_options.condition_via: stage=image has no temporal layers; the image upscaler takes the "
+                    "noise level as its class label (condition_via: unet)"
+                )
             if cfg.diffusion.label_key:
-                raise ConfigError("diffusion.label_key: the image upscaler's class embedding holds the noise level; no class labels")
+                raise ConfigError(
+                    "diffusion.label_key: the image upscaler's class embedding holds the noise level; no class labels"
+                )
         if cfg.train.image_ratio:
             raise ConfigError("train.image_ratio: joint image/video batches are for stage=temporal")
     elif cfg.train.image_ratio:
-        warnings.append("train.image_ratio > 0 with frozen spatial layers: image rows (a = 1) give the temporal layers no "
-                        "gradient; they only keep the loss of image mode in view")
+        warnings.append(
+            "train.image_ratio > 0 with frozen spatial layers: image rows (a = 1) give the temporal layers no "
+            "gradient; they only keep the loss of image mode in view"
+        )
     if cfg.diffusion.label_key:
         if cfg.stage == "temporal" and m.temporal.num_class_labels < 1:
             raise ConfigError("diffusion.label_key: class labels need model.temporal.num_class_labels >= 1")
         if cfg.stage == "image" and m.unet.num_class_embeds < 2 and not m.pretrained:
-            raise ConfigError("diffusion.label_key: class labels in stage=image need model.unet.num_class_embeds = classes + 1 (last = no label)")
+            raise ConfigError(
+                "diffusion.label_key: class labels in stage=image need model.unet.num_class_embeds = classes + 1 "
+                "(last = no label)"
+            )
         n = m.temporal.num_class_labels if cfg.stage == "temporal" else m.unet.num_class_embeds - 1
         if cfg.diffusion.class_names and len(cfg.diffusion.class_names) != n:
             raise ConfigError(f"diffusion.class_names: {len(cfg.diffusion.class_names)} names for {n} classes")
@@ -91,7 +109,9 @@ def check(cfg: Config, cuda: bool | None = None) -> list[str]:
         if d.backend == "nccl":
             raise ConfigError("deepspeed.backend: nccl needs GPUs (use gloo or auto)")
     if cfg.wandb.mode == "online" and not _wandb_key_available():
-        raise ConfigError("wandb.mode: online needs WANDB_API_KEY (or `wandb login`); use offline and `wandb sync` later")
+        raise ConfigError(
+            "wandb.mode: online needs WANDB_API_KEY (or `wandb login`); use offline and `wandb sync` later"
+        )
     r = cfg.checkpoint.resume
     if r not in ("auto", "never") and not (Path(r) / "COMPLETE").exists():
         raise ConfigError(f"checkpoint.resume: {r} is not a complete checkpoint directory (auto, never or a path)")
@@ -101,5 +121,8 @@ def check(cfg: Config, cuda: bool | None = None) -> list[str]:
             if not (Path(part).exists() or glob.glob(part) or "{" in part):
                 raise ConfigError(f"data.shards: {part} matches nothing")
     if cfg.checkpoint.every > cfg.train.max_steps:
-        warnings.append(f"checkpoint.every={cfg.checkpoint.every} > train.max_steps={cfg.train.max_steps}: only the final checkpoint is written")
+        warnings.append(
+            f"checkpoint.every={cfg.checkpoint.every} > train.max_steps={cfg.train.max_steps}: only the final "
+            "checkpoint is written"
+        )
     return warnings

@@ -28,10 +28,16 @@ EXIT_STATUS_FILE = "logs/last_exit.json"  # under run_dir; written by rank 0 as 
 
 def write_exit_status(run_dir: str | os.PathLike, code: int, step: int, max_steps: int, **extra: object) -> None:
     """RUN/logs/last_exit.json, rank 0's last act: what the sbatch script reads to requeue or not."""
-    status = {"code": code, "step": step, "max_steps": max_steps, **extra,
-              "status": {0: "done", REQUEUE_EXIT: "stopped", ABORT_EXIT: "aborted"}.get(code, "error"),
-              "job": os.environ.get("SLURM_JOB_ID"), "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-              "time": time.time()}
+    status = {
+        "code": code,
+        "step": step,
+        "max_steps": max_steps,
+        **extra,
+        "status": {0: "done", REQUEUE_EXIT: "stopped", ABORT_EXIT: "aborted"}.get(code, "error"),
+        "job": os.environ.get("SLURM_JOB_ID"),
+        "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+        "time": time.time(),
+    }
     atomic_write_text(Path(run_dir) / EXIT_STATUS_FILE, json.dumps(status) + "\n")
 
 

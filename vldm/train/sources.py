@@ -33,8 +33,18 @@ def seed_of(*parts: Any) -> int:
 class SyntheticClips:
     """Deterministic moving-texture clips; sample g (global index) depends only on (seed, g)."""
 
-    def __init__(self, cfg: Config, rank: int, world_size: int, channels: int, height: int, width: int,
-                 kind: str = "latents", num_labels: int = 0, text_shape: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        rank: int,
+        world_size: int,
+        channels: int,
+        height: int,
+        width: int,
+        kind: str = "latents",
+        num_labels: int = 0,
+        text_shape: tuple[int, int] | None = None,
+    ):
         self.seed = cfg.seed
         self.batch_size = cfg.data.batch_size
         self.num_frames = cfg.data.num_frames
@@ -60,7 +70,9 @@ class SyntheticClips:
         direction = names[int(torch.randint(len(names), (1,), generator=g))]
         colour = COLOURS[int(torch.randint(len(COLOURS), (1,), generator=g))]
         dy, dx = DIRECTIONS[direction]
-        frames = torch.stack([torch.roll(base, shifts=(t * dy, t * dx), dims=(1, 2)) for t in range(self.num_frames)], 1)
+        frames = torch.stack(
+            [torch.roll(base, shifts=(t * dy, t * dx), dims=(1, 2)) for t in range(self.num_frames)], 1
+        )
         if self.kind == "pixels":
             frames = torch.tanh(frames)
         meta: dict[str, Any] = {"direction": direction}
@@ -84,18 +96,33 @@ class SyntheticClips:
         return batch
 
     def state_dict(self) -> dict:
-        return {"kind": "synthetic", "batches": self.batches, "batch_size": self.batch_size, "world_size": self.world_size}
+        return {
+            "kind": "synthetic",
+            "batches": self.batches,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         consumed = state["batches"] * state["batch_size"] * state["world_size"]
         per_batch = self.batch_size * self.world_size
         if consumed % per_batch:
-            raise ValueError(f"synthetic data position {consumed} samples is not a multiple of the new global batch {per_batch}")
+            raise ValueError(
+                f"synthetic data position {consumed} samples is not a multiple of the new global batch {per_batch}"
+            )
         self.batches = consumed // per_batch
 
 
-def build_source(cfg: Config, rank: int, world_size: int, channels: int, latent_hw: tuple[int, int],
-                 vae_scale: int, has_vae: bool, num_labels: int = 0):
+def build_source(
+    cfg: Config,
+    rank: int,
+    world_size: int,
+    channels: int,
+    latent_hw: tuple[int, int],
+    vae_scale: int,
+    has_vae: bool,
+    num_labels: int = 0,
+):
     """The shard loader when `data.shards` is set, else the synthetic source (latents, or pixels when a
     VAE is loaded and `data.use_latents` is off, so the encode path runs as with real data)."""
     if cfg.data.shards:

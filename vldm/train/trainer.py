@@ -79,7 +79,10 @@ def train(cfg: Config, source=None) -> int:
     def log0(msg: str) -> None:
         dist.print0(f"[vldm.train {time.strftime('%H:%M:%S')}] {msg}", world=world)
 
-    log0(f"rank {world.rank}/{world.world_size} via {world.launcher}, master {world.master_addr}:{world.master_port}, device {device}")
+    log0(
+        f"rank {world.rank}/{world.world_size} via {world.launcher}, master {world.master_addr}:{world.master_port}, "
+        f"device {device}"
+    )
     # a generous bound here: DeepSpeed JIT-builds its CPU comm op in this call the first time (minutes on a
     # busy machine), and a process killed while holding torch's build lock would leave a stale lock that
     # makes every later run wait on it; the rendezvous itself is bounded by the process-group timeout
@@ -94,13 +97,17 @@ def train(cfg: Config, source=None) -> int:
     objective = Objective(cfg, built, device)
     channels, latent_hw, vae_scale = latent_geometry(cfg, built)
     num_labels = objective.num_labels if cfg.diffusion.label_key else 0
-    source = source or build_source(cfg, world.rank, world.world_size, channels, latent_hw, vae_scale,
-                                    built.comps.vae is not None, num_labels)
+    source = source or build_source(
+        cfg, world.rank, world.world_size, channels, latent_hw, vae_scale, built.comps.vae is not None, num_labels
+    )
     trainable = built.trainable()
     n_frozen = count([p for p in built.model.parameters() if not p.requires_grad])
-    log0(f"stage={cfg.stage} task={cfg.task}: {count([p for _, p in trainable]) / 1e6:.2f}M trainable, "
-         f"{n_frozen / 1e6:.2f}M frozen parameters; latents {channels}x{cfg.data.num_frames}x{latent_hw[0]}x{latent_hw[1]}; "
-         f"precision {precision}; ZeRO-{cfg.deepspeed.zero_stage}")
+    log0(
+        f"stage={cfg.stage} task={cfg.task}: {count([p for _, p in trainable]) / 1e6:.2f}M trainable, "
+        f"{n_frozen / 1e6:.2f}M frozen parameters; latents "
+        f"{channels}x{cfg.data.num_frames}x{latent_hw[0]}x{latent_hw[1]}; "
+        f"precision {precision}; ZeRO-{cfg.deepspeed.zero_stage}"
+    )
 
     built.model.to(device)
     # tokens = latent positions of one clip (of one image in stage=image, where every frame is a sample)
@@ -109,10 +116,16 @@ def train(cfg: Config, source=None) -> int:
     if cfg.train.count_flops:
         # a synthetic batch of the real shapes: the data position is untouched
         kind = "latents" if (built.comps.vae is None or cfg.data.use_latents) else "pixels"
-        ch, hw = (channels, latent_hw) if kind == "latents" else (3, (latent_hw[0] * vae_scale, latent_hw[1] * vae_scale))
+        ch, hw = (
+            (channels, latent_hw) if kind == "latents" else (3, (latent_hw[0] * vae_scale, latent_hw[1] * vae_scale))
+        )
         probe = next(SyntheticClips(cfg, 0, 1, ch, hw[0], hw[1], kind, num_labels, getattr(source, "text_shape", None)))
-        flops_per_micro = step_flops(lambda: objective.loss(built.model, probe, step=-1, micro=0, rank=0), built.model,
-                                     built.prefix, cfg.stage == "image")
+        flops_per_micro = step_flops(
+            lambda: objective.loss(built.model, probe, step=-1, micro=0, rank=0),
+            built.model,
+            built.prefix,
+            cfg.stage == "image",
+        )
     ema = EMA(trainable, cfg.train.ema_decay)  # from the fp32 weights, before DeepSpeed casts them
 
     # ---------------------------------------------------------------- engine and resume
@@ -124,7 +137,13 @@ def train(cfg: Config, source=None) -> int:
     restore(plan, cfg, built, engine, ema, source, world)
     restore_s = time.perf_counter() - t0
     log0(plan.message + (f" in {restore_s:.1f} s" if plan.mode != "fresh" else ""))
-    state = TrainState(**{k: plan.state[k] for k in ("step", "skipped_steps", "bad_streak", "clips_seen", "elapsed_s") if k in plan.state})
+    state = TrainState(
+        **{
+            k: plan.state[k]
+            for k in ("step", "skipped_steps", "bad_streak", "clips_seen", "elapsed_s")
+            if k in plan.state
+        }
+    )
     checkpointer = Checkpointer(cfg, built, world)
     checkpointer.clean_partial()
     if plan.mode != "fresh":
@@ -133,13 +152,20 @@ def train(cfg: Config, source=None) -> int:
     if world.is_main:
         dump_yaml(dataclasses.replace(cfg, model=built.model_cfg), Path(cfg.run_dir) / RUN_CONFIG)
         if plan.mode != "fresh":
-            logger.log({"ckpt/restore_s": restore_s, "ckpt/resumed_with_fresh_optimizer": float(plan.mode == "consolidated")}, state.step)
+            logger.log(
+                {"ckpt/restore_s": restore_s, "ckpt/resumed_with_fresh_optimizer": float(plan.mode == "consolidated")},
+                state.step,
+            )
     peak = peak_tflops(device, cfg.train.peak_tflops) * 1e12
     micro_bs = cfg.data.batch_size * (cfg.data.num_frames if cfg.stage == "image" else 1)
 
     def trainer_state() -> dict:
-        return {**dataclasses.asdict(state), "stage": cfg.stage, "wandb_run_id": getattr(logger, "run_id", None),
-                "global_batch": micro_bs * cfg.train.grad_accum * world.world_size}
+        return {
+            **dataclasses.asdict(state),
+            "stage": cfg.stage,
+            "wandb_run_id": getattr(logger, "run_id", None),
+            "global_batch": micro_bs * cfg.train.grad_accum * world.world_size,
+        }
 
     def save(reason: str) -> Path:
         watchdog.arm(cfg.deepspeed.timeout_s * 2)  # a save may take a while; it is still bounded
@@ -173,8 +199,12 @@ def train(cfg: Config, source=None) -> int:
             # one collective per step: [loss, non-finite ranks, ranks asking to stop]
             local_loss = loss_sum / cfg.train.grad_accum
             finite = bool(torch.isfinite(local_loss))
-            agreed = dist.all_reduce(torch.tensor([local_loss.item() if finite else 0.0, float(not finite),
-                                                   float(stop.local(steps_this_job + 1))], dtype=torch.float64))
+            agreed = dist.all_reduce(
+                torch.tensor(
+                    [local_loss.item() if finite else 0.0, float(not finite), float(stop.local(steps_this_job + 1))],
+                    dtype=torch.float64,
+                )
+            )
             sync(device)
             state.step += 1
             steps_this_job += 1
@@ -226,17 +256,23 @@ def train(cfg: Config, source=None) -> int:
                     if peak:
                         metrics["perf/mfu"] = flops_step / per_step / peak
                 logger.log(metrics, state.step)
-                log0(f"step {state.step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} lr {lr:.2e} "
-                     f"gnorm {metrics['train/grad_norm']:.3f} {per_step:.3f} s/step {clips_per_s:.2f} clips/s "
-                     f"wait {metrics['perf/data_wait_frac']:.0%} mem {mem.item():.2f} GB" + (" SKIPPED" if skipped else ""))
+                log0(
+                    f"step {state.step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} lr {lr:.2e} "
+                    f"gnorm {metrics['train/grad_norm']:.3f} {per_step:.3f} s/step {clips_per_s:.2f} clips/s "
+                    f"wait {metrics['perf/data_wait_frac']:.0%} mem {mem.item():.2f} GB"
+                    + (" SKIPPED" if skipped else "")
+                )
                 window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0}
 
             if state.bad_streak >= cfg.train.max_bad_steps:
                 # the weights have not changed since the streak began: this is the last good state
                 path = save(f"abort after {state.bad_streak} non-finite steps")
-                log0(f"ERROR: {state.bad_streak} consecutive steps had a non-finite loss or gradient "
-                     f"(train.max_bad_steps={cfg.train.max_bad_steps}); stopped at step {state.step}. The weights of the "
-                     f"last good step are in {path}. Lower optim.lr, check the data, or raise train.max_bad_steps.")
+                log0(
+                    f"ERROR: {state.bad_streak} consecutive steps had a non-finite loss or gradient "
+                    f"(train.max_bad_steps={cfg.train.max_bad_steps}); stopped at step {state.step}. The weights of "
+                    "the "
+                    f"last good step are in {path}. Lower optim.lr, check the data, or raise train.max_bad_steps."
+                )
                 exit_code = ABORT_EXIT
                 break
             if state.step % cfg.checkpoint.every == 0 or state.step == cfg.train.max_steps:
@@ -244,16 +280,21 @@ def train(cfg: Config, source=None) -> int:
             if stopping and state.step < cfg.train.max_steps:
                 if checkpointer.last_saved_step != state.step:
                     save(f"stop: {stop.reason(steps_this_job)}")
-                log0(f"stopped at step {state.step} ({stop.reason(steps_this_job)}): exit {REQUEUE_EXIT} "
-                     "so the job is requeued; it resumes from this checkpoint")
+                log0(
+                    f"stopped at step {state.step} ({stop.reason(steps_this_job)}): exit {REQUEUE_EXIT} "
+                    "so the job is requeued; it resumes from this checkpoint"
+                )
                 exit_code = REQUEUE_EXIT
                 logger.preempting()
                 break
         else:
             if checkpointer.last_saved_step != state.step:
                 save("final")
-            log0(f"done: {state.step} steps, {state.skipped_steps} skipped, {time.perf_counter() - job_t0:.1f} s in this job, "
-                 f"{time.time() - t_start:.1f} s with start-up")
+            log0(
+                f"done: {state.step} steps, {state.skipped_steps} skipped, {time.perf_counter() - job_t0:.1f} s in "
+                "this job, "
+                f"{time.time() - t_start:.1f} s with start-up"
+            )
         logger.finish(0 if exit_code == REQUEUE_EXIT else exit_code)
         if world.is_main:
             write_exit_status(cfg.run_dir, exit_code, state.step, cfg.train.max_steps)
