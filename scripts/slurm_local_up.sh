@@ -13,6 +13,9 @@
 #   SLURM_CPUS   CPUs advertised per node (default: nproc)
 #   SLURM_CGROUP 1 = proctrack/cgroup + task/cgroup (cgroup v1; enforces --mem and CPU binding).
 #                Default 0 = proctrack/linuxproc + task/none (works without any cgroup access).
+#   SLURM_PORT_BASE  ports of this cluster: slurmctld B, slurmd B+1, fake node i B+10+i (default: SLURM's
+#                6817/6818 and 17000+i). With their own SLURM_ROOT and SLURM_CONF, clusters of different
+#                bases run side by side on one machine (tests/conftest.py: one per checkout).
 set -euo pipefail
 
 SLURM_ROOT=${SLURM_ROOT:-/tmp/slurm}
@@ -20,6 +23,9 @@ export SLURM_CONF=${SLURM_CONF:-/etc/slurm/slurm.conf}
 SLURM_NODES=${SLURM_NODES:-single}
 SLURM_CPUS=${SLURM_CPUS:-$(nproc)}
 SLURM_CGROUP=${SLURM_CGROUP:-0}
+CTLD_PORT=${SLURM_PORT_BASE:-6817}
+SLURMD_PORT=$(( ${SLURM_PORT_BASE:-6817} + 1 ))
+if [ -n "${SLURM_PORT_BASE:-}" ]; then NODE_PORT_BASE=$((SLURM_PORT_BASE + 10)); else NODE_PORT_BASE=17000; fi
 log() { echo "[slurm_local_up] $(date +%T) $*" >&2; }
 
 # ---------------------------------------------------------------- 1. packages
@@ -65,7 +71,7 @@ else
   NODELINES=""; NODENAMES=""
   per_mem=$(( MEM / SLURM_NODES ))
   for i in $(seq 1 "$SLURM_NODES"); do
-    NODELINES+="NodeName=n$i NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((17000 + i)) CPUs=$SLURM_CPUS RealMemory=$per_mem State=UNKNOWN"$'\n'
+    NODELINES+="NodeName=n$i NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((NODE_PORT_BASE + i)) CPUs=$SLURM_CPUS RealMemory=$per_mem State=UNKNOWN"$'\n'
     NODENAMES+="n$i "
   done
   # fake node names must resolve (scripts do MASTER_ADDR=$(scontrol show hostnames ... | head -1))
@@ -104,8 +110,8 @@ AuthType=auth/munge
 # requeued jobs become eligible again after cred_expire+1 s (default 120)
 AuthInfo=cred_expire=10
 CredType=cred/munge
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
 StateSaveLocation=$SLURM_ROOT/state
 SlurmdSpoolDir=$SLURM_ROOT/spool/%n
 SlurmctldPidFile=$SLURM_ROOT/run/slurmctld.pid

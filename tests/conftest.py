@@ -2,6 +2,13 @@
 
 Clusters are machine-wide. A fixture reuses one that is already up and only stops what it started
 itself (set VLDM_KEEP_CLUSTERS=1 to leave what it started running, e.g. while developing).
+
+VLDM_TEST_CLUSTER_ID=K (1-9) gives this checkout's test session clusters of its own, so that several
+checkouts can run their suites on one machine at once without sharing (or stopping) each other's: a Ray
+on ports 61000+400K.. (scripts/ray_local_up.sh's VLDM_RAY_PORT_BASE) and a SLURM cluster with its own
+slurmctld, slurmd, ports and state under /tmp/slurm_vldm_K (SLURM_PORT_BASE, SLURM_ROOT, SLURM_CONF, set
+in this process's environment so that every sbatch/scontrol/srun of the session talks to it). Unset
+(CI, `make test`): Ray's and SLURM's default ports, /tmp/slurm, /etc/slurm/slurm.conf.
 """
 
 from __future__ import annotations
@@ -17,7 +24,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
-RAY_ADDRESS = "http://127.0.0.1:8265"
+CLUSTER_ID = os.environ.get("VLDM_TEST_CLUSTER_ID", "")
+if CLUSTER_ID:
+    if not (CLUSTER_ID.isdigit() and 1 <= int(CLUSTER_ID) <= 9):
+        raise RuntimeError(f"VLDM_TEST_CLUSTER_ID must be 1-9, got {CLUSTER_ID!r}")
+    _base = 61000 + 400 * int(CLUSTER_ID)
+    os.environ["VLDM_RAY_PORT_BASE"] = str(_base)
+    os.environ["SLURM_PORT_BASE"] = str(_base + 200)
+    os.environ["SLURM_ROOT"] = f"/tmp/slurm_vldm_{CLUSTER_ID}"
+    os.environ["SLURM_CONF"] = f"/tmp/slurm_vldm_{CLUSTER_ID}/slurm.conf"
+VLDM_RAY_PORT_BASE = os.environ.get("VLDM_RAY_PORT_BASE", "")
+RAY_GCS_PORT = int(VLDM_RAY_PORT_BASE) if VLDM_RAY_PORT_BASE else 6379
+RAY_ADDRESS = f"http://127.0.0.1:{int(VLDM_RAY_PORT_BASE) + 1 if VLDM_RAY_PORT_BASE else 8265}"  # the job server
+RAY_GCS = f"127.0.0.1:{RAY_GCS_PORT}"
 sys.path.insert(0, str(ROOT))  # data_prep/, ray_jobs/, bench/ are importable as in production
 
 
@@ -40,7 +59,8 @@ def _venv_env() -> dict:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real Ray head on loopback with the job server on 127.0.0.1:8265. Yields the job address."""
+    """A real Ray head on loopback with the job server on 127.0.0.1:8265 (or this checkout's own ports, see
+    VLDM_TEST_CLUSTER_ID). Yields the job server's address."""
     started = False
     if not _ray_up():
         env = _venv_env()
@@ -50,12 +70,10 @@ def ray_cluster():
         started = True
     yield RAY_ADDRESS
     if started and os.environ.get("VLDM_KEEP_CLUSTERS") != "1":
-        subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "stop", "--force"],
-            env=_venv_env(),
-            capture_output=True,
-            timeout=120,
-        )
+        # `ray stop` stops every Ray of the machine: a private cluster is stopped by its own ports alone
+        down = ["bash", str(SCRIPTS / "ray_local_down.sh")]
+        cmd = down if VLDM_RAY_PORT_BASE else [which("ray") or "ray", "stop", "--force"]
+        subprocess.run(cmd, env=_venv_env(), capture_output=True, timeout=120)
 
 
 def _is_root() -> bool:
@@ -64,7 +82,8 @@ def _is_root() -> bool:
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """A real SLURM cluster: slurmctld + two slurmd as fake nodes n1 and n2 on loopback (needs root)."""
+    """A real SLURM cluster: slurmctld + two slurmd as fake nodes n1 and n2 on loopback (needs root); this
+    checkout's own one under VLDM_TEST_CLUSTER_ID."""
     if not _is_root():
         pytest.skip("starting slurmctld/slurmd needs root")
     env = _venv_env()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import RAY_GCS
 from eval_helpers import make_tiny_run
 
 from vldm.eval.wandb_reader import history
@@ -37,7 +38,7 @@ def _env(**extra) -> dict:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     # the test cluster lives on loopback: without this Ray rewrites 127.0.0.1 to the eth0 address
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_ADDRESS="127.0.0.1:6379", **extra)
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_ADDRESS=RAY_GCS, **extra)
     return env
 
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import psutil
+from conftest import RAY_GCS_PORT
 from eval_helpers import make_tiny_run
 
 from vldm.eval.wandb_reader import history
@@ -171,7 +172,7 @@ def _run_job(
 
 def _shared_gcs_pid() -> int | None:
     for c in psutil.net_connections(kind="tcp"):
-        if c.status == psutil.CONN_LISTEN and c.laddr.port == 6379:
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == RAY_GCS_PORT:
             return c.pid
     return None
 

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-RAY_ADDRESS = "http://127.0.0.1:8265"
+# the job server of scripts/ray_local_up.sh: its default port, or its private block under VLDM_RAY_PORT_BASE
+VLDM_RAY_PORT_BASE = os.environ.get("VLDM_RAY_PORT_BASE", "")
+RAY_ADDRESS = f"http://127.0.0.1:{int(VLDM_RAY_PORT_BASE) + 1 if VLDM_RAY_PORT_BASE else 8265}"
 # trainer lines worth showing on the console (rank 0 logs every train.log_every steps)
 TRAIN_PROGRESS = (
     r"\[vldm\.train .*\] (step |done|checkpoint .*final|stage=)|\[train_temporal .*\] (job|local)|Error|error:"
@@ -207,7 +209,7 @@ class Demo:
 
         try:
             urllib.request.urlopen(f"{RAY_ADDRESS}/api/version", timeout=2).read()
-            self.say("  Ray already up at 127.0.0.1:8265: reusing it")
+            self.say(f"  Ray already up at {RAY_ADDRESS}: reusing it")
             return
         except OSError:
             pass
@@ -225,7 +227,7 @@ class Demo:
         self.started_ray = True
         if self.mem is not None:
             self.mem.add_ray()
-        self.say("  started a local Ray head on 127.0.0.1 (dashboard + job server :8265)")
+        self.say(f"  started a local Ray head on 127.0.0.1 (dashboard + job server {RAY_ADDRESS})")
 
     def ray_job(self, args: list[str], log: str, show: str | None = None, timeout: float = 900) -> str:
         # --working-dir . uploads the checkout (outputs/ and .venv/ are git-ignored, so not uploaded);
@@ -598,7 +600,9 @@ class Demo:
 
     def ray_down(self) -> None:
         if self.started_ray and os.environ.get("VLDM_KEEP_CLUSTERS") != "1":
-            subprocess.run(["ray", "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+            # `ray stop` would stop every Ray of the machine; a private one is stopped by its ports alone
+            cmd = ["bash", "scripts/ray_local_down.sh"] if VLDM_RAY_PORT_BASE else ["ray", "stop", "--force"]
+            subprocess.run(cmd, env=self.env, cwd=str(ROOT), capture_output=True, timeout=120)
             self.say("  stopped the Ray cluster the demo started")
 
 
