@@ -280,7 +280,8 @@ def test_every_config_named_and_every_override_written_validates():
 
 def run_documented(command: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a command the docs show, exactly as they show it (checked), with this venv's python."""
-    assert any(command in page.read_text() for page in PAGES), f"not in the docs: {command}"
+    shown = [re.sub(r"\s*\\\n\s*", " ", page.read_text()) for page in PAGES]  # continuation lines joined
+    assert any(command in text for text in shown), f"not in the docs: {command}"
     argv = shlex.split(command)
     if argv[0] == "python":
         argv[0] = sys.executable
@@ -308,7 +309,10 @@ def test_config_commands_run_as_written():
     res = run_documented("python -m vldm.train --config configs/tiny_cpu.yaml --check")
     assert res.returncode == 0 and "config OK" in res.stderr, res.stderr
     # the check fails before launch and names the key when the base model is not there (as on this machine)
-    sd15 = "python -m vldm.train --config configs/sd15_t2v.yaml model.pretrained=/models/stable-diffusion-v1-5 --check"
+    sd15 = (
+        "python -m vldm.train --config configs/sd15_t2v.yaml model.pretrained=/models/stable-diffusion-v1-5 "
+        "data.shards=/data/webvid/shards run_dir=/shared/runs/sd15_t2v --check"
+    )
     res = run_documented(sd15)
     if not Path("/models/stable-diffusion-v1-5").is_dir():
         assert res.returncode == 2 and "model.pretrained" in res.stderr, res.stderr
