@@ -253,36 +253,3 @@ def test_help_documents_entry_points():
     assert out.returncode == 0 and "--check" in out.stdout and "key=value" in out.stdout
     sb = subprocess.run(["bash", str(SBATCH), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert sb.returncode == 0 and "sbatch slurm/train_temporal.sbatch" in sb.stdout and "USR1" in sb.stdout
-
-
-TRAINING_KEYS = ("stage", "task", "task_options", "run_dir", "seed")
-TRAINING_SECTIONS = ("train.", "optim.", "diffusion.", "checkpoint.", "deepspeed.", "wandb.", "decoder.")
-
-
-def training_reference() -> str:
-    """The README's training config table, generated from the dataclasses."""
-    lines = ["| key | type | default | what it does |", "|---|---|---|---|"]
-    for key, tp, default, help_ in reference(Config):
-        if key in TRAINING_KEYS or key.startswith(TRAINING_SECTIONS):
-            cells = [f"`{key}`", tp, f"`{default}`", help_]
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def test_readme_training_reference_is_current():
-    """docs/readme/training.md shows the defaults and help of today's dataclasses (regenerate:
-    python -c 'import sys; sys.path.insert(0, "tests"); from test_train_units import write_reference;
-    write_reference()')."""
-    text = (ROOT / "docs" / "readme" / "training.md").read_text()
-    block = text.split("<!-- training-reference:start -->\n")[1].split("<!-- training-reference:end -->")[0]
-    assert block.strip() == training_reference().strip()
-
-
-def write_reference() -> None:
-    path = ROOT / "docs" / "readme" / "training.md"
-    text = path.read_text()
-    head, rest = text.split("<!-- training-reference:start -->\n")
-    _, tail = rest.split("<!-- training-reference:end -->")
-    path.write_text(
-        head + "<!-- training-reference:start -->\n" + training_reference() + "\n<!-- training-reference:end -->" + tail
-    )

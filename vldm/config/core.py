@@ -301,7 +301,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def reference(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default, help) rows for every field: the README's config reference."""
+    """(dotted key, type, default, help) rows for every field: the config reference (docs/configuration.md)."""
     rows = []
     hints = _type_hints(cls)
     for f in dataclasses.fields(cls):

@@ -10,6 +10,7 @@ record, 2/3/4 the first/middle/last piece of one split across blocks. Each recor
 
 from __future__ import annotations
 
+import argparse
 import json
 import struct
 import sys
@@ -84,7 +85,12 @@ def run_info(path: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    path = (argv or sys.argv[1:])[0]
+    ap = argparse.ArgumentParser(
+        prog="python -m vldm.eval.wandb_reader",
+        description="Print the run record, every history row and the record counts of an offline W&B run file.",
+    )
+    ap.add_argument("path", help="offline-run-*/run-<id>.wandb")
+    path = ap.parse_args(argv).path
     kinds = Counter(r.WhichOneof("record_type") for r in records(path))
     print(json.dumps(run_info(path)))
     for row in history(path):
