@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vldm.config.core import from_dict, to_dict
 from vldm.config.model import TemporalOptions
+from vldm.io import atomic_path, atomic_write_text
 from vldm.models.attention import SpatialAttnProcessor
 from vldm.models.temporal import (
     ScalarEmbedding,
@@ -440,14 +441,11 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
 
     def save_temporal(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write `temporal.safetensors` + `temporal_config.json` (atomically) into `directory`."""
-        from vldm.config.core import atomic_write_text
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         sd = state_dict if state_dict is not None else self.temporal_state_dict()
-        tmp = d / f".{WEIGHTS_NAME}.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
-        tmp.replace(d / WEIGHTS_NAME)
+        with atomic_path(d / WEIGHTS_NAME) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
         atomic_write_text(d / CONFIG_NAME, json.dumps(self.temporal_config(), indent=2))
         return d
 

@@ -49,9 +49,10 @@ from vldm.checkpoint import (
     latest_checkpoint,
     step_dir_name,
 )
-from vldm.config.core import atomic_write_text, dump_yaml
+from vldm.config.core import dump_yaml
 from vldm.config.schema import Config
 from vldm.diffusion.sampler import encode_pixels
+from vldm.io import atomic_write_text
 from vldm.models.base import load_components
 from vldm.models.discriminator3d import PatchDiscriminator3D, hinge_d_loss, hinge_g_loss
 from vldm.models.lpips import load_lpips
