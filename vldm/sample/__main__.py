@@ -38,7 +38,7 @@ CASCADE_ARGS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vldm.data.cli import build_parser as from_dataclass
+    from vldm.config.cli import build_parser as from_dataclass
 
     ap = from_dataclass(SampleConfig, prog="python -m vldm.sample", description=__doc__)
     g = ap.add_argument_group("models")
