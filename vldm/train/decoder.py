@@ -391,15 +391,3 @@ def run_decoder(cfg: Config) -> int:
         traceback.print_exc()
         sys.stdout.flush()
         os._exit(1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m vldm.train.decoder ARGS` = `python -m vldm.train ARGS stage=decoder`."""
-    from vldm.train.__main__ import main as train_main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return train_main([*argv, "stage=decoder"])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
