@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from vldm.config.cli import parse  # noqa: E402
 from vldm.config.data import SyntheticConfig  # noqa: E402
-from vldm.data.cli import parse  # noqa: E402
 from vldm.data.synthetic import write_corpus  # noqa: E402
 
 

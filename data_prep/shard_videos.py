@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from vldm.config.cli import parse  # noqa: E402
 from vldm.config.data import ShardConfig  # noqa: E402
-from vldm.data.cli import parse  # noqa: E402
 from vldm.data.pipeline import run, setup_logging  # noqa: E402
 
 

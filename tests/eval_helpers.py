@@ -129,7 +129,7 @@ def save_tiny_clip(out: Path, image_size: int = 224) -> Path:
 
 def write_real_videos(directory: Path, n: int, frames: int = 16, size: int = 24, seed: int = 0) -> Path:
     """n small mp4 clips of moving colour gradients."""
-    from vldm.eval.videoio import write_mp4
+    from vldm.io import write_mp4
 
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)

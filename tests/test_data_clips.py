@@ -13,12 +13,13 @@ import pytest
 
 from vldm.config.data import ShardConfig
 from vldm.data.clips import ClipSpec, VideoError, open_video
-from vldm.data.codec import decode_all, encode_frames, fps_fraction
+from vldm.data.codec import decode_all
 from vldm.data.format import REASONS, is_valid_key
 from vldm.data.shards import journal_path, read_done, write_shard
 from vldm.data.sources import list_inputs
 from vldm.data.synthetic import set_rotation, write_test_corpus
 from vldm.data.tario import read_all
+from vldm.io import encode_frames, fps_fraction
 
 
 def spec(**kw) -> ClipSpec:

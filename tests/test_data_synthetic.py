@@ -143,8 +143,8 @@ def test_inputs_from_directories_manifests_sidecars_and_failed_jsonl(tmp_path):
 def test_texture_is_deterministic_keeps_the_shapes_and_costs_bits():
     """texture > 0 (benchmarks): a panning, grainy background, reproducible by seed, shapes drawn solid
     on top, several times the bitrate of flat frames; texture 0 draws nothing from its random stream."""
-    from vldm.data.codec import encode_frames
     from vldm.data.synthetic import make_video
+    from vldm.io import encode_frames
 
     flat_cfg = SyntheticConfig(output="unused", size="64", frames=16, fps=8, seed=5)
     tex_cfg = SyntheticConfig(output="unused", size="64", frames=16, fps=8, seed=5, texture=30)

@@ -58,7 +58,8 @@ def test_random_placement_has_large_acceleration():
 
 
 def test_real_corpus_clips_are_near_constant_velocity_despite_bounces_and_codec():
-    from vldm.data.codec import decode_all, encode_frames
+    from vldm.data.codec import decode_all
+    from vldm.io import encode_frames
 
     cfg = SyntheticConfig(output="", count=24, size="32", frames=8, max_shapes=1, min_speed=0.04, max_speed=0.08)
     videos = [decode_all(encode_frames(make_video(cfg, i)[0], 8.0, crf=12)) for i in range(cfg.count)]

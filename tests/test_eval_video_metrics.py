@@ -11,9 +11,9 @@ from vldm.eval.video_metrics import (
     from_uint8,
     quantize_uint8,
     temporal_flicker,
-    to_uint8,
     validation_loss,
 )
+from vldm.io import to_uint8
 
 
 def test_flicker_is_zero_for_a_still_video_and_exact_for_alternating_frames():

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from eval_helpers import write_real_videos
 
-from vldm.eval.videoio import list_videos, listing_digest, read_clip, write_mp4
+from vldm.eval.videoio import list_videos, listing_digest, read_clip
+from vldm.io import write_mp4
 
 
 def _tar(path, members: dict[str, bytes]) -> None:

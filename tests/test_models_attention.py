@@ -36,11 +36,11 @@ def test_chunked_calls_never_exceed_max_batch(monkeypatch):
     assert torch.allclose(out, A.math_attention(q, k, v), atol=1e-5)
 
 
-def test_shared_context_broadcasts_in_chunks():
+def test_unequal_batches_are_refused():
     q, _, _ = qkv(b=9)
     k, v = qkv(b=1, seed=3)[:2]
-    out = A.attention(q, k, v, backend="sdpa", max_batch=8)
-    assert torch.allclose(out, A.math_attention(q, k.expand(9, -1, -1, -1), v.expand(9, -1, -1, -1)), atol=1e-5)
+    with pytest.raises(ValueError, match="same batch"):
+        A.attention(q, k, v, backend="sdpa", max_batch=8)
 
 
 def test_band_mask_matches_reference():

@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
+
+from vldm.io import atomic_write_text
 
 T = TypeVar("T")
 
@@ -268,36 +269,6 @@ def dump_yaml(cfg: Any, path: str | os.PathLike | None = None) -> str:
     if path is not None:
         atomic_write_text(path, text)
     return text
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write to a temp file in the same directory, fsync, then rename: readers never see half a file."""
-    atomic_write_bytes(path, text.encode())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename: readers see the old file or the whole new one.
-    Permissions follow the umask like a plain open() (mkstemp alone would leave 0600)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def reference(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -15,7 +15,7 @@ Modules, one job each:
     pipeline   the Ray driver (tasks + latent actors, progress)
     latents    VAE latents / text embeddings added to shards
     urls, order, loader   the training loader (shard lists, who reads what in which order, batches)
-    tario      tar writing/streaming; fsutil: atomic files, the output lock; cli: options from dataclasses
+    tario      tar writing/streaming; fsutil: the output lock (atomic writes and video encoding: vldm.io)
     synthetic  the moving-shapes corpus (and a corpus of awkward/broken files for tests)
 
 Attributes are imported lazily, so Ray shard workers (which import vldm.data.shards) never load torch.

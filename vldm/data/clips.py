@@ -24,8 +24,9 @@ import av
 import numpy as np
 
 from vldm.config.data import ShardConfig, parse_size
-from vldm.data.codec import encode_frames, fit_frame, fps_fraction, open_input
+from vldm.data.codec import fit_frame, open_input
 from vldm.data.probe import VideoInfo, probe
+from vldm.io import encode_frames, fps_fraction
 
 
 class VideoError(Exception):

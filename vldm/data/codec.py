@@ -1,4 +1,4 @@
-"""PyAV video I/O shared by the sharder, the loader, the latent stage and the synthetic corpus.
+"""PyAV video reading shared by the sharder, the loader and the latent stage (encoding: `vldm.io`).
 
 Every container is opened through `open_input` and closed by its context manager: PyAV frames and
 packets keep native buffers alive until the container is closed, and long-running loaders that forget
@@ -11,7 +11,6 @@ import io
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from fractions import Fraction
 from typing import IO, Any
 
 import av
@@ -25,15 +24,6 @@ SAFE_DEMUXERS = (
     "mxf,yuv4mpegpipe,obu,wav,mp3,aac,flac"
 )
 _INPUT_OPTIONS = {"format_whitelist": SAFE_DEMUXERS, "protocol_whitelist": "file"}
-
-
-def fps_fraction(fps: float | Fraction) -> Fraction:
-    """29.97 -> 30000/1001 (the NTSC rates are what people mean), 8.0 -> 8."""
-    f = Fraction(fps).limit_denominator(1001)
-    for ntsc in (Fraction(24000, 1001), Fraction(30000, 1001), Fraction(60000, 1001)):
-        if abs(float(f) - float(ntsc)) < 0.006:
-            return ntsc
-    return f
 
 
 @contextmanager
@@ -79,51 +69,6 @@ def open_input(
     finally:
         if fobj is not None:
             fobj.close()
-
-
-def encode_frames(
-    frames: np.ndarray,
-    fps: float | Fraction,
-    *,
-    codec: str = "libx264",
-    container: str = "mp4",
-    crf: int | None = 20,
-    preset: str | None = "veryfast",
-    pix_fmt: str | None = None,
-    threads: int = 1,
-    exact: bool = False,
-) -> bytes:
-    """(F, H, W, 3) uint8 RGB -> encoded video file bytes.
-
-    `exact`: bit-identical output run to run. x264's macroblock-tree rate control is not (measured:
-    about 1 encode in 50 differs, even single-threaded), so it is turned off, at some cost in size."""
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"expected (F, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
-    fmt = {"mkv": "matroska", "mov": "mov", "mp4": "mp4", "webm": "webm", "avi": "avi"}.get(container, container)
-    opts: dict[str, str] = {}
-    if codec in ("libx264", "libx265") and crf is not None:
-        opts["crf"] = str(crf)
-    if codec in ("libx264", "libx265") and preset:
-        opts["preset"] = preset
-    if codec == "libx264" and threads >= 1:
-        # the codec context's thread_count does not reach x264's own threads: pin them
-        opts["x264-params"] = f"threads={threads}:lookahead-threads=1" + (":mbtree=0" if exact else "")
-    if codec == "libx265":
-        opts["x265-params"] = f"log-level=error:pools={threads}:frame-threads=1"
-    if codec == "libvpx-vp9":
-        opts.update({"crf": str(crf if crf is not None else 30), "b": "0", "deadline": "realtime", "cpu-used": "8"})
-    buf = io.BytesIO()
-    with av.open(buf, "w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=fps_fraction(fps), options=opts)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = pix_fmt or {"mjpeg": "yuvj420p"}.get(codec, "yuv420p")
-        stream.codec_context.thread_count = threads
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return buf.getvalue()
 
 
 def to_rgb(

@@ -1,32 +1,11 @@
-"""Atomic files and the output-directory lock of the sharder."""
+"""The output-directory lock of the sharder (atomic writes: `vldm.io`)."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 from pathlib import Path
 from typing import IO
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Temp + fsync + rename (the project's one implementation lives in vldm.config.core)."""
-    from vldm.config.core import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
-
-
-def open_temp(directory: Path, prefix: str, suffix: str) -> tuple[IO[bytes], str]:
-    """A binary temp file in `directory` (renamed into place by the caller), umask permissions."""
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
-    os.fchmod(fd, 0o666 & ~_umask())
-    return os.fdopen(fd, "wb"), tmp
 
 
 class DirLocked(RuntimeError):

@@ -23,9 +23,9 @@ import numpy as np
 
 from vldm.data.codec import decode_all
 from vldm.data.format import EXT_JSON, EXT_LATENTS, EXT_MP4, EXT_TEXT_EMB, EXT_TXT
-from vldm.data.fsutil import atomic_write, open_temp
 from vldm.data.shards import done_path, read_done, tar_path
 from vldm.data.tario import SampleWriter, iter_samples
+from vldm.io import atomic_open, atomic_write_bytes
 
 
 def npy_bytes(a: np.ndarray) -> bytes:
@@ -116,24 +116,15 @@ class LatentEncoder:
             raise FileNotFoundError(f"shard {name} is not complete")
         t = time.time()
         src = tar_path(out, name)
-        f, tmp = open_temp(out, f".{name}.", ".latents.tar.tmp")
-        try:
-            with f, open(src, "rb") as fin:
-                writer = SampleWriter(f)
-                for _, key, members in iter_samples(fin):
-                    writer.write(key, self._sample(members))
-                writer.close()
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, src)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_open(src) as f, open(src, "rb") as fin:  # the old tar stays readable until the rename
+            writer = SampleWriter(f)
+            for _, key, members in iter_samples(fin):
+                writer.write(key, self._sample(members))
+            writer.close()
         # the tar changed size: the done marker (its completeness check) must follow at once
         summary["bytes"] = src.stat().st_size
         summary["latents"] = {**self.record, "elapsed": round(time.time() - t, 3)}
-        atomic_write(done_path(out, name), json.dumps(summary, ensure_ascii=False, indent=1).encode())
+        atomic_write_bytes(done_path(out, name), json.dumps(summary, ensure_ascii=False, indent=1).encode())
         return summary
 
     def _sample(self, members: dict[str, bytes]) -> dict[str, bytes]:

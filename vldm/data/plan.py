@@ -25,8 +25,8 @@ from typing import Any
 from vldm.config.data import ShardConfig, parse_bytes
 from vldm.data.clips import ClipSpec, VideoError, open_video
 from vldm.data.format import INPUTS_FILE, PLAN_FILE, shard_name
-from vldm.data.fsutil import atomic_write
 from vldm.data.sources import InputRecord
+from vldm.io import atomic_write_bytes
 
 log = logging.getLogger("vldm.data")
 
@@ -142,7 +142,7 @@ def make_plan(cfg: ShardConfig, records: list[InputRecord], duplicates: int, spe
 def save_plan(out: Path, plan: Plan) -> None:
     # the input list first: a plan file always has its inputs beside it
     lines = b"".join(json.dumps(r.as_dict(), ensure_ascii=False).encode() + b"\n" for r in plan.inputs)
-    atomic_write(out / INPUTS_FILE, lines)
+    atomic_write_bytes(out / INPUTS_FILE, lines)
     doc = {
         "settings": plan.settings,
         "videos_per_shard": plan.videos_per_shard,
@@ -154,7 +154,7 @@ def save_plan(out: Path, plan: Plan) -> None:
         "inputs_sha256": hashlib.sha256(lines).hexdigest(),
         "created": time.time(),
     }
-    atomic_write(out / PLAN_FILE, json.dumps(doc, indent=1).encode())
+    atomic_write_bytes(out / PLAN_FILE, json.dumps(doc, indent=1).encode())
 
 
 def load_plan(out: Path) -> Plan | None:

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from vldm.data.format import FAILED_FILE, FORMAT_VERSION, INDEX_FILE, SHARD_SUFFIX, STATS_FILE
-from vldm.data.fsutil import atomic_write
 from vldm.data.plan import Plan
 from vldm.data.shards import read_done
+from vldm.io import atomic_write_bytes
 
 
 def aggregate(out: Path, plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
@@ -73,8 +73,8 @@ def aggregate(out: Path, plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
         ),
         "bytes_per_clip_estimate": round(plan.bytes_per_clip),
     }
-    atomic_write(out / STATS_FILE, json.dumps(stats, indent=1, ensure_ascii=False).encode())
-    atomic_write(out / FAILED_FILE, b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in failed))
+    atomic_write_bytes(out / STATS_FILE, json.dumps(stats, indent=1, ensure_ascii=False).encode())
+    atomic_write_bytes(out / FAILED_FILE, b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in failed))
     index = {
         "format_version": FORMAT_VERSION,
         "shards": [
@@ -83,7 +83,7 @@ def aggregate(out: Path, plan: Plan, run: dict[str, Any]) -> dict[str, Any]:
             if d
         ],
     }
-    atomic_write(out / INDEX_FILE, json.dumps(index, indent=1).encode())
+    atomic_write_bytes(out / INDEX_FILE, json.dumps(index, indent=1).encode())
     return stats
 
 

@@ -41,9 +41,9 @@ from vldm.data.format import (
     clip_key,
     source_id,
 )
-from vldm.data.fsutil import atomic_write, open_temp
 from vldm.data.sources import InputRecord, is_url
 from vldm.data.tario import SampleWriter
+from vldm.io import atomic_open, atomic_write_bytes
 
 log = logging.getLogger("vldm.data")
 CRASHES_BEFORE_SKIP = 2
@@ -167,13 +167,12 @@ def write_shard(
     jpath = journal_path(out, name)
     crashed = crashed_inputs(read_journal(jpath), run_id)
     journal = _Journal(jpath, run_id)
-    f, tmp = open_temp(out, f".{name}.", ".tar.tmp")
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     partial: list[dict[str, Any]] = []
     stats = Counter()
     try:
-        with f:
+        with atomic_open(tar_path(out, name)) as f:
             writer = SampleWriter(f)
             for i, rec in items:
                 rec = rec if isinstance(rec, InputRecord) else InputRecord(**rec)
@@ -202,16 +201,13 @@ def write_shard(
                     partial.append({"path": rec.path, "reason": err.reason, "error": err.message, "clips": n})
                 journal.event("end", i, clips=n, ok=n > 0)
             writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        tar_bytes = os.path.getsize(tmp)
-        os.replace(tmp, tar_path(out, name))
     except BaseException:
         journal.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise
-    atomic_write(manifest_path(out, name), b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows))
+    tar_bytes = os.path.getsize(tar_path(out, name))
+    atomic_write_bytes(
+        manifest_path(out, name), b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows)
+    )
     summary = {
         "name": name,
         "samples": len(rows),
@@ -228,7 +224,7 @@ def write_shard(
         "finished": time.time(),
         "latents": None,
     }
-    atomic_write(done_path(out, name), json.dumps(summary, ensure_ascii=False, indent=1).encode())
+    atomic_write_bytes(done_path(out, name), json.dumps(summary, ensure_ascii=False, indent=1).encode())
     journal.close()
     jpath.unlink(missing_ok=True)
     return summary

@@ -13,7 +13,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from vldm.config.data import SyntheticConfig, parse_size
-from vldm.data.codec import encode_frames
+from vldm.io import atomic_write_bytes, encode_frames
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -202,12 +201,6 @@ def make_video(cfg: SyntheticConfig, index: int) -> tuple[np.ndarray, dict]:
     return frames, side
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_corpus(cfg: SyntheticConfig, log_every: int = 0) -> list[Path]:
     """Write cfg.count videos + sidecars into cfg.output; returns the video paths.
 
@@ -219,8 +212,8 @@ def write_corpus(cfg: SyntheticConfig, log_every: int = 0) -> list[Path]:
     for i in range(cfg.count):
         frames, side = make_video(cfg, i)
         path = out / f"{cfg.prefix}_{i:05d}.{cfg.container}"
-        _atomic_write(path.with_suffix(".json"), json.dumps(side).encode())
-        _atomic_write(
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(side).encode())
+        atomic_write_bytes(
             path, encode_frames(frames, cfg.fps, codec=cfg.codec, container=cfg.container, crf=cfg.crf, exact=True)
         )
         paths.append(path)
@@ -312,5 +305,5 @@ def write_test_corpus(directory: str | Path, seed: int = 0, seconds: float = 1.0
     whole = encode_frames(clip(17, "32", 16), 16, codec="ffv1", container="mkv")
     files["truncated stream.mkv"] = (whole[: int(len(whole) * 0.4)], "decode_error")
     for name, (data, _) in files.items():
-        _atomic_write(out / (name if "." in name[-5:] else name + ".mp4"), data)
+        atomic_write_bytes(out / (name if "." in name[-5:] else name + ".mp4"), data)
     return {(n if "." in n[-5:] else n + ".mp4"): e for n, (_, e) in files.items()}

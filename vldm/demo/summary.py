@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vldm.config.core import atomic_write_bytes, atomic_write_text
 from vldm.demo.motion import MotionStats, closeness
+from vldm.io import atomic_write_bytes, atomic_write_text
 
 GAP = 6  # pixels between the image-model and the video-model half of a row (before scaling)
 

@@ -22,13 +22,14 @@ from typing import Protocol
 
 from vldm.checkpoint import RUN_CONFIG, checkpoint_step, complete_checkpoints
 from vldm.config import Config, build_config
-from vldm.config.core import atomic_write_text, dump_yaml
+from vldm.config.core import dump_yaml
 from vldm.config.eval import EvalSuite
 from vldm.eval.layout import RESULT, SHARDS, VIDEOS, default_reference_cache, step_dir, suite_dir
 from vldm.eval.results import finalize_checkpoint, finalize_reference, load_reference, write_error
 from vldm.eval.suite import prompts, protocol, protocol_hash, resolve
 from vldm.eval.tasks import ShardTask, checkpoint_tasks, partial_done, reference_key, reference_tasks
 from vldm.eval.wandb_log import NullLogger
+from vldm.io import atomic_write_text
 
 
 @dataclass

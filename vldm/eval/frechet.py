@@ -22,7 +22,7 @@ import numpy as np
 import scipy.linalg
 import scipy.linalg.blas
 
-from vldm.config.core import atomic_write_bytes
+from vldm.io import atomic_write_bytes
 
 
 class SmallSampleWarning(UserWarning):

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from vldm.config.core import atomic_write_text
 from vldm.config.eval import EvalSuite
 from vldm.eval.frechet import FeatureStats, frechet_from_stats
 from vldm.eval.layout import ERROR, RESULT, VIDEOS, step_dir
 from vldm.eval.suite import Resolved, sample_spec
 from vldm.eval.tasks import ShardTask, read_partial
+from vldm.io import atomic_path, atomic_write_text
 
 REF_STATS = "stats.npz"
 LISTED_VIDEOS = 16
@@ -88,9 +88,8 @@ def _save_png(path: Path, image: np.ndarray) -> str | None:
         from PIL import Image
     except ImportError:  # pillow is optional (it comes with wandb/moviepy)
         return None
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(image).save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # `.NAME.*.tmp.png`: PIL picks the format from the extension
+        Image.fromarray(image).save(tmp)
     return path.name
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vldm.config.core import atomic_write_bytes
 from vldm.config.eval import EvalSuite
 from vldm.eval.layout import SHARDS, VARIANT_FILES, step_dir, weights_fingerprint
 from vldm.eval.suite import PROTOCOL_VERSION
+from vldm.io import atomic_write_bytes
 
 
 @dataclass(frozen=True)

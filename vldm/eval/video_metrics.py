@@ -25,12 +25,6 @@ def quantize_uint8(videos: torch.Tensor) -> torch.Tensor:
     return u8 / 127.5 - 1
 
 
-def to_uint8(videos: torch.Tensor) -> torch.Tensor:
-    """(b, 3, f, h, w) in [-1, 1] -> (b, f, h, w, 3) uint8 (the layout video writers take)."""
-    u8 = ((videos.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return rearrange(u8, "b c f h w -> b f h w c")
-
-
 def from_uint8(frames: torch.Tensor) -> torch.Tensor:
     """(f, h, w, 3) or (b, f, h, w, 3) uint8 -> (b, 3, f, h, w) float in [-1, 1]."""
     if frames.ndim == 4:

@@ -1,4 +1,4 @@
-"""Video files for evaluation: writing sample mp4s, listing and decoding real clips (PyAV only).
+"""Real videos for evaluation: listing and decoding clips (PyAV only; sample mp4s: `vldm.io.write_mp4`).
 
 Real videos are given as a directory or glob of `.mp4` files, or of `.tar` shards (WebDataset style:
 `<key>.mp4` members, with an optional `<key>.txt` or `<key>.json` {"caption": ...} beside them).
@@ -11,7 +11,6 @@ import glob
 import hashlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,29 +112,3 @@ def read_clip(ref: VideoRef, num_frames: int, stride: int = 1) -> tuple[np.ndarr
     if len(frames) < num_frames:
         raise ValueError(f"{ref.key}: {len(frames)} frames at stride {stride}, need {num_frames}")
     return np.stack(frames), caption or ""
-
-
-def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, crf: int = 18) -> Path:
-    """(f, h, w, 3) uint8 -> H.264 mp4, written to a temp name then renamed (readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f, h, w, _ = frames.shape
-    # yuv420p needs even sizes: pad by edge replication instead of failing on odd sample sizes
-    if h % 2 or w % 2:
-        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    tmp = path.with_name(f".{path.name}.tmp.mp4")
-    container = av.open(str(tmp), mode="w")
-    try:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
-        for fr in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(fr), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    finally:
-        container.close()
-    os.replace(tmp, path)
-    return path

@@ -29,9 +29,9 @@ from vldm.eval.video_metrics import (
     noise_seed,
     quantize_uint8,
     temporal_flicker,
-    to_uint8,
     validation_loss,
 )
+from vldm.io import to_uint8, write_mp4
 
 GRID_SAMPLES = 16  # first frames kept per variant for the W&B grid
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -210,8 +210,6 @@ class EvalWorker:
         return quantize_uint8(videos)  # what the mp4 holds, and what real videos look like after decoding
 
     def _samples(self, task: ShardTask) -> tuple[dict, dict]:
-        from vldm.eval.videoio import write_mp4
-
         self._load_weights(task)
         suite = self.suite
         specs = [sample_spec(suite, i, self.prompts) for i in range(task.start, task.stop)]

@@ -73,17 +73,13 @@ def attention(
     `mask` (bool, True = attend, or additive float) broadcasts over batch and heads: (q_len, k_len).
     """
     b, h = q.shape[0], q.shape[1]
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"attention: q, k, v need the same batch, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
     kind = resolve_backend(backend, q, has_mask=mask is not None)
     chunk = max(1, max_batch // h)
     if b <= chunk:
         return _one_call(q, k, v, kind, mask)
-    # k/v may carry a batch of 1 that broadcasts against q (shared text context)
-    outs = []
-    for s in range(0, b, chunk):
-        e = min(b, s + chunk)
-        ks = k if k.shape[0] == 1 else k[s:e]
-        vs = v if v.shape[0] == 1 else v[s:e]
-        outs.append(_one_call(q[s:e], ks, vs, kind, mask))
+    outs = [_one_call(q[s : s + chunk], k[s : s + chunk], v[s : s + chunk], kind, mask) for s in range(0, b, chunk)]
     return torch.cat(outs, 0)
 
 

@@ -9,9 +9,8 @@ merge factor: out = a * x + (1 - a) * (x + delta) = x + (1 - a) * delta, so (1 -
 `proj_out` on export (vldm.models.motion_adapter).
 
 Differences from diffusers kept on purpose: attention goes through `vldm.models.attention` (banded
-attention for long sequences, chunking past the 65,535 batch limit), positions may be fractional or
-per video (`frame_indices`), and a = 1 for image batches. Like diffusers (and unlike the original
-AnimateDiff, which normalises per frame) the GroupNorm spans frames.
+attention for long sequences, chunking past the 65,535 batch limit), and a = 1 for image batches. Like
+diffusers (and unlike the original AnimateDiff, which normalises per frame) the GroupNorm spans frames.
 """
 
 from __future__ import annotations
@@ -21,19 +20,19 @@ import math
 import torch
 import torch.nn as nn
 from diffusers.models.attention import FeedForward
-from einops import rearrange, repeat
+from einops import rearrange
 
 from vldm.models.temporal import MergeFactor, TemporalAttention, band_mask, zero_
 
 
-def motion_positions(frame_indices: torch.Tensor, dim: int) -> torch.Tensor:
-    """diffusers' SinusoidalPositionalEmbedding table evaluated at (possibly fractional) positions.
+def motion_positions(num_frames: int, dim: int, device: torch.device) -> torch.Tensor:
+    """diffusers' SinusoidalPositionalEmbedding table for positions 0..f-1: (f, dim).
 
-    (..., f) -> (..., f, dim); pe[p, 0::2] = sin(p * w), pe[p, 1::2] = cos(p * w), w = 10000^(-2i/dim).
+    pe[p, 0::2] = sin(p * w), pe[p, 1::2] = cos(p * w), w = 10000^(-2i/dim).
     """
-    div = torch.exp(torch.arange(0, dim, 2, device=frame_indices.device).float() * (-math.log(10000.0) / dim))
-    ang = frame_indices.float()[..., None] * div
-    pe = torch.zeros(*frame_indices.shape, dim, device=frame_indices.device)
+    div = torch.exp(torch.arange(0, dim, 2, device=device).float() * (-math.log(10000.0) / dim))
+    ang = torch.arange(num_frames, device=device).float()[:, None] * div
+    pe = torch.zeros(num_frames, dim, device=device)
     pe[..., 0::2] = torch.sin(ang)
     pe[..., 1::2] = torch.cos(ang)
     return pe
@@ -81,7 +80,6 @@ class MotionModule(nn.Module):
         context: torch.Tensor | None,
         image_only: torch.Tensor,
         num_frames: int,
-        frame_indices: torch.Tensor | None = None,
         attn_band: int | None = None,
     ) -> torch.Tensor:
         del context  # motion modules have no text cross-attention
@@ -89,11 +87,7 @@ class MotionModule(nn.Module):
         h = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
         h = self.norm(h)  # statistics span the frames of a video (diffusers' behaviour)
         h = self.proj_in(rearrange(h, "b c f h w -> (b h w) f c"))
-        if frame_indices is None:
-            frame_indices = torch.arange(num_frames, device=x.device)
-        pos = motion_positions(frame_indices, self.channels).to(h.dtype)
-        if pos.ndim == 3:  # per-video positions (b, f, c)
-            pos = repeat(pos, "b f c -> (b n) f c", n=hh * ww)
+        pos = motion_positions(num_frames, self.channels, x.device).to(h.dtype)
         mask = band_mask(num_frames, attn_band, x.device) if attn_band and attn_band < num_frames else None
         for blk in self.transformer_blocks:
             h = blk(h, pos, mask)

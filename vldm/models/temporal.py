@@ -130,11 +130,10 @@ class TemporalAttention(nn.Module):
         return self.to_out(rearrange(out, "n h s d -> n s (h d)"))
 
 
-def frame_index_embedding(frame_indices: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) frame positions: (..., f) -> (..., f, dim)."""
-    flat = frame_indices.reshape(-1).float()
-    emb = get_timestep_embedding(flat, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
-    return emb.reshape(*frame_indices.shape, dim)
+def frame_index_embedding(num_frames: int, dim: int, device: torch.device) -> torch.Tensor:
+    """Sinusoidal embedding of the frame positions 0..f-1: (f, dim)."""
+    idx = torch.arange(num_frames, device=device)
+    return get_timestep_embedding(idx, dim, flip_sin_to_cos=True, downscale_freq_shift=0)
 
 
 def band_mask(num_frames: int, band: int, device: torch.device) -> torch.Tensor:
@@ -196,20 +195,14 @@ class TemporalTransformer(nn.Module):
         context: torch.Tensor | None,
         image_only: torch.Tensor,
         num_frames: int,
-        frame_indices: torch.Tensor | None = None,
         attn_band: int | None = None,
     ) -> torch.Tensor:
         bf, c, hh, ww = x.shape
         b = bf // num_frames
         h = rearrange(x, "(b f) c h w -> (b h w) f c", f=num_frames)
         if self.frame_embed is not None:
-            if frame_indices is None:
-                frame_indices = torch.arange(num_frames, device=x.device)
-            pos = self.frame_embed(frame_index_embedding(frame_indices, c).to(h.dtype))
-            if pos.ndim == 2:  # shared positions: (f, c) broadcasts over every token sequence
-                h = h + pos
-            else:  # per-video positions (b, f, c)
-                h = h + repeat(pos, "b f c -> (b n) f c", n=hh * ww)
+            # (f, c): the same positions for every token sequence
+            h = h + self.frame_embed(frame_index_embedding(num_frames, c, x.device).to(h.dtype))
         h = h + self.ff_in(self.norm_in(h))
         mask = band_mask(num_frames, attn_band, x.device) if attn_band and attn_band < num_frames else None
         h = h + self.attn1(self.norm1(h), mask=mask)

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vldm.config.core import from_dict, to_dict
 from vldm.config.model import TemporalOptions
+from vldm.io import atomic_path, atomic_write_text
 from vldm.models.attention import SpatialAttnProcessor
 from vldm.models.temporal import (
     ScalarEmbedding,
@@ -235,9 +236,7 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
             cond = st["cond_feats"][st["levels"][name]] if st["cond_feats"] is not None else None
             fn = lambda x: layer(x, st["emb_video"], st["image_only"], st["num_frames"], cond)  # noqa: E731
         else:
-            fn = lambda x: layer(
-                x, st["temporal_ctx"], st["image_only"], st["num_frames"], st["frame_indices"], st["attn_band"]
-            )  # noqa: E731
+            fn = lambda x: layer(x, st["temporal_ctx"], st["image_only"], st["num_frames"], st["attn_band"])  # noqa: E731
         if self.training and self.opts.gradient_checkpointing == "temporal" and torch.is_grad_enabled():
             return checkpoint(fn, x, use_reentrant=False)
         return fn(x)
@@ -298,7 +297,6 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
         class_labels: torch.Tensor | None = None,
         conditions: dict[str, torch.Tensor] | None = None,
         temporal_cond: torch.Tensor | None = None,
-        frame_indices: torch.Tensor | None = None,
         attn_band: int | None = None,
         unet_class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -313,7 +311,6 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
         class_labels: (b,) ints for temporal.num_class_labels (value num_class_labels = no label).
         conditions: {name: (b,) float} for temporal.scalar_conds (fps, noise level, ...).
         temporal_cond: (b, temporal_cond_channels, f, h, w) mask + masked latents (prediction models).
-        frame_indices: (f,) or (b, f) frame positions for the frame embedding (default 0..f-1).
         attn_band: limit temporal self-attention to a window of this many frames (long sequences).
         unet_class_labels: (b,) labels for the image UNet's own class embedding (e.g. SD x4 noise level).
         """
@@ -360,7 +357,6 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
             num_frames=f,
             image_only=image_only_indicator,
             skip_temporal=skip_temporal,
-            frame_indices=frame_indices,
             attn_band=attn_band,
             ctx=repeat(encoder_hidden_states, "b l d -> (b f) l d", f=f),
             temporal_ctx=encoder_hidden_states
@@ -440,14 +436,11 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
 
     def save_temporal(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write `temporal.safetensors` + `temporal_config.json` (atomically) into `directory`."""
-        from vldm.config.core import atomic_write_text
-
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         sd = state_dict if state_dict is not None else self.temporal_state_dict()
-        tmp = d / f".{WEIGHTS_NAME}.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
-        tmp.replace(d / WEIGHTS_NAME)
+        with atomic_path(d / WEIGHTS_NAME) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
         atomic_write_text(d / CONFIG_NAME, json.dumps(self.temporal_config(), indent=2))
         return d
 

@@ -38,7 +38,7 @@ CASCADE_ARGS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vldm.data.cli import build_parser as from_dataclass
+    from vldm.config.cli import build_parser as from_dataclass
 
     ap = from_dataclass(SampleConfig, prog="python -m vldm.sample", description=__doc__)
     g = ap.add_argument_group("models")
@@ -142,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             if a[k]
         },
     }
-    from vldm.data.fsutil import atomic_write
+    from vldm.io import atomic_write_bytes
 
-    atomic_write(Path(a["out"]).with_suffix(".json"), json.dumps(record, indent=1).encode())
+    atomic_write_bytes(Path(a["out"]).with_suffix(".json"), json.dumps(record, indent=1).encode())
     print(json.dumps(summary))
     return 0
 

@@ -31,6 +31,7 @@ from vldm.config.core import from_dict, load_yaml, to_dict
 from vldm.config.model import ModelConfig
 from vldm.config.sample import SampleConfig
 from vldm.diffusion.sampler import decode_latents
+from vldm.io import write_mp4
 from vldm.models.base import Components, encode_text, load_components
 from vldm.models.personalize import fuse_lora, personalize
 from vldm.models.temporal_decoder import VideoDecoder
@@ -38,7 +39,6 @@ from vldm.models.upsampler import load_low_res_scheduler
 from vldm.sample import stages
 from vldm.sample.runs import checkpoint_dir, load_decoder, load_stage
 from vldm.sample.stages import Run, StageModel, TextInputs
-from vldm.sample.video import write_mp4
 from vldm.tasks.paper import UpsampleOptions
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

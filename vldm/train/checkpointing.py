@@ -49,8 +49,9 @@ from vldm.checkpoint import (
     latest_checkpoint,
     step_dir_name,
 )
-from vldm.config.core import atomic_write_text, dump_yaml
+from vldm.config.core import dump_yaml
 from vldm.config.schema import Config
+from vldm.io import atomic_write_text
 from vldm.train import dist
 from vldm.train.build import Built
 from vldm.train.ema import EMA

@@ -49,9 +49,10 @@ from vldm.checkpoint import (
     latest_checkpoint,
     step_dir_name,
 )
-from vldm.config.core import atomic_write_text, dump_yaml
+from vldm.config.core import dump_yaml
 from vldm.config.schema import Config
 from vldm.diffusion.sampler import encode_pixels
+from vldm.io import atomic_write_text
 from vldm.models.base import load_components
 from vldm.models.discriminator3d import PatchDiscriminator3D, hinge_d_loss, hinge_g_loss
 from vldm.models.lpips import load_lpips
@@ -390,15 +391,3 @@ def run_decoder(cfg: Config) -> int:
         traceback.print_exc()
         sys.stdout.flush()
         os._exit(1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m vldm.train.decoder ARGS` = `python -m vldm.train ARGS stage=decoder`."""
-    from vldm.train.__main__ import main as train_main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return train_main([*argv, "stage=decoder"])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ import signal
 import time
 from pathlib import Path
 
-from vldm.config.core import atomic_write_text
+from vldm.io import atomic_write_text
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "try again later"; the sbatch script requeues on it
 ABORT_EXIT = 3  # too many consecutive non-finite steps: requeueing would not help

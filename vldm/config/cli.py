@@ -1,4 +1,5 @@
-"""Command lines built from a config dataclass: one option per field, its help and default from the field.
+"""Command lines built from a config dataclass (sharder, synthetic corpus, sampler): one option per field, its
+help and default from the field.
 
 Fields without a default are positional. `--flag/--no-flag` for booleans. Values go through
 `vldm.config.from_dict`, so types and `validate()` are checked exactly as for YAML configs.
