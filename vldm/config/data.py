@@ -109,8 +109,9 @@ class DataConfig:
     retry_backoff_max_s: float = field_(30.0, "longest wait between two re-opens of a failed shard")
     max_consecutive_corrupt: int = field_(
         10000,
-        "a loader worker that meets this many unreadable samples in a row stops the run with an error naming the last "
-        "one: then the data, not a clip, is broken (0 = never)",
+        "a loader worker that meets this many unreadable samples in a row (the rest of a shard that stays unreadable "
+        "counts as one) stops the run with an error naming the last one: then the data, not a clip, is broken "
+        "(0 = never)",
     )
 
     def validate(self) -> None:

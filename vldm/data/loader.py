@@ -303,11 +303,13 @@ class _Source(IterableDataset):
         )
         items: list[dict[str, Any]] = []
         dropped: list[tuple[str, str, str]] = []
-        retries0, streak = stream.retries, 0
+        retries0, streak, last_err = stream.retries, 0, None
         while len(items) < c.batch_size:
             d = stream.next()
             if d is None:
                 break
+            # the samples one shard failure costs count once: a shard that stays unreadable is one bad read
+            repeat, last_err = d.err is not None and d.err is last_err, d.err
             try:
                 if d.err is not None:
                     raise d.err
@@ -319,7 +321,7 @@ class _Source(IterableDataset):
                 dropped.append((d.key, e.reason, str(e)))
             except Exception as e:  # noqa: BLE001 - a corrupt sample must never stop training
                 dropped.append((d.key, "decode_error", f"{type(e).__name__}: {e}"))
-            streak += 1
+            streak += not repeat
             if c.max_consecutive_corrupt and streak >= c.max_consecutive_corrupt:
                 raise RuntimeError(
                     f"{streak} unreadable samples in a row (data.max_consecutive_corrupt={c.max_consecutive_corrupt}; "
