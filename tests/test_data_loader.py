@@ -319,6 +319,27 @@ def test_holdout_shards_are_never_trained_on(shards):
     assert hold_keys == [k for k, _ in read_all(str(shards / "shard-000004.tar"))]
 
 
+def test_one_pass_reads_every_sample_once_with_a_short_last_batch(shards):
+    for workers in (0, 2):
+        loader = build_loader(
+            cfg_for(shards, batch_size=5, drop_last=False, num_workers=workers), seed=0, one_pass=True
+        )
+        batches = list(loader)  # ends by itself
+        keys = [k for b in batches for k in b["keys"]]
+        assert len(keys) == len(set(keys)) == 88 and sorted(len(b["keys"]) for b in batches)[0] < 5
+    dropped = list(build_loader(cfg_for(shards, batch_size=5), seed=0, one_pass=True))  # drop_last
+    assert [len(b["keys"]) for b in dropped] == [5] * 17
+
+
+def test_a_loader_state_of_the_old_format_starts_a_fresh_epoch(shards, caplog):
+    """Checkpoints written before refill (state version 1: epoch, batch_in_epoch, ranks in lockstep)."""
+    loader = build_loader(cfg_for(shards), seed=0)
+    old = {"version": 1, "epoch": 3, "batch_in_epoch": 5, "layout": {}, "stats": {"batches": 71, "samples": 284}}
+    with caplog.at_level(logging.WARNING, logger="vldm.data"):
+        loader.load_state_dict(old)
+    assert "state version 1 -> 2" in caplog.text and loader.epochs == 4.0 and loader.stats["batches"] == 71
+
+
 def test_shards_are_plain_webdataset(shards):
     import webdataset as wds
 

@@ -24,7 +24,7 @@ from vldm.data import build_loader
 from vldm.data.synthetic import write_corpus
 from vldm.data.tario import SampleWriter, read_all
 
-pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+pytestmark = [pytest.mark.faults, pytest.mark.filterwarnings("ignore:This DataLoader will create")]
 WORKERS = 2
 
 

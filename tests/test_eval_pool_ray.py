@@ -114,6 +114,7 @@ def test_job_submit_evaluates_each_checkpoint_once_and_a_rerun_does_nothing(ray_
     assert len(list(wdir.glob("wandb/offline-run-*"))) == 1  # nothing new logged
 
 
+@pytest.mark.faults
 def test_a_killed_worker_still_gives_exactly_one_result_per_checkpoint(ray_cluster, tiny_run, tmp_path):
     """Workers SIGKILLed at several points of their shards (as soon as one is seen running, and some
     time into one, while sampling, extracting or writing): one result per checkpoint, every shard once,
