@@ -219,9 +219,9 @@ class _WorkerStream:
 class _Source(IterableDataset):
     """Batches of one rank, produced in this process (num_workers=0) or in its DataLoader workers.
 
-    Training (`endless`): rank batch g (g counted from `batch0`, the batches the loader had yielded when
-    this iteration began) is made by logical worker g % K from its stream of bucket
-    `schedule.bucket(g // K)`; every batch holds batch_size readable samples (refilled from the
+    Training (`endless`): rank batch g (counted since the order started at epoch0; this iteration begins
+    at batch0, the batches the loader had yielded) is made by logical worker g % K from its stream of
+    bucket `schedule.bucket(g // K)`; every batch holds batch_size readable samples (refilled from the
     stream). One pass (`endless` off): each worker reads its part of epoch e0 of every bucket in turn;
     a part's last batch may be short."""
 
