@@ -17,7 +17,7 @@ from vldm.data import build_loader
 from vldm.data.clips import ClipSpec
 from vldm.data.codec import decode_all
 from vldm.data.format import CLIP_META_FIELDS, is_valid_key
-from vldm.data.order import batches_per_epoch, worker_plan
+from vldm.data.order import BucketSchedule, locate, part_sizes, worker_part
 from vldm.data.plan import make_plan
 from vldm.data.report import aggregate
 from vldm.data.shards import write_shard
@@ -116,43 +116,63 @@ def test_round_trip_video_to_shards_to_loader(tmp_path):
     assert min(rendered) > 27, rendered  # two lossy 4:2:0 encodes of saturated colour edges at 64 px
 
 
-def test_order_is_a_partition_with_equal_batch_counts():
+def test_order_is_a_partition_and_worker_streams_stay_in_step():
+    """Per epoch the ranks' worker parts partition the epoch's samples (each read at most once; exactly
+    once when the world size divides them), every part is shuffled in place, over K epochs every worker
+    reads the same number of samples, and `locate` finds the place of any consumed count in the stream."""
     counts = [20, 20, 20, 20, 8, 13]
     for world in (1, 2, 3):
+        n = sum(counts) // world
         for workers in (1, 2, 3):
-            for drop_last in (False, True):
+            for epoch in range(4):
                 seen = []
                 for rank in range(world):
-                    plans = [
-                        worker_plan(
+                    for w in range(workers):
+                        p = worker_part(
                             counts,
                             seed=0,
-                            epoch=1,
+                            epoch=epoch,
                             rank=rank,
                             world_size=world,
                             num_workers=workers,
                             worker=w,
-                            batch_size=4,
-                            drop_last=drop_last,
                             shuffle_buffer=5,
                         )
-                        for w in range(workers)
-                    ]
-                    ids = sorted(j for p in plans for j in p.batch_ids)
-                    assert ids == list(range(batches_per_epoch(sum(counts), world, 4, drop_last)))
-                    for p in plans:
-                        assert sorted(p.order) == list(range(sum(p.batch_sizes)))
+                        assert sorted(p.order) == list(range(p.size)) and p.size in (n // workers, n // workers + 1)
                         seen += [(s.shard, i) for s in p.segments for i in range(s.begin, s.end)]
-                assert len(seen) == len(set(seen))  # no sample twice in an epoch
-                if not drop_last:
-                    assert len(seen) == sum(counts) // world * world
+                assert len(seen) == len(set(seen)) == n * world  # no sample twice, none left out but the remainder
+            for w in range(workers):
+                sizes = [part_sizes(n, workers, e)[w] for e in range(7, 7 + workers)]
+                assert sum(sizes) == n  # no worker's stream drifts ahead of another's
+                walked = [(e, i) for e in range(3, 3 + 2 * workers) for i in range(part_sizes(n, workers, e)[w])]
+                assert [locate(n, workers, w, 3, t) for t in range(len(walked))] == walked
+
+
+def test_bucket_schedule_is_proportional_and_the_same_for_every_rank():
+    """The bucket of round j is a pure function of (seed, epoch0, j); block k holds each bucket's share
+    of rounds (its samples per rank / (batch x workers)), exact over every block boundary."""
+    per_rank, batch, workers = [40, 16, 9], 2, 2  # 10, 4 and 2.25 rounds per block
+    a = BucketSchedule(per_rank, batch, workers, seed=3, epoch0=0)
+    b = BucketSchedule(per_rank, batch, workers, seed=3, epoch0=0)
+    seq = [a.bucket(r) for r in range(200)]
+    assert seq == [b.bucket(r) for r in reversed(range(200))][::-1]  # no hidden state: any query order
+    assert seq != [BucketSchedule(per_rank, batch, workers, seed=4, epoch0=0).bucket(r) for r in range(200)]
+    start = 0
+    for k in range(8):
+        size = sum(a.rounds_in_block(k))
+        block = seq[start : start + size]
+        assert [block.count(i) for i in range(3)] == a.rounds_in_block(k)
+        start += size
+        assert [seq[:start].count(i) for i in range(3)] == [((k + 1) * n) // (batch * workers) for n in per_rank]
+    assert BucketSchedule([7], 1, 3, seed=0, epoch0=5).bucket(10**6) == 0
 
 
 def test_ranks_and_workers_cover_every_sample_once_per_epoch(shards):
     all_keys = {k for p in sorted(shards.glob("*.tar")) for k, _ in read_all(str(p))}
     assert len(all_keys) == 88
     for world, workers in ((2, 2), (4, 0)):
-        cfg = cfg_for(shards, num_workers=workers, drop_last=False, batch_size=5)
+        # 44 (22) samples per rank: worker parts of 22 hold whole batches of 2, so one epoch is len(loader) batches
+        cfg = cfg_for(shards, num_workers=workers, batch_size=2)
         loaders = [build_loader(cfg, rank=r, world_size=world, seed=3) for r in range(world)]
         assert len({len(ld) for ld in loaders}) == 1  # every rank the same number of batches (DDP)
         per_rank = [[k for b in take(ld, len(ld)) for k in b["keys"]] for ld in loaders]
@@ -160,7 +180,7 @@ def test_ranks_and_workers_cover_every_sample_once_per_epoch(shards):
         assert len(flat) == len(set(flat)) == 88 and set(flat) == all_keys
         # the next epoch is a different order of the same samples
         epoch2 = [k for b in take(loaders[0], len(loaders[0])) for k in b["keys"]]
-        assert epoch2 != per_rank[0] and loaders[0].epoch == 1
+        assert epoch2 != per_rank[0] and len(set(epoch2)) == len(epoch2) and loaders[0].epochs == 2.0
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
@@ -188,14 +208,19 @@ def test_other_world_size_starts_a_fresh_epoch_and_says_so(shards, caplog):
     with caplog.at_level(logging.WARNING, logger="vldm.data"):
         one.load_state_dict(two.state_dict())
     assert "world_size 2 -> 1" in caplog.text and "fresh epoch" in caplog.text
-    assert (one.epoch, one.batch_in_epoch) == (1, 0)
+    assert one.epochs == 1.0 and one.state_dict()["consumed"] == [[0]]
+    fresh = build_loader(cfg, rank=0, world_size=1, seed=0)
+    take(fresh, len(fresh))  # one whole epoch: the next batch is epoch 1's first
+    assert take(one, 1)[0]["keys"] == take(fresh, 1)[0]["keys"]
 
 
 def test_corrupt_samples_are_skipped_counted_and_never_replaced(shards, tmp_path, caplog):
+    """A corrupt sample is skipped and its batch refilled from the rank's order: the batches are those
+    of the same order without it (same keys, same pixels), never short, never padded."""
     bad = tmp_path / "bad"
     bad.mkdir()
     samples = read_all(str(shards / "shard-000000.tar"))
-    broken = {samples[3][0]: "mp4", samples[7][0]: "json"}
+    broken = {samples[3][0]: "mp4", samples[7][0]: "json", samples[12][0]: "cut"}
     with open(bad / "shard-000000.tar", "wb") as f:
         w = SampleWriter(f)
         for key, m in samples:
@@ -204,23 +229,61 @@ def test_corrupt_samples_are_skipped_counted_and_never_replaced(shards, tmp_path
                 m["mp4"] = b"\x00\x00\x00\x18ftypisom" + bytes(500)
             if broken.get(key) == "json":
                 m["json"] = b"{not json"
+            if broken.get(key) == "cut":
+                m["mp4"] = m["mp4"][: len(m["mp4"]) // 3]  # a truncated member inside a valid tar
             w.write(key, m)
         w.close()
-    cfg = cfg_for(bad, shuffle_buffer=0, drop_last=False)
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    shutil.copy(shards / "shard-000000.tar", clean)
+    cfg = cfg_for(bad, shuffle_buffer=6)
     loader = build_loader(cfg, seed=0)
     with caplog.at_level(logging.WARNING, logger="vldm.data"):
         batches = take(loader, len(loader))
-    keys = [k for b in batches for k in b["keys"]]
-    assert len(batches) == 5 and len(keys) == 18 and set(keys) == {k for k, _ in samples} - set(broken)
-    assert sorted(len(b["keys"]) for b in batches) == [3, 3, 4, 4, 4]  # dropped, not replaced
-    assert loader.stats["corrupt"] == 2 and loader.stats["corrupt_by_reason"] == {"decode_error": 1, "bad_json": 1}
-    assert all(k in caplog.text for k in broken)
-    # a shard cut short after it was indexed: the rest of it is counted, training goes on
+    assert [len(b["keys"]) for b in batches] == [4] * 5 and all(b["pixels"].shape[0] == 4 for b in batches)
+    drawn = sum(map(sum, loader.consumed))  # samples of the order read: the 20 trained on + the skipped ones
+    order = [
+        (k, px)
+        for b in take(build_loader(replace(cfg, shards=str(clean)), seed=0), 7)
+        for k, px in zip(b["keys"], b["pixels"])
+    ][:drawn]
+    expected = [(k, px) for k, px in order if k not in broken]
+    got = [(k, px) for b in batches for k, px in zip(b["keys"], b["pixels"])]
+    assert [k for k, _ in got] == [k for k, _ in expected]  # 17 of epoch 0, then epoch 1's first ones
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, expected))
+    skipped = [broken[k] for k, _ in order if k in broken]
+    assert len(skipped) >= 3 and drawn == 20 + len(skipped) and loader.stats["corrupt"] == len(skipped)
+    assert loader.stats["corrupt_by_reason"] == {
+        "decode_error": skipped.count("mp4") + skipped.count("cut"),
+        "bad_json": skipped.count("json"),
+    }
+    assert all(k in caplog.text for k in broken) and "(bad_json)" in caplog.text
+    # a shard cut short after it was indexed: retried, then the rest of it is counted; batches stay full
     (bad / "shard-000000.tar").write_bytes((shards / "shard-000000.tar").read_bytes()[:30000])
     shutil.copy(shards / "_shards.json", bad)
-    loader = build_loader(cfg, seed=0)
-    keys = [k for b in take(loader, len(loader)) for k in b["keys"]]
-    assert 0 < len(keys) < 20 and loader.stats["corrupt"] == 20 - len(keys)
+    loader = build_loader(replace(cfg, read_retries=1, retry_backoff_s=0.01), seed=0)
+    readable = {k for k, _ in read_all_prefix(bad / "shard-000000.tar")}
+    batches = take(loader, 3)
+    keys = [k for b in batches for k in b["keys"]]
+    assert [len(b["keys"]) for b in batches] == [4, 4, 4] and set(keys) <= readable and 0 < len(readable) < 20
+    drawn = sum(map(sum, loader.consumed))
+    assert loader.stats["corrupt_by_reason"] == {"shard_error": drawn - 12} and loader.stats["shard_retries"] >= 1
+
+
+def read_all_prefix(path: Path) -> list[tuple[str, dict]]:
+    """The samples of a damaged tar that can be read before the damage (a sample is only yielded whole)."""
+    import tarfile
+
+    from vldm.data.tario import iter_samples
+
+    out = []
+    with open(path, "rb") as f:
+        try:
+            for _, k, m in iter_samples(f):
+                out.append((k, m))
+        except (tarfile.ReadError, OSError):
+            pass
+    return out
 
 
 def test_every_shard_url_form_reads_the_same_samples(shards, tmp_path):
@@ -254,6 +317,27 @@ def test_holdout_shards_are_never_trained_on(shards):
     hold_keys = [k for b in hold for k in b["keys"]]  # one pass, in order
     assert len(hold_keys) == 8 and not train_keys & set(hold_keys) and len(train_keys) == 80
     assert hold_keys == [k for k, _ in read_all(str(shards / "shard-000004.tar"))]
+
+
+def test_one_pass_reads_every_sample_once_with_a_short_last_batch(shards):
+    for workers in (0, 2):
+        loader = build_loader(
+            cfg_for(shards, batch_size=5, drop_last=False, num_workers=workers), seed=0, one_pass=True
+        )
+        batches = list(loader)  # ends by itself
+        keys = [k for b in batches for k in b["keys"]]
+        assert len(keys) == len(set(keys)) == 88 and sorted(len(b["keys"]) for b in batches)[0] < 5
+    dropped = list(build_loader(cfg_for(shards, batch_size=5), seed=0, one_pass=True))  # drop_last
+    assert [len(b["keys"]) for b in dropped] == [5] * 17
+
+
+def test_a_loader_state_of_the_old_format_starts_a_fresh_epoch(shards, caplog):
+    """Checkpoints written before refill (state version 1: epoch, batch_in_epoch, ranks in lockstep)."""
+    loader = build_loader(cfg_for(shards), seed=0)
+    old = {"version": 1, "epoch": 3, "batch_in_epoch": 5, "layout": {}, "stats": {"batches": 71, "samples": 284}}
+    with caplog.at_level(logging.WARNING, logger="vldm.data"):
+        loader.load_state_dict(old)
+    assert "state version 1 -> 2" in caplog.text and loader.epochs == 4.0 and loader.stats["batches"] == 71
 
 
 def test_shards_are_plain_webdataset(shards):

@@ -20,7 +20,7 @@ from eval_helpers import (
 )
 
 from vldm.eval.coordinator import Coordinator, LocalExecutor
-from vldm.eval.layout import SHARDS, SuiteBusy, SuiteLock
+from vldm.eval.layout import SHARDS, VIDEOS, SuiteBusy, SuiteLock
 from vldm.eval.report import main as report_main
 from vldm.eval.suite import load_suite
 from vldm.eval.worker import EvalWorker
@@ -137,6 +137,40 @@ def test_a_lost_shard_is_redone_alone_and_gives_the_same_result(run_done):
     assert ex.ran == ["step_00000200/raw_samples_000002-000004"]
     assert _results(coord2)[200]["metrics"] == pytest.approx(before, rel=1e-9)
     assert not list((step / SHARDS).glob(".*"))  # the half-written file was cleaned up
+
+
+def test_a_worker_killed_mid_write_leaves_nothing_once_its_shard_is_retried(run):
+    """What a SIGKILL between a temp file's creation and its rename leaves (the partial's mkstemp name,
+    an mp4 being encoded), mid-job: the shard's next attempt removes it, and no temp file is left."""
+    victim = "step_00000200/raw_samples_000002-000004"
+
+    def killed(task) -> bool:
+        if task.name != victim or (Path(task.out).parent / "killed").exists():
+            return False
+        out = Path(task.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (out.parent / f".{out.name}.k9w2x1.tmp").write_bytes(b"half an npz")
+        vdir = out.parent.parent / VIDEOS / "raw"
+        vdir.mkdir(parents=True, exist_ok=True)
+        (vdir / ".000003.mp4.tmp.mp4").write_bytes(b"half an mp4")
+        (out.parent / "killed").touch()
+        return True
+
+    seen_after_retry = []
+
+    def after(_n: int) -> None:
+        if ex.ran[-1] == victim:  # the retry itself cleaned up, before its checkpoint's job ended
+            seen_after_retry.extend(p.name for p in (run / "eval").rglob("*") if ".tmp" in p.name)
+
+    coord = Coordinator(run, load_suite(None, FAST), log=lambda m: None)
+    ex = CountingExecutor(coord, fail=killed, after=after)
+    with SuiteLock(coord.dir):
+        failed = coord.run(ex, once=True)
+    assert failed == 0 and ex.ran.count(victim) == 1 and sorted(_results(coord)) == [100, 200]
+    assert seen_after_retry == []
+    (coord.dir / "step_00000200" / SHARDS / "killed").unlink()
+    left = [p for p in run.rglob("*") if ".tmp" in p.name]
+    assert left == [], left
 
 
 def test_rewritten_checkpoint_weights_invalidate_its_partials(run_done):

@@ -81,16 +81,53 @@ class DataConfig:
         "where the num_frames x frame_stride window sits in a longer stored clip (random is seeded, so resume is "
         "exact)",
     )
-    drop_last: bool = field_(True, "drop each rank's partial last batch of an epoch (keeps batch shapes static)")
+    drop_last: bool = field_(
+        True,
+        "one-pass reading (split='holdout', ClipLoader(one_pass=True)): drop a worker's short last batch. Training "
+        "batches are always full (they refill across epoch boundaries)",
+    )
     holdout_shards: int = field_(
-        0, "last n shards (by name) held out: training never reads them, split='holdout' reads only them"
+        0,
+        "last n shards (by name; of each bucket) held out: training never reads them, split='holdout' reads only them",
+    )
+    buckets: bool = field_(
+        True,
+        "when `shards` is a bucketed sharder output (top-level _shards.json with 'buckets'): every batch from one "
+        "bucket at its own height x width (size/width unused), the bucket of each batch the same on every rank and "
+        "drawn in proportion to the buckets' sample counts; false = all buckets' clips resized and centre-cropped to "
+        "size x width. No effect on flat layouts",
+    )
+    read_retries: int = field_(
+        5,
+        "a shard that fails to open or fails mid-read is re-opened this many times (resuming after the last sample "
+        "read; the budget renews once a retry reads a new sample) before its remaining samples are skipped and "
+        "counted as shard_error",
+    )
+    retry_backoff_s: float = field_(
+        1.0, "wait before the first re-open of a failed shard; doubled for each further retry (with 50-100% jitter)"
+    )
+    retry_backoff_max_s: float = field_(30.0, "longest wait between two re-opens of a failed shard")
+    max_consecutive_corrupt: int = field_(
+        10000,
+        "a loader worker that meets this many unreadable samples in a row (the rest of a shard that stays unreadable "
+        "counts as one) stops the run with an error naming the last one: then the data, not a clip, is broken "
+        "(0 = never)",
     )
 
     def validate(self) -> None:
         for name in ("num_frames", "frame_stride", "size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}: must be >= 1")
-        for name in ("width", "num_workers", "shuffle_buffer", "holdout_shards"):
+        for name in (
+            "width",
+            "num_workers",
+            "shuffle_buffer",
+            "holdout_shards",
+            "read_retries",
+            "retry_backoff_s",
+            "retry_backoff_max_s",
+            "max_consecutive_corrupt",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"data.{name}: must be >= 0")
 

@@ -4,8 +4,10 @@ Why not `webdataset.WebDataset`: the shards are WebDataset-compatible, but train
 things its pipelines don't give together: exact mid-epoch resume (no sample repeated or skipped,
 with a shuffle buffer and several workers) and, under DDP, the same number of batches on every rank
 while each sample is still read once per epoch (resampled shards + with_epoch give equal counts but
-not coverage). order.py makes the sample order a pure function of the seed, epoch and layout; this
-module reads it (streaming, no seeks: local files, fsspec URLs and pipe: commands all work).
+not coverage), and, with batch 1 per GPU, a corrupt sample must not empty a batch (ranks would
+fall out of step) nor make a resume replay into it. order.py makes the sample order a pure function of
+the seed, epoch and layout; this module reads it (streaming, no seeks: local files, fsspec URLs and pipe:
+commands all work), skips and counts what cannot be read, and refills the batch from the same order.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import json
 import logging
 import math
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,12 +31,14 @@ from vldm.config.data import DataConfig
 from vldm.data.codec import decode_window, u8_to_unit_range
 from vldm.data.format import EXT_LATENTS, EXT_MP4, EXT_TEXT_EMB, decode_sample
 from vldm.data.latents import npy_load
-from vldm.data.order import Segment, WorkerPlan, batches_per_epoch, worker_plan
+from vldm.data.order import BucketSchedule, Segment, locate, samples_per_rank, worker_part
 from vldm.data.tario import iter_samples
-from vldm.data.urls import expand, open_shard, sample_counts
+from vldm.data.urls import NO_RETRY, Bucket, Retry, layout, open_shard
 
 log = logging.getLogger("vldm.data")
-STATE_VERSION = 1
+STATE_VERSION = 2
+# why a sample was skipped: a closed set, so every rank can sum the counts in one fixed-size all-reduce
+CORRUPT_REASONS = ("decode_error", "bad_json", "too_short", "no_latents", "missing", "shard_error")
 
 
 class BufferPool:
@@ -76,34 +82,69 @@ class SampleError(Exception):
 class _Reader:
     """Serves the samples of a worker's segments by position, reading them in order. Samples in `skip`
     (already consumed before a resume) are stepped over without being read; others wait in a dict
-    until asked for, which the shuffle-buffer order bounds to `shuffle_buffer` entries."""
+    until asked for, which the shuffle-buffer order bounds to `shuffle_buffer` entries.
 
-    def __init__(self, urls: list[str], segments: list[Segment], skip: set[int]):
-        self.urls, self.segments, self.skip = urls, segments, skip
+    A shard that fails to open or fails mid-read is re-opened (after `retry`'s backoff) and read on
+    from the sample after the last one read (the samples before it are stepped over, not decoded);
+    the retry budget is per failure, renewed once a retry has read a new sample. When it is spent,
+    the segment's remaining samples are served as errors (reason "shard_error")."""
+
+    def __init__(self, urls: list[str], segments: list[Segment], skip: set[int], retry: Retry = NO_RETRY):
+        self.urls, self.segments, self.skip, self.retry = urls, segments, skip, retry
         self.ready: dict[int, tuple[str, dict[str, bytes] | None, SampleError | None]] = {}
+        self.retries = 0  # re-opens after a failure, for the loader's stats
         self._it = self._stream()
+
+    def _segment(self, url: str, seg: Segment, base: int) -> Iterator[tuple[int, str, dict | None, SampleError | None]]:
+        got = 0  # samples of the segment passed so far (read, or stepped over)
+
+        def want(i: int) -> bool:
+            return seg.begin + got <= i < seg.end and base + i - seg.begin not in self.skip
+
+        failures = 0
+        err: SampleError | None = None
+        while got < seg.end - seg.begin:
+            try:
+                with open_shard(url) as f:
+                    for i, key, members in iter_samples(f, want=want, stop=seg.end):
+                        if i < seg.begin + got:
+                            continue  # before the segment, or read before a failure
+                        yield base + got, key, members, None
+                        got += 1
+                        failures = 0  # progress: a later failure gets the whole retry budget again
+                if got < seg.end - seg.begin:
+                    err = SampleError(
+                        "missing", f"{url} has fewer samples than indexed ({seg.begin + got} < {seg.end})"
+                    )
+                break
+            except Exception as e:  # noqa: BLE001 - unreadable / broken stream: retry, then count the rest
+                why = f"{type(e).__name__}: {e}"
+                if failures >= self.retry.retries:
+                    tries = f" (after {failures} retries)" if failures else ""
+                    err = SampleError("shard_error", f"{url}: {why}{tries}")
+                    break
+                failures += 1
+                self.retries += 1
+                wait = self.retry.delay(failures)
+                log.warning(
+                    "shard %s failed at sample %d (%s): retry %d/%d in %.1f s",
+                    url,
+                    seg.begin + got,
+                    why,
+                    failures,
+                    self.retry.retries,
+                    wait,
+                )
+                time.sleep(wait)
+        name = url.rsplit("/", 1)[-1]
+        for _ in range(seg.end - seg.begin - got):
+            yield base + got, f"{name}#{seg.begin + got}", None, err
+            got += 1
 
     def _stream(self) -> Iterator[tuple[int, str, dict[str, bytes] | None, SampleError | None]]:
         base = 0  # position of the current segment's first sample
         for seg in self.segments:
-            url = self.urls[seg.shard]
-
-            def want(i: int, seg: Segment = seg, base: int = base) -> bool:
-                return seg.begin <= i < seg.end and base + i - seg.begin not in self.skip
-
-            got = 0
-            try:
-                with open_shard(url) as f:
-                    for i, key, members in iter_samples(f, want=want, stop=seg.end):
-                        if i >= seg.begin:
-                            yield base + got, key, members, None
-                            got += 1
-                err = SampleError("missing", f"{url} has fewer samples than indexed ({seg.begin + got} < {seg.end})")
-            except Exception as e:  # unreadable / truncated shard: the rest of the segment is lost
-                err = SampleError("shard_error", f"{url}: {type(e).__name__}: {e}")
-            for _ in range(seg.end - seg.begin - got):
-                yield base + got, f"{url.rsplit('/', 1)[-1]}#{seg.begin + got}", None, err
-                got += 1
+            yield from self._segment(self.urls[seg.shard], seg, base)
             base += seg.end - seg.begin
 
     def get(self, pos: int) -> tuple[str, dict[str, bytes] | None, SampleError | None]:
@@ -113,95 +154,190 @@ class _Reader:
                 self.ready[p] = (key, members, err)
         return self.ready.pop(pos)
 
+    def close(self) -> None:
+        self._it.close()  # closes the open shard (and ends a pipe's process) now, not at garbage collection
 
-class _EpochStream(IterableDataset):
-    """One epoch of one rank from batch `skip_batches` on; yields collated batches (uint8 pixels)."""
+
+@dataclass
+class _Drawn:
+    key: str
+    members: dict[str, bytes] | None
+    err: SampleError | None
+    seq_pos: int  # place in its epoch's sequence (seeds the random clip window)
+    epoch: int
+
+
+class _WorkerStream:
+    """One loader worker's endless stream of one bucket: its part of epoch e0, then of e0 + 1, ...
+    (order.py, item 4). `consumed` counts the samples drawn since e0: the whole resume state."""
+
+    def __init__(self, src: _Source, bucket: int, worker: int, consumed: int):
+        self.src, self.bucket, self.worker = src, bucket, worker
+        b = src.buckets[bucket]
+        self.n = samples_per_rank(sum(b.counts), src.world_size)
+        self.consumed = consumed
+        epoch, index = locate(self.n, src.num_workers, worker, src.epoch0, consumed)
+        self._open(epoch, index)
+
+    def _open(self, epoch: int, index: int) -> None:
+        s, b = self.src, self.src.buckets[self.bucket]
+        self.part = worker_part(
+            b.counts,
+            seed=s.seed,
+            epoch=epoch,
+            rank=s.rank,
+            world_size=s.world_size,
+            num_workers=s.num_workers,
+            worker=self.worker,
+            shuffle_buffer=s.cfg.shuffle_buffer if s.shuffle else 0,
+            shuffle=s.shuffle,
+            bucket=self.bucket,
+        )
+        self.index = index
+        self.reader = _Reader(b.urls, self.part.segments, set(self.part.order[:index]), s.retry)
+
+    @property
+    def retries(self) -> int:
+        return self.reader.retries
+
+    def next(self) -> _Drawn | None:
+        """The next sample; None at the end of the part when `endless` is off."""
+        while self.index >= self.part.size:
+            if not self.src.endless:
+                return None
+            retries = self.reader.retries
+            self.reader.close()
+            self._open(self.part.epoch + 1, 0)
+            self.reader.retries = retries
+        pos = self.part.order[self.index]
+        self.index += 1
+        self.consumed += 1
+        key, members, err = self.reader.get(pos)
+        return _Drawn(key, members, err, self.part.offset + pos, self.part.epoch)
+
+
+class _Source(IterableDataset):
+    """Batches of one rank, produced in this process (num_workers=0) or in its DataLoader workers.
+
+    Training (`endless`): rank batch g (counted since the order started at epoch0; this iteration begins
+    at batch0, the batches the loader had yielded) is made by logical worker g % K from its stream of
+    bucket `schedule.bucket(g // K)`; every batch holds batch_size readable samples (refilled from the
+    stream). One pass (`endless` off): each worker reads its part of epoch e0 of every bucket in turn;
+    a part's last batch may be short."""
 
     def __init__(
         self,
-        urls: list[str],
-        counts: list[int],
+        buckets: list[Bucket],
         cfg: DataConfig,
         *,
         seed: int,
-        epoch: int,
         rank: int,
         world_size: int,
-        skip_batches: int,
+        epoch0: int,
+        batch0: int,
+        consumed: list[list[int]],
         shuffle: bool,
+        endless: bool,
         drop_last: bool,
         pool: BufferPool | None = None,
     ):
         super().__init__()
+        self.buckets, self.cfg = buckets, cfg
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers = max(1, cfg.num_workers)
+        self.epoch0, self.batch0, self.consumed = epoch0, batch0, consumed
+        self.shuffle, self.endless, self.drop_last = shuffle, endless, drop_last
+        self.retry = Retry.from_config(cfg)
         self.pool = pool  # main process only (num_workers=0): workers allocate shared memory per batch
         self._u8: np.ndarray | None = None  # the clip buffer float32 batches are decoded through
-        self.urls, self.counts, self.cfg = urls, counts, cfg
-        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
-        self.skip_batches, self.shuffle, self.drop_last = skip_batches, shuffle, drop_last
 
-    def plan(self, worker: int) -> WorkerPlan:
-        c = self.cfg
-        return worker_plan(
-            self.counts,
-            seed=self.seed,
-            epoch=self.epoch,
-            rank=self.rank,
-            world_size=self.world_size,
-            num_workers=c.num_workers,
-            worker=worker,
-            batch_size=c.batch_size,
-            drop_last=self.drop_last,
-            shuffle_buffer=c.shuffle_buffer if self.shuffle else 0,
-            shuffle=self.shuffle,
-        )
+    def schedule(self) -> BucketSchedule:
+        per_rank = [samples_per_rank(sum(b.counts), self.world_size) for b in self.buckets]
+        return BucketSchedule(per_rank, self.cfg.batch_size, self.cfg.num_workers, self.seed, self.epoch0)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        k = max(1, self.cfg.num_workers)
-        # DataLoader asks its workers round robin from worker 0, so after a resume at batch s the
-        # process that starts must hold batch s: rotate which part each process reads
-        plan = self.plan(((info.id if info is not None else 0) + self.skip_batches) % k)
-        done = sum(1 for j in plan.batch_ids if j < self.skip_batches)
-        t = sum(plan.batch_sizes[:done])
-        reader = _Reader(self.urls, plan.segments, set(plan.order[:t]))
+        proc = info.id if info is not None else 0
+        if not self.endless:
+            yield from self._one_pass(proc)
+            return
+        k = self.num_workers
+        # DataLoader asks its workers round robin from worker process 0: the process that starts must
+        # make batch batch0, so process p plays logical worker (batch0 + p) % K
+        g = self.batch0 + proc
+        worker = g % k
+        schedule = self.schedule()
+        streams: dict[int, _WorkerStream] = {}
+        while True:
+            b = schedule.bucket(g // k)
+            if b not in streams:
+                streams[b] = _WorkerStream(self, b, worker, self.consumed[b][worker])
+            yield self._batch(streams[b], g)
+            g += k
+
+    def _one_pass(self, proc: int) -> Iterator[dict[str, Any]]:
+        for b in range(len(self.buckets)):
+            stream = _WorkerStream(self, b, proc, 0)
+            while True:
+                batch = self._batch(stream, -1)
+                if not batch["keys"] or (self.drop_last and len(batch["keys"]) < self.cfg.batch_size):
+                    break
+                yield batch
+                if len(batch["keys"]) < self.cfg.batch_size:
+                    break
+            stream.reader.close()
+
+    def _batch(self, stream: _WorkerStream, batch_id: int) -> dict[str, Any]:
+        """The next batch_size readable samples of `stream` (fewer only at the end of a one-pass part)."""
         c = self.cfg
-        # pixels go straight into the batch tensor (slot = samples kept so far; a dropped sample's slot is
+        bucket = self.buckets[stream.bucket]
+        hw = bucket.hw or c.hw
+        # pixels go straight into the batch tensor (slot = samples kept so far; a corrupt sample's slot is
         # overwritten by the next one). uint8 from worker processes (shared memory is freshly allocated
         # for every batch, and its page faults cost more than the conversion): ClipLoader converts them.
-        u8 = c.pixel_dtype == "uint8" or info is not None
-        for b in range(done, len(plan.batch_sizes)):
-            items, dropped = [], []
-            batch_px = (
-                None
-                if c.use_latents
-                else _batch_tensor(
-                    (plan.batch_sizes[b], 3, c.num_frames, *c.hw), torch.uint8 if u8 else torch.float32, self.pool
+        u8 = c.pixel_dtype == "uint8" or get_worker_info() is not None
+        pixels = (
+            None
+            if c.use_latents
+            else _batch_tensor((c.batch_size, 3, c.num_frames, *hw), torch.uint8 if u8 else torch.float32, self.pool)
+        )
+        items: list[dict[str, Any]] = []
+        dropped: list[tuple[str, str, str]] = []
+        retries0, streak, last_err = stream.retries, 0, None
+        while len(items) < c.batch_size:
+            d = stream.next()
+            if d is None:
+                break
+            # the samples one shard failure costs count once: a shard that stays unreadable is one bad read
+            repeat, last_err = d.err is not None and d.err is last_err, d.err
+            try:
+                if d.err is not None:
+                    raise d.err
+                slot = None if pixels is None else pixels.numpy()[len(items)]
+                items.append(self._decode(d, stream.bucket, hw, slot))
+                streak = 0
+                continue
+            except SampleError as e:
+                dropped.append((d.key, e.reason, str(e)))
+            except Exception as e:  # noqa: BLE001 - a corrupt sample must never stop training
+                dropped.append((d.key, "decode_error", f"{type(e).__name__}: {e}"))
+            streak += not repeat
+            if c.max_consecutive_corrupt and streak >= c.max_consecutive_corrupt:
+                raise RuntimeError(
+                    f"{streak} unreadable samples in a row (data.max_consecutive_corrupt={c.max_consecutive_corrupt}; "
+                    f"last: {d.key}, {dropped[-1][1]}: {dropped[-1][2]}): the data, not a clip, is broken"
                 )
-            )
-            for pos in plan.order[t : t + plan.batch_sizes[b]]:
-                key, members, err = reader.get(pos)
-                try:
-                    if err is not None:
-                        raise err
-                    slot = None if batch_px is None else batch_px.numpy()[len(items)]
-                    items.append(self._decode(key, members, plan.offset + pos, slot))
-                except SampleError as e:
-                    dropped.append((key, e.reason, str(e)))
-                except Exception as e:  # a corrupt sample must never stop training
-                    dropped.append((key, "decode_error", f"{type(e).__name__}: {e}"))
-            t += plan.batch_sizes[b]
-            yield self._collate(items, dropped, plan.batch_ids[b], batch_px)
+        return self._collate(items, dropped, batch_id, stream, pixels, stream.retries - retries0)
 
     def _scratch(self, shape: tuple[int, ...]) -> np.ndarray:
         if self._u8 is None or self._u8.shape != shape:
             self._u8 = np.empty(shape, np.uint8)
         return self._u8
 
-    def _decode(
-        self, key: str, members: dict[str, bytes], seq_pos: int, slot: np.ndarray | None = None
-    ) -> dict[str, Any]:
+    def _decode(self, d: _Drawn, bucket: int, hw: tuple[int, int], slot: np.ndarray | None) -> dict[str, Any]:
         """One sample -> its fields; pixels are decoded into `slot` (its place in the batch tensor)."""
         c = self.cfg
+        members = d.members or {}
         try:
             meta, caption = decode_sample(members)
         except (ValueError, UnicodeDecodeError) as e:
@@ -214,11 +350,12 @@ class _EpochStream(IterableDataset):
             )
         room = max(0, stored - span)
         if c.clip_start == "random":
-            # seeded by the sample's place in the epoch: the same after a resume, whatever the worker
-            start = int(np.random.default_rng([self.seed, self.epoch, seq_pos]).integers(room + 1)) if room else 0
+            # seeded by the sample's place in its epoch: the same after a resume, whatever the worker
+            rng = np.random.default_rng([self.seed, d.epoch, bucket, d.seq_pos])
+            start = int(rng.integers(room + 1)) if room else 0
         else:
             start = room // 2 if c.clip_start == "center" else 0
-        out: dict[str, Any] = {"key": key, "caption": caption, "meta": meta}
+        out: dict[str, Any] = {"key": d.key, "caption": caption, "meta": meta}
         if c.use_latents:
             if EXT_LATENTS not in members:
                 raise SampleError("no_latents", "sample has no latents.npy (shard it with --encode-latents)")
@@ -229,7 +366,7 @@ class _EpochStream(IterableDataset):
         else:
             if EXT_MP4 not in members:
                 raise SampleError("decode_error", "sample has no mp4")
-            size = c.hw if (meta.get("height"), meta.get("width")) != c.hw else None
+            size = hw if (meta.get("height"), meta.get("width")) != hw else None
             # one decoder thread: parallelism comes from num_workers (FFmpeg's frame threads only add
             # latency on short clips, and oversubscribe the cores the workers already use)
             # float32 slots: decode into a reused uint8 clip buffer, then convert the whole clip (measured
@@ -256,17 +393,24 @@ class _EpochStream(IterableDataset):
         items: list[dict[str, Any]],
         dropped: list[tuple[str, str, str]],
         batch_id: int,
+        stream: _WorkerStream,
         pixels: torch.Tensor | None,
+        retries: int,
     ) -> dict[str, Any]:
         c = self.cfg
+        bucket = self.buckets[stream.bucket]
         batch: dict[str, Any] = {
             "keys": [i["key"] for i in items],
             "captions": [i["caption"] for i in items],
             "meta": [i["meta"] for i in items],
             "_dropped": dropped,
             "_batch": batch_id,
-            "_epoch": self.epoch,
+            "_bucket": stream.bucket,
+            "_consumed": stream.consumed,
+            "_retries": retries,
         }
+        if bucket.name:
+            batch["bucket"] = bucket.name
         if c.use_latents:
             batch["latents"] = torch.from_numpy(np.stack([i["latents"] for i in items])) if items else torch.zeros(0)
             if items and all("text_embeds" in i for i in items):
@@ -314,93 +458,168 @@ class ClipLoader:
       "latents"     float32 (B, C, F, h, w), already scaled by the VAE's scaling_factor (use_latents)
       "text_embeds" float32 (B, L, D) when the shards carry text embeddings (use_latents)
       "captions"    list[str];  "keys" list[str] (unique sample ids);  "meta" list[dict] (the sample json)
-    B == batch_size except: the epoch's last batch when drop_last is off, and batches from which a
-    corrupt sample was dropped (B == 0 only if all of a batch's samples are corrupt). A corrupt sample
-    (unreadable mp4, broken json, truncated shard...) is logged, counted in `stats["corrupt"]` /
-    `stats["corrupt_by_reason"]` and dropped from its batch; it is never fatal and never silently
-    replaced. Dropping keeps the number of batches per epoch fixed, so every rank yields exactly
-    `len(loader)` batches per epoch (DDP-safe: no rank waits).
+      "bucket"      "HxWxF", the bucket every sample of the batch comes from (bucketed layouts only)
 
-    Training (split="train") iterates forever, epoch after epoch (`loader.epoch`), each epoch a new
-    seeded order; every sample is read at most once per epoch (exactly once when world_size divides
-    the sample count and, with drop_last, batch_size divides the per-rank share). split="holdout"
-    reads the last `holdout_shards` shards once, in order.
+    Training (split="train") iterates forever and every batch has exactly B = batch_size samples. A
+    corrupt sample (unreadable or truncated mp4, broken json, clip too short, a shard that stays
+    unreadable after `read_retries`...) is logged with its key and reason, counted in `stats["corrupt"]`
+    / `stats["corrupt_by_reason"]`, and skipped: its batch is refilled with the next samples of the
+    rank's order, so the batch holds exactly what the same order without the corrupt sample would
+    have given (never a zero-filled or substituted sample). Every rank yields one batch per request,
+    so DDP ranks run the same collectives whatever their data; ranks (and loader workers) are no
+    longer at the same place of their epoch once one of them skipped a sample. Each epoch is a new
+    seeded order (order.py) and every sample is read at most once per epoch (exactly once when
+    world_size divides the sample count); with refill, a batch may span two epochs. `stats["epoch"]`
+    counts epochs as samples drawn (corrupt ones included) / samples per rank, so 2.5 = half way
+    through the third pass. `len(loader)` is the number of full batches one epoch holds.
+
+    Buckets: when `data.shards` is a bucketed sharder output (urls.py) and `data.buckets` is on, every
+    batch comes from one bucket, at that bucket's height x width (data.size / data.width unused), and
+    the bucket of batch g is the same on every rank, drawn in proportion to the buckets' sample counts.
+
+    split="holdout" reads the last `holdout_shards` shards (of each bucket) once, in order; with
+    `one_pass=True` the train split is read once too (the rank's share of epoch 0). A one-pass
+    loader's last batch of each worker and bucket may be short (dropped with drop_last).
 
     Resume: `load_state_dict(state)` before iterating. With the same world size, workers, batch size,
     shuffle buffer, seed and shards, the next batch is exactly the one the interrupted run would have
-    produced next. Otherwise the loader logs the change and starts a fresh epoch order at the next
-    epoch. Ranks are in the same position at the same step, so rank 0's state is valid for all.
+    produced next. Otherwise the loader logs the change and starts a fresh epoch order after the
+    newest epoch the old state had begun. The state differs by rank: save every rank's.
     """
 
-    def __init__(self, cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, split: str = "train"):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        split: str = "train",
+        one_pass: bool = False,
+    ):
         if not cfg.shards:
             raise ValueError("data.shards is empty: point it at the output of data_prep/shard_videos.py")
         if split not in ("train", "holdout"):
             raise ValueError(f"split must be 'train' or 'holdout', got {split!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        urls = expand(cfg.shards)
-        keep = len(urls) - cfg.holdout_shards
-        if keep < 1 and split == "train":
-            raise ValueError(f"holdout_shards={cfg.holdout_shards} leaves no training shards (of {len(urls)})")
-        self.urls = urls[:keep] if split == "train" else urls[keep:]
-        self.counts = sample_counts(self.urls)
         self.cfg, self.rank, self.world_size, self.seed, self.split = cfg, rank, world_size, seed, split
         self.train = split == "train"
+        self.endless = self.train and not one_pass
         self.drop_last = cfg.drop_last if self.train else False
-        self.num_batches = batches_per_epoch(sum(self.counts), world_size, cfg.batch_size, self.drop_last)
-        if self.num_batches == 0:
-            raise ValueError(
-                f"{sum(self.counts)} samples in {len(self.urls)} shards are too few for {world_size} ranks x "
-                f"batch {cfg.batch_size}{' (drop_last)' if self.drop_last else ''}"
-            )
-        self.epoch = 0
-        self.batch_in_epoch = 0
+        self.buckets = self._buckets(layout(cfg.shards, cfg.buckets, Retry.from_config(cfg)))
+        self.per_rank = [samples_per_rank(sum(b.counts), world_size) for b in self.buckets]
+        self.num_batches = sum(n // cfg.batch_size for n in self.per_rank)
+        self.k = max(1, cfg.num_workers)
+        self.epoch0 = 0  # the epoch the streams start at (moves on a change of layout)
+        self.batches = 0  # batches yielded since epoch0 began (the schedule position)
+        self.consumed = [[0] * self.k for _ in self.buckets]  # samples drawn per bucket and logical worker
         self._stats: Counter = Counter()
         self._reasons: Counter = Counter()
         self._pool = BufferPool()
 
+    def _buckets(self, found: list[Bucket]) -> list[Bucket]:
+        c = self.cfg
+        keep = []
+        span = (c.num_frames - 1) * c.frame_stride + 1
+        for b in found:
+            n = len(b.urls) - c.holdout_shards
+            if n < 1 and self.train:
+                where = f"bucket {b.name}" if b.name else f"{len(b.urls)} shards"
+                raise ValueError(f"holdout_shards={c.holdout_shards} leaves no training shards ({where})")
+            urls, counts = (b.urls[:n], b.counts[:n]) if self.train else (b.urls[n:], b.counts[n:])
+            if b.frames and span > b.frames:
+                raise ValueError(
+                    f"bucket {b.name}: clips have {b.frames} frames, data.num_frames={c.num_frames} x "
+                    f"data.frame_stride={c.frame_stride} needs {span}"
+                )
+            need = self.world_size * c.batch_size if self.train else self.world_size
+            if b.name and sum(counts) < need:
+                log.warning(
+                    "bucket %s skipped: %d samples are too few for %d ranks x batch %d",
+                    b.name,
+                    sum(counts),
+                    self.world_size,
+                    c.batch_size,
+                )
+                continue
+            keep.append(Bucket(b.name, urls, counts, b.height, b.width, b.frames))
+        total = sum(sum(b.counts) for b in keep)
+        if not keep or min(samples_per_rank(sum(b.counts), self.world_size) for b in keep) < (
+            c.batch_size if self.train else 1
+        ):
+            raise ValueError(
+                f"{total} samples in {sum(len(b.urls) for b in keep)} shards are too few for {self.world_size} "
+                f"ranks x batch {c.batch_size}"
+            )
+        if keep[0].name:
+            log.info(
+                "buckets: %s", ", ".join(f"{b.name} ({sum(b.counts)} samples, {len(b.urls)} shards)" for b in keep)
+            )
+        return keep
+
     def __len__(self) -> int:
-        """Batches per epoch (the same on every rank)."""
+        """Full batches per epoch (the same on every rank)."""
         return self.num_batches
 
     @property
     def num_samples(self) -> int:
-        return sum(self.counts)
+        return sum(sum(b.counts) for b in self.buckets)
+
+    @property
+    def epochs(self) -> float:
+        """Passes over this rank's share: samples drawn (corrupt ones included) / samples per rank."""
+        return self.epoch0 + sum(map(sum, self.consumed)) / sum(self.per_rank)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.epochs)
 
     @property
     def stats(self) -> dict[str, Any]:
         return {
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
+            "epoch": self.epochs,
             "batches_per_epoch": self.num_batches,
             "batches": self._stats["batches"],
             "samples": self._stats["samples"],
             "corrupt": self._stats["corrupt"],
             "corrupt_by_reason": dict(self._reasons),
+            "shard_retries": self._stats["shard_retries"],
         }
 
     def _layout(self) -> dict[str, Any]:
         names = hashlib.sha1(
-            json.dumps([[u.rsplit("/", 1)[-1], n] for u, n in zip(self.urls, self.counts)]).encode()
+            json.dumps(
+                [[b.name, [[u.rsplit("/", 1)[-1], n] for u, n in zip(b.urls, b.counts)]] for b in self.buckets]
+            ).encode()
         ).hexdigest()
         c = self.cfg
         return {
             "world_size": self.world_size,
             "num_workers": c.num_workers,
             "batch_size": c.batch_size,
-            "drop_last": self.drop_last,
             "shuffle_buffer": c.shuffle_buffer,
             "seed": self.seed,
             "split": self.split,
             "shards": names,
         }
 
+    def _fresh_epoch(self) -> int:
+        """The first epoch no stream has begun: where a new order starts after a change of layout."""
+        newest = self.epoch0
+        for b, n in enumerate(self.per_rank):
+            for w in range(self.k):
+                e, i = locate(n, self.k, w, self.epoch0, self.consumed[b][w])
+                newest = max(newest, e + (1 if i else 0))
+        return newest
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
+            "epoch0": self.epoch0,
+            "batches": self.batches,
+            "consumed": [list(c) for c in self.consumed],
+            "fresh_epoch": self._fresh_epoch(),
+            "epochs": self.epochs,
             "layout": self._layout(),
             "stats": dict(self._stats),
             "corrupt_by_reason": dict(self._reasons),
@@ -410,81 +629,99 @@ class ClipLoader:
         self._stats = Counter(state.get("stats", {}))
         self._reasons = Counter(state.get("corrupt_by_reason", {}))
         old, new = state["layout"], self._layout()
-        if old == new:
-            self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        if state.get("version") == STATE_VERSION and old == new:
+            self.epoch0, self.batches = int(state["epoch0"]), int(state["batches"])
+            self.consumed = [list(map(int, c)) for c in state["consumed"]]
             return
-        changed = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
-        self.epoch = int(state["epoch"]) + (1 if state["batch_in_epoch"] else 0)
-        self.batch_in_epoch = 0
+        if state.get("version") == STATE_VERSION:
+            changed = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+            fresh = int(state["fresh_epoch"])
+        else:  # version 1 (batches in lockstep): epoch, batch_in_epoch
+            changed = f"loader state version {state.get('version')} -> {STATE_VERSION}"
+            fresh = int(state["epoch"]) + (1 if state.get("batch_in_epoch") else 0)
+        self.epoch0, self.batches = fresh, 0
+        self.consumed = [[0] * self.k for _ in self.buckets]
         log.warning(
             "data loader layout changed (%s): the exact position cannot be carried over; starting a fresh epoch "
             "order at epoch %d",
             changed,
-            self.epoch,
+            self.epoch0,
+        )
+
+    def _source(self) -> _Source:
+        c = self.cfg
+        return _Source(
+            self.buckets,
+            c,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            epoch0=self.epoch0,
+            batch0=self.batches,
+            consumed=[list(x) for x in self.consumed],
+            shuffle=self.train,
+            endless=self.endless,
+            drop_last=self.drop_last,
+            pool=None if c.num_workers else self._pool,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            yield from self._epoch()
-            if not self.train:
-                return
-
-    def _epoch(self) -> Iterator[dict[str, Any]]:
         c = self.cfg
-        if self.batch_in_epoch < self.num_batches:
-            ds = _EpochStream(
-                self.urls,
-                self.counts,
-                c,
-                seed=self.seed,
-                epoch=self.epoch,
-                rank=self.rank,
-                world_size=self.world_size,
-                skip_batches=self.batch_in_epoch,
-                shuffle=self.train,
-                drop_last=self.drop_last,
-                pool=None if c.num_workers else self._pool,
-            )
-            dl = DataLoader(
-                ds,
-                batch_size=None,
-                collate_fn=_as_is,
-                num_workers=c.num_workers,
-                worker_init_fn=_worker_init if c.num_workers else None,
-                prefetch_factor=2 if c.num_workers else None,
-                persistent_workers=False,
-            )
-            for raw in dl:
-                if raw["_batch"] != self.batch_in_epoch:  # DataLoader's round robin is what makes resume exact
-                    raise RuntimeError(
-                        f"loader order broken: got batch {raw['_batch']}, expected {self.batch_in_epoch}"
-                    )
-                batch = self._finish(raw)
-                self.batch_in_epoch += 1
-                yield batch
-        if self.train:
-            self.epoch += 1
-            self.batch_in_epoch = 0
+        dl = DataLoader(
+            self._source(),
+            batch_size=None,
+            collate_fn=_as_is,
+            num_workers=c.num_workers,
+            worker_init_fn=_worker_init if c.num_workers else None,
+            prefetch_factor=2 if c.num_workers else None,
+            persistent_workers=False,
+        )
+        for raw in dl:
+            g, b, consumed = raw.pop("_batch"), raw.pop("_bucket"), raw.pop("_consumed")
+            if self.endless:
+                if g != self.batches:  # DataLoader's round robin is what makes resume exact
+                    raise RuntimeError(f"loader order broken: got batch {g}, expected {self.batches}")
+                self.consumed[b][g % self.k] = consumed
+                self.batches += 1
+            yield self._finish(raw)
 
     def _finish(self, raw: dict[str, Any]) -> dict[str, Any]:
         px = raw.get("pixels")
         if px is not None and px.dtype == torch.uint8 and self.cfg.pixel_dtype == "float32":
             raw["pixels"] = _to_unit_range(px, self._pool)
-        for key, reason, msg in raw.pop("_dropped"):
+        dropped = raw.pop("_dropped")
+        for _key, reason, _ in dropped:
             self._stats["corrupt"] += 1
             self._reasons[reason] += 1
-            log.warning("skipped corrupt sample %s (%s): %s", key, reason, msg)
-        raw.pop("_batch")
-        raw.pop("_epoch")
+        # one line per sample; a run of one failure (a shard that stayed unreadable) in one line
+        i = 0
+        while i < len(dropped):
+            j = i
+            while j + 1 < len(dropped) and dropped[j + 1][1:] == dropped[i][1:]:
+                j += 1
+            key, reason, msg = dropped[i]
+            if j == i:
+                log.warning("skipped corrupt sample %s (%s): %s", key, reason, msg)
+            else:
+                keys = [d[0] for d in dropped[i : j + 1]]
+                shown = ", ".join(keys[:8]) + (f", ... ({len(keys) - 8} more)" if len(keys) > 8 else "")
+                log.warning("skipped %d corrupt samples %s (%s): %s", len(keys), shown, reason, msg)
+            i = j + 1
+        self._stats["shard_retries"] += raw.pop("_retries")
         self._stats["batches"] += 1
         self._stats["samples"] += len(raw["keys"])
         return raw
 
 
 def build_loader(
-    data_cfg: DataConfig, rank: int = 0, world_size: int = 1, seed: int = 0, split: str = "train"
+    data_cfg: DataConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    split: str = "train",
+    one_pass: bool = False,
 ) -> ClipLoader:
     """The trainer's entry point: a `ClipLoader` for this rank (see its docstring for the batch format,
-    epochs, corrupt samples and resume). `rank`/`world_size` are the data-parallel ones: the loader
-    splits shards by rank itself (no environment variables read), and by worker inside the rank."""
-    return ClipLoader(data_cfg, rank=rank, world_size=world_size, seed=seed, split=split)
+    epochs, corrupt samples, buckets and resume). `rank`/`world_size` are the data-parallel ones: the
+    loader splits shards by rank itself (no environment variables read), and by worker inside the rank."""
+    return ClipLoader(data_cfg, rank=rank, world_size=world_size, seed=seed, split=split, one_pass=one_pass)

@@ -62,15 +62,12 @@ def load_shard_frames(shards: str, size: int = 32, holdout_shards: int = 1, num_
         holdout_shards=holdout_shards,
         drop_last=False,
     )
-    loader = build_loader(cfg)
     out = []
-    for i, batch in enumerate(loader):
+    for batch in build_loader(cfg, one_pass=True):  # one epoch (the training stream repeats forever)
         px = batch["pixels"]  # (B, C, F, H, W) in [-1, 1]
         out.append(
             ((px.permute(0, 2, 3, 4, 1).flatten(0, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         )
-        if i + 1 >= len(loader):  # one epoch (the train split repeats forever)
-            break
     return np.concatenate(out)
 
 

@@ -203,7 +203,8 @@ class Coordinator:
 
     def _remove_stale_temp_files(self, ckpt_name: str) -> None:
         """Half-written files of a worker killed mid-write. Safe before any shard of this checkpoint is
-        dispatched: the suite lock excludes other coordinators, and only ours start workers on it."""
+        dispatched and once none runs any more: the suite lock excludes other coordinators, and only ours
+        start workers on it."""
         sdir = step_dir(self.run_dir, self.suite_hash, ckpt_name)
         for pattern in (f"{SHARDS}/.*.tmp", f"{VIDEOS}/*/.*.tmp.mp4", ".*.tmp", ".*.tmp.png"):
             for f in sdir.glob(pattern):
@@ -289,6 +290,8 @@ class Coordinator:
                     self.log(job.failed)
                     continue
                 self.log(f"reference {metric}: {job.name} written (N_real={self.ref_stats[metric][0].count})")
+                for f in (self.cache_dir / job.name / SHARDS).glob(".*.tmp"):  # left by a killed attempt
+                    f.unlink(missing_ok=True)
                 del self.refs[metric]
         for name, job in list(self.jobs.items()):
             if job.failed:
@@ -321,6 +324,8 @@ class Coordinator:
                 del self.jobs[name]
                 continue
             del self.jobs[name]
+            # none of its shards runs any more: whatever a killed attempt left half-written goes now
+            self._remove_stale_temp_files(name)
             self.finished.append(job.step)
             shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result["metrics"].items()) if "_t" not in k)
             self.log(f"{name}: result written ({shown})")

@@ -134,8 +134,21 @@ class EvalWorker:
         return self._real[spec]
 
     # ------------------------------------------------------------------ entry point
+    def stale_temp_files(self, task: ShardTask) -> list[Path]:
+        """Temp files an earlier attempt of `task` leaves when its worker is killed mid-write: the partial's
+        (`.NAME.*.tmp`, atomic_write_bytes) and, for samples, its videos' (`.NNNNNN.mp4.tmp.mp4`, write_mp4).
+        Only this task writes these names, so removing them before it runs again races with nobody."""
+        out = Path(task.out)
+        found = sorted(out.parent.glob(f".{out.name}.*.tmp"))
+        if task.kind == "samples":
+            vdir = step_dir(self.run_dir, self.suite_hash, task.key) / VIDEOS / task.variant
+            found += [p for i in range(task.start, task.stop) if (p := vdir / f".{i:06d}.mp4.tmp.mp4").exists()]
+        return found
+
     def run(self, task: ShardTask) -> dict:
         """Compute one shard and write its partial file. Returns a small summary."""
+        for p in self.stale_temp_files(task):  # a retry after a SIGKILLed attempt: nothing half-written stays
+            p.unlink(missing_ok=True)
         t0 = time.time()
         if task.kind == "samples":
             arrays, meta = self._samples(task)

@@ -113,6 +113,28 @@ class SyntheticClips:
         self.batches = consumed // per_batch
 
 
+def data_metrics(source) -> dict[str, float]:
+    """The shard loader's counters summed over ranks, for the metrics line: `data/corrupt_samples` and
+    `data/corrupt/<reason>` (samples skipped on any rank), `data/shard_retries`, and `data/epoch` (passes
+    over the data: a rank's samples drawn / its share, averaged over ranks; fractional, and ranks differ
+    a little once one has skipped samples). Collective: every rank calls it at the same step. {} for
+    sources without these counters (the synthetic source), on every rank alike."""
+    from vldm.train import dist
+
+    stats = getattr(source, "stats", None)
+    if not isinstance(stats, dict) or "corrupt_by_reason" not in stats:
+        return {}
+    from vldm.data.loader import CORRUPT_REASONS
+
+    by_reason = stats["corrupt_by_reason"]
+    local = [1.0, float(stats.get("epoch", 0)), float(stats.get("shard_retries", 0))]
+    local += [float(by_reason.get(r, 0)) for r in CORRUPT_REASONS]
+    ranks, epochs, retries, *corrupt = dist.all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
+    out = {"data/epoch": epochs / ranks, "data/shard_retries": retries, "data/corrupt_samples": sum(corrupt)}
+    out.update({f"data/corrupt/{r}": v for r, v in zip(CORRUPT_REASONS, corrupt)})
+    return out
+
+
 def build_source(
     cfg: Config,
     rank: int,

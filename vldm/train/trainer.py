@@ -33,7 +33,7 @@ from vldm.train.lr import lr_at
 from vldm.train.objective import Objective
 from vldm.train.perf import peak_memory_gb, peak_tflops, step_flops, sync
 from vldm.train.signals import ABORT_EXIT, REQUEUE_EXIT, StopRequest, process_exit_code, write_exit_status
-from vldm.train.sources import SyntheticClips, build_source, seed_of
+from vldm.train.sources import SyntheticClips, build_source, data_metrics, seed_of
 
 
 @dataclasses.dataclass
@@ -244,10 +244,7 @@ def train(cfg: Config, source=None) -> int:
                 }
                 if precision == "fp16":
                     metrics["train/loss_scale"] = float(engine.optimizer.loss_scale)
-                data_stats = getattr(source, "stats", None)
-                if isinstance(data_stats, dict):  # the shard loader: epochs and corrupt samples skipped
-                    metrics["data/epoch"] = data_stats.get("epoch", 0)
-                    metrics["data/corrupt_samples"] = data_stats.get("corrupt", 0)
+                metrics.update(data_metrics(source))  # the shard loader's, over all ranks (a collective)
                 if objective.missing_labels:
                     metrics["train/missing_labels"] = objective.missing_labels
                 if flops_per_micro:
