@@ -288,3 +288,18 @@ def test_ray_job_submit_curates_the_packaged_real_videos(ray_cluster, footage, s
 
     img = Image.open(out / "_report.png")
     assert img.width == 1200 and img.height > 1200  # histograms + a contact sheet per bucket
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+def test_transnetv2_on_a_gpu_gives_the_cpu_probabilities(footage):
+    frames = np.stack([f for _, f in iter_small_frames(str(footage["transnetv2_test.mp4"]))][:300])
+    cpu = predict_stream(load_transnetv2(device="cpu"), iter(frames), batch=4)
+    gpu = predict_stream(load_transnetv2(device="cuda"), iter(frames), batch=32, device="cuda")
+    assert np.abs(cpu - gpu).max() < 1e-3 and ((cpu > 0.5) == (gpu > 0.5)).all()

