@@ -250,7 +250,7 @@ def test_ray_job_submit_curates_the_packaged_real_videos(ray_cluster, footage, s
     # clips never span one of TransNetV2's cuts (computed in this test, independently of the job)
     res = resample_diffs(str(footage["transnetv2_test.mp4"]), 8, 128)
     seg = by_source["transnetv2_test.mp4"]
-    assert len(seg) >= 8 and len({m["shot"] for m in seg}) >= 4  # 1-s clips (128x128x8) from the short shots
+    assert len(seg) >= 5 and len({m["shot"] for m in seg}) >= 4  # 1-s clips (128x128x8) from the short shots
     assert not [
         m["start"] for m in seg if spans_cut(round(m["start"] * 8), m["frames"], res.times, segment_shots["shots"])
     ]
