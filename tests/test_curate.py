@@ -309,3 +309,51 @@ def test_transnetv2_on_a_gpu_gives_the_cpu_probabilities(footage):
     cpu = predict_stream(load_transnetv2(device="cpu"), iter(frames), batch=4)
     gpu = predict_stream(load_transnetv2(device="cuda"), iter(frames), batch=32, device="cuda")
     assert np.abs(cpu - gpu).max() < 1e-3 and ((cpu > 0.5) == (gpu > 0.5)).all()
+
+
+def test_a_bucketed_shard_killed_mid_way_is_redone_whole(footage, tmp_path):
+    """kill -9 of the writer while bucket tars are open: no done marker, the rerun (the sharder cleans temp files in
+    bucket directories first) writes every clip once, and each bucket directory's files agree."""
+    import os
+    import signal
+    import time
+
+    from vldm.data.pipeline import _clean_temps
+    from vldm.data.shards import read_done, write_shard
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):  # real footage, 3 sizes -> 3 buckets
+        for n in ("carphone_pristine.mp4", "bikes.mp4", "portrait_9x16.mp4"):
+            shutil.copy(footage[n], src / f"{i}_{n}")
+    items = [(i, {"path": str(p)}) for i, p in enumerate(sorted(src.iterdir()))]
+    cfg = ShardConfig(input=str(src), output="-", fps=8, buckets="64x64x8,64x112x8,112x64x8", shot_detector="none")
+    s = ClipSpec.from_config(cfg)
+    out = tmp_path / "out"
+    out.mkdir()
+    code = (
+        "import json, sys, pickle; from vldm.data.shards import write_shard; "
+        "write_shard(sys.argv[1], 'shard-000000', json.loads(sys.argv[2]), pickle.loads(bytes.fromhex(sys.argv[3])))"
+    )
+    import pickle
+
+    proc = subprocess.Popen([sys.executable, "-c", code, str(out), json.dumps(items), pickle.dumps(s).hex()])
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*/.*.tar.tmp"))) < 2 and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(list(out.glob("*/.*.tar.tmp"))) >= 2 and read_done(out, "shard-000000") is None
+    _clean_temps(out)
+    assert not list(out.glob("*/.*.tmp"))
+    summary = write_shard(out, "shard-000000", items, s)
+    assert read_done(out, "shard-000000") == summary and set(summary["buckets"]) == {"64x64x8", "64x112x8", "112x64x8"}
+    keys = []
+    for b, part in summary["buckets"].items():
+        tar = out / b / "shard-000000.tar"
+        got = [k for k, _ in read_all(str(tar))]
+        manifest = [json.loads(x)["key"] for x in tar.with_suffix(".manifest.jsonl").read_text().splitlines()]
+        assert got == manifest and len(got) == part["samples"] == read_done(out / b, "shard-000000")["samples"]
+        keys += got
+    assert len(keys) == len(set(keys)) == summary["samples"] > 0
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or "journal" in p.name]

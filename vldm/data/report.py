@@ -165,12 +165,10 @@ def _bucket_indexes(
                     "latents": bool(part.get("latents")),
                 }
             )
-        if True:  # every bucket has its directory and index, also one no clip went to
-            (out / b.name).mkdir(exist_ok=True)
-            atomic_write(
-                out / b.name / INDEX_FILE,
-                json.dumps({"format_version": FORMAT_VERSION, "shards": rows}, indent=1).encode(),
-            )
+        # every bucket has its directory and index, also one no clip went to
+        (out / b.name).mkdir(exist_ok=True)
+        index = {"format_version": FORMAT_VERSION, "shards": rows}
+        atomic_write(out / b.name / INDEX_FILE, json.dumps(index, indent=1).encode())
         top += [{**r, "name": f"{b.name}/{r['name']}", "bucket": b.name} for r in rows]
         per_bucket[b.name] = {
             "clips": sum(r["samples"] for r in rows),

@@ -162,7 +162,7 @@ class ShotDetector:
 
     def detect(self, source: str, timeout: float = 600.0) -> dict[str, Any]:
         """{"frames", "shots": [[t_first, t_last], ...], "cuts", "elapsed"} of one source."""
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         times: list[float] = []
 
         def frames() -> Iterator[np.ndarray]:
@@ -178,6 +178,7 @@ class ShotDetector:
             "cuts": max(0, len(shots) - 1),
             "transition_frames": int((probs > self.threshold).sum()),
             "elapsed": round(time.time() - t0, 3),
+            "cpu_s": round(time.process_time() - c0, 3),  # this process's CPU time (all its torch threads)
         }
 
     def detect_shard(self, out_dir: str, name: str, items: list[tuple[int, dict]], timeout: float = 600.0) -> int:
