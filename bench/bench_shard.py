@@ -359,7 +359,8 @@ def bench_real(tmp: Path, args: argparse.Namespace, res: dict) -> list[str]:
     lim["frames_per_cpu_s"] = n_frames / (lim["clips"] / lim["clips_per_cpu_s"])
     print(
         f"5. real footage ({len(paths)} videos, {n_frames} source frames): plain codec loop {lim['clips']} clips, "
-        f"{lim['frames_per_s']:6.1f} source frames/s, {lim['frames_per_cpu_s']:6.1f} per CPU-s  [{load()}]",
+        f"{lim['clips_per_s']:5.2f} clips/s | {lim['frames_per_s']:6.1f} source frames/s, "
+        f"{lim['frames_per_cpu_s']:6.1f} per CPU-s  [{load()}]",
         flush=True,
     )
     filters = ("--borders", "crop", "--static-threshold", "0.002", "--jitter-threshold", "0.12")
@@ -377,7 +378,8 @@ def bench_real(tmp: Path, args: argparse.Namespace, res: dict) -> list[str]:
         fps_core, fps_cpu = n_frames / r["run_s"] / cores, n_frames / cpu
         r.update(source_frames_per_s_per_core=fps_core, source_frames_per_cpu_s=fps_cpu)
         print(
-            f"   sharder --shot-detector {label:19s}: {r['clips']:3d} clips | {fps_core:6.1f} source frames/s per core "
+            f"   sharder --shot-detector {label:19s}: {r['clips']:3d} clips, "
+            f"{r['clips'] / r['run_s'] / cores:5.2f} clips/s per core | {fps_core:6.1f} source frames/s per core "
             f"({cores} core(s)) = {fps_core / lim['frames_per_s']:4.2f}x the plain loop | {fps_cpu:6.1f} per CPU-s "
             f"({fps_cpu / lim['frames_per_cpu_s']:4.2f}x) | TransNetV2 {r['shot_cpu_s']:5.1f} CPU-s = "
             f"{r['shot_cpu_s'] / n_frames * 1000:4.1f} per 1000 frames | peak RSS driver {r['driver_rss_mb']:4.0f} "
