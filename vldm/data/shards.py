@@ -7,6 +7,9 @@ Crash safety:
   the tar has the size it records. Anything else is redone from scratch, with the same samples under
   the same keys (deterministic inputs, clip placement and tar headers; x264 itself may differ in a
   few bits run to run).
+- with buckets each bucket's tar, manifest and done marker go to OUTPUT/<bucket>/ (a flat layout of its
+  own: only buckets that got a clip from this shard have one); the top-level done marker, written after
+  all of them, names the buckets and is what makes the shard complete.
 - a journal (`.{name}.journal.jsonl`) records when each input starts and ends. When a worker process
   dies (segfault in a decoder, OOM kill) Ray retries the task; an input that was being processed
   when a worker died twice in this run is recorded as `worker_crash` and skipped instead of killing
@@ -27,7 +30,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vldm.data.clips import ClipSpec, VideoError, open_video
+from vldm.data.clips import Clip, ClipSpec, VideoError, open_video
+from vldm.data.curate.filters import BORDER_EDGES, MOTION_EDGES, SHOT_EDGES, histogram
+from vldm.data.curate.shots import read_shots
 from vldm.data.format import (
     DONE_SUFFIX,
     EXT_JSON,
@@ -38,6 +43,7 @@ from vldm.data.format import (
     ClipMeta,
     FailedRow,
     ManifestRow,
+    RejectedRow,
     clip_key,
     source_id,
 )
@@ -70,14 +76,49 @@ def journal_path(out: Path, name: str) -> Path:
 
 
 def read_done(out: Path, name: str) -> dict[str, Any] | None:
-    """The summary of a complete shard, or None if the shard must be (re)done."""
+    """The summary of a complete shard, or None if the shard must be (re)done. A bucketed shard is complete when
+    each of its buckets' shards is."""
     try:
         summary = json.loads(done_path(out, name).read_text())
+        if "buckets" in summary:
+            return summary if all(read_done(out / b, name) is not None for b in summary["buckets"]) else None
         if tar_path(out, name).stat().st_size != summary["bytes"]:
             return None
         return summary
     except (OSError, ValueError, KeyError):
         return None
+
+
+def shard_dirs(out: Path, summary: dict[str, Any]) -> list[Path]:
+    """Directories holding the tars of a complete shard: OUTPUT itself, or its bucket directories."""
+    return [out / b for b in summary["buckets"]] if "buckets" in summary else [out]
+
+
+class _Sink:
+    """One tar being written (the flat shard, or one bucket's part of it) with its manifest rows. The tar
+    streams into a temp file beside its final name (vldm.io.atomic_open) and is renamed on `close`."""
+
+    def __init__(self, directory: Path, name: str):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir, self.name = directory, name
+        self._file = atomic_open(tar_path(directory, name))
+        self.writer = SampleWriter(self._file.__enter__())
+        self.rows: list[dict[str, Any]] = []
+        self.bytes = 0
+
+    def close(self) -> None:
+        self.writer.close()
+        self._file.__exit__(None, None, None)  # fsync + rename
+        self.bytes = os.path.getsize(tar_path(self.dir, self.name))
+
+    def discard(self) -> None:
+        # the temp file is removed, nothing is renamed (the exception is handed to atomic_open, not raised)
+        err = RuntimeError("shard abandoned")
+        self._file.__exit__(type(err), err, None)
+
+    def write_manifest(self) -> None:
+        data = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in self.rows)
+        atomic_write_bytes(manifest_path(self.dir, self.name), data)
 
 
 def _stat(path: str) -> tuple[int, float | None]:
@@ -157,66 +198,110 @@ def write_shard(
     source_hash: bool = False,
 ) -> dict[str, Any]:
     """Process `items` [(input index, record)] in order into shard `name`; returns its summary (also
-    written as the done marker). Bad inputs never raise: they are recorded in summary["failed"]."""
+    written as the done marker). Bad inputs never raise: they are recorded in summary["failed"], clips a
+    filter rejected in summary["rejected"]. With --shot-detector transnetv2 the shard's shots file must exist."""
     out = Path(out_dir)
     done = read_done(out, name)
     if done is not None:
         return done  # completed by an earlier attempt (e.g. the task was retried after it finished)
     t_start, cpu_start = time.time(), time.process_time()
     run_id = run_id or uuid.uuid4().hex
+    shots = None
+    if spec.shot_detector == "transnetv2":
+        shots = read_shots(out, name)
+        if shots is None:
+            raise ShardWriteError(f"{name}: no shots file (the TransNetV2 stage runs before the shard)")
     jpath = journal_path(out, name)
     crashed = crashed_inputs(read_journal(jpath), run_id)
     journal = _Journal(jpath, run_id)
-    rows: list[dict[str, Any]] = []
+    sinks: dict[str, _Sink] = {}
+    if not spec.buckets:
+        sinks[""] = _Sink(out, name)  # the flat layout always has its tar, even an empty one
     failed: list[dict[str, Any]] = []
     partial: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    curation: dict[str, list[float]] = {"motion": [], "borders": [], "shot_seconds": []}
     stats = Counter()
+
+    def sink(clip: Clip) -> _Sink:
+        key = clip.bucket if spec.buckets else ""
+        if key not in sinks:
+            sinks[key] = _Sink(out / key, name)
+        return sinks[key]
+
     try:
-        with atomic_open(tar_path(out, name)) as f:
-            writer = SampleWriter(f)
-            for i, rec in items:
-                rec = rec if isinstance(rec, InputRecord) else InputRecord(**rec)
-                if crashed.get(i, 0) >= CRASHES_BEFORE_SKIP:
-                    failed.append(
-                        vars(
-                            FailedRow(
-                                rec.path,
-                                "worker_crash",
-                                f"worker died {crashed[i]} times on it",
-                                rec.caption,
-                                rec.meta,
-                                name,
-                            )
+        for i, rec in items:
+            rec = rec if isinstance(rec, InputRecord) else InputRecord(**rec)
+            if crashed.get(i, 0) >= CRASHES_BEFORE_SKIP:
+                failed.append(
+                    vars(
+                        FailedRow(
+                            rec.path,
+                            "worker_crash",
+                            f"worker died {crashed[i]} times on it",
+                            rec.caption,
+                            rec.meta,
+                            name,
                         )
                     )
+                )
+                continue
+            journal.event("start", i)
+            rec_shots = None
+            if shots is not None:
+                found = shots.get(i, {"error": "error", "message": "missing from the shots file"})
+                if "error" in found:
+                    failed.append(
+                        vars(FailedRow(rec.path, found["error"], found["message"], rec.caption, rec.meta, name))
+                    )
+                    journal.event("end", i, clips=0, ok=False)
                     continue
-                journal.event("start", i)
-                n, secs, src_bytes, err = _process_input(rec, spec, source_hash, writer, rows)
-                stats["clips"] += n
-                stats["seconds"] += secs
-                stats["source_bytes"] += src_bytes
-                if err is not None and n == 0:
-                    failed.append(vars(FailedRow(rec.path, err.reason, err.message, rec.caption, rec.meta, name)))
-                elif err is not None:
-                    partial.append({"path": rec.path, "reason": err.reason, "error": err.message, "clips": n})
-                journal.event("end", i, clips=n, ok=n > 0)
-            writer.close()
+                rec_shots = found["shots"]
+                curation["shot_seconds"] += [b - a for a, b in rec_shots]
+                stats["shots"] += len(rec_shots)
+            n, secs, src_bytes, err = _process_input(
+                rec, spec, source_hash, sink, rejected, curation, stats, name, rec_shots
+            )
+            stats["clips"] += n
+            stats["seconds"] += secs
+            stats["source_bytes"] += src_bytes
+            if err is not None and n == 0:
+                failed.append(vars(FailedRow(rec.path, err.reason, err.message, rec.caption, rec.meta, name)))
+            elif err is not None:
+                partial.append({"path": rec.path, "reason": err.reason, "error": err.message, "clips": n})
+            journal.event("end", i, clips=n, ok=n > 0)
+        for sk in sinks.values():
+            sk.close()
     except BaseException:
         journal.close()
+        for sk in sinks.values():
+            sk.discard()
         raise
-    tar_bytes = os.path.getsize(tar_path(out, name))
-    atomic_write_bytes(
-        manifest_path(out, name), b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in rows)
-    )
+    for sk in sinks.values():
+        sk.write_manifest()
     summary = {
         "name": name,
-        "samples": len(rows),
-        "bytes": tar_bytes,
+        "samples": sum(len(sk.rows) for sk in sinks.values()),
+        "bytes": sum(sk.bytes for sk in sinks.values()),
         "seconds": round(stats["seconds"], 3),
         "inputs": len(items),
         "ok": len(items) - len(failed),
         "failed": failed,
         "partial": partial,
+        "rejected": rejected,
+        "curation": {
+            "shot_detector": spec.shot_detector
+            if (spec.shot_detector != "threshold" or spec.threshold_cuts)
+            else "none",
+            "clips_scored": len(curation["motion"]),
+            "cuts": stats["cuts"],
+            "shots": stats["shots"],
+            "histograms": {
+                "motion": histogram(curation["motion"], MOTION_EDGES),
+                "borders": histogram(curation["borders"], BORDER_EDGES),
+                "shot_seconds": histogram(curation["shot_seconds"], SHOT_EDGES),
+            },
+        },
         "source_bytes": stats["source_bytes"],
         "elapsed": round(time.time() - t_start, 3),
         "cpu_s": round(time.process_time() - cpu_start, 3),
@@ -224,6 +309,13 @@ def write_shard(
         "finished": time.time(),
         "latents": None,
     }
+    if spec.buckets:
+        summary["buckets"] = {}
+        for key, sk in sorted(sinks.items()):
+            part = {"name": name, "bucket": key, "samples": len(sk.rows), "bytes": sk.bytes, "latents": None}
+            part.update({k: summary[k] for k in ("run", "finished")})
+            atomic_write_bytes(done_path(sk.dir, name), json.dumps(part, indent=1).encode())
+            summary["buckets"][key] = {"samples": len(sk.rows), "bytes": sk.bytes}
     atomic_write_bytes(done_path(out, name), json.dumps(summary, ensure_ascii=False, indent=1).encode())
     journal.close()
     jpath.unlink(missing_ok=True)
@@ -231,10 +323,19 @@ def write_shard(
 
 
 def _process_input(
-    rec: InputRecord, spec: ClipSpec, source_hash: bool, writer: SampleWriter, rows: list[dict[str, Any]]
+    rec: InputRecord,
+    spec: ClipSpec,
+    source_hash: bool,
+    sink: Any,
+    rejected: list[dict[str, Any]],
+    curation: dict[str, list[float]],
+    stats: Counter,
+    shard: str,
+    shots: list[list[float]] | None,
 ) -> tuple[int, float, int, VideoError | None]:
-    """One input -> samples appended to `writer`; (clips, seconds, source bytes, error or None)."""
+    """One input -> samples written to `sink(clip)`; (clips, seconds, source bytes, error or None)."""
     n = size = 0
+    secs = 0.0
     try:
         try:
             size, mtime = _stat(rec.path)
@@ -245,49 +346,81 @@ def _process_input(
         sha = _sha256(rec.path) if source_hash else None
         caption = rec.caption or ""
         sid = source_id(rec.path)
-        with open_video(rec.path, spec) as (info, clips):
-            for clip in clips:
-                key = clip_key(rec.path, clip.index)
-                meta = ClipMeta(
-                    key=key,
-                    source=rec.path,
-                    source_id=sid,
-                    source_size=size,
-                    source_mtime=mtime,
-                    source_sha256=sha,
-                    clip=clip.index,
-                    start=round(clip.start, 6),
-                    end=round(clip.end, 6),
-                    fps=float(spec.fps),
-                    frames=clip.frames,
-                    height=spec.height,
-                    width=spec.width,
-                    caption=caption,
-                    source_fps=info.fps,
-                    source_width=info.width,
-                    source_height=info.height,
-                    source_codec=info.codec,
-                    source_duration=info.duration,
-                    rotation=clip.rotation,
-                    meta=rec.meta,
-                )
-                try:
-                    writer.write(key, {EXT_JSON: meta.to_json(), EXT_MP4: clip.mp4, EXT_TXT: caption.encode()})
-                except OSError as e:  # the output, not the input, is broken (disk full...): fail the shard
-                    raise ShardWriteError(str(e)) from e
-                rows.append(
-                    vars(
-                        ManifestRow(
-                            key, rec.path, clip.index, meta.start, meta.end, clip.frames, len(clip.mp4), caption
+        counts: dict[str, int] = {}
+        detector = spec.shot_detector if (spec.shot_detector != "threshold" or spec.threshold_cuts) else "none"
+        try:
+            with open_video(rec.path, spec, shots, counts) as (info, clips):
+                if counts.get("borders") is not None:
+                    curation["borders"].append(counts["borders"])
+                for clip in clips:
+                    key = clip_key(rec.path, clip.index)
+                    curation["motion"].append(clip.scores.get("motion", 0.0))
+                    if clip.rejected:
+                        rejected.append(
+                            vars(
+                                RejectedRow(
+                                    key,
+                                    rec.path,
+                                    clip.index,
+                                    round(clip.start, 6),
+                                    round(clip.end, 6),
+                                    clip.rejected,
+                                    clip.scores,
+                                    shard,
+                                )
+                            )
+                        )
+                        continue
+                    meta = ClipMeta(
+                        key=key,
+                        source=rec.path,
+                        source_id=sid,
+                        source_size=size,
+                        source_mtime=mtime,
+                        source_sha256=sha,
+                        clip=clip.index,
+                        start=round(clip.start, 6),
+                        end=round(clip.end, 6),
+                        fps=float(spec.fps),
+                        frames=clip.frames,
+                        height=clip.height,
+                        width=clip.width,
+                        caption=caption,
+                        source_fps=info.fps,
+                        source_width=info.width,
+                        source_height=info.height,
+                        source_codec=info.codec,
+                        source_duration=info.duration,
+                        rotation=clip.rotation,
+                        meta=rec.meta,
+                        bucket=clip.bucket,
+                        shot=clip.shot,
+                        shot_detector=detector,
+                        scores=clip.scores,
+                    )
+                    target = sink(clip)
+                    try:
+                        target.writer.write(
+                            key, {EXT_JSON: meta.to_json(), EXT_MP4: clip.mp4, EXT_TXT: caption.encode()}
+                        )
+                    except OSError as e:  # the output, not the input, is broken (disk full...): fail the shard
+                        raise ShardWriteError(str(e)) from e
+                    target.rows.append(
+                        vars(
+                            ManifestRow(
+                                key, rec.path, clip.index, meta.start, meta.end, clip.frames, len(clip.mp4), caption
+                            )
                         )
                     )
-                )
-                n += 1
-        return n, n * spec.frames / float(spec.fps), size, None
+                    n += 1
+                    secs += clip.frames / float(spec.fps)
+        finally:
+            stats["cuts"] += counts.get("cuts", 0)
+        return n, secs, size, None
     except VideoError as e:
-        return n, n * spec.frames / float(spec.fps), size, e
+        return n, secs, size, e
     except ShardWriteError:
         raise
     except Exception as e:  # a bug or an exotic file: record it with its traceback, keep the shard going
         log.warning("unexpected error on %s:\n%s", rec.path, traceback.format_exc())
-        return n, n * spec.frames / float(spec.fps), size, VideoError("error", f"{type(e).__name__}: {e}")
+        return n, secs, size, VideoError("error", f"{type(e).__name__}: {e}")
