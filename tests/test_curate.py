@@ -340,11 +340,11 @@ def test_a_bucketed_shard_killed_mid_way_is_redone_whole(footage, tmp_path):
 
     proc = subprocess.Popen([sys.executable, "-c", code, str(out), json.dumps(items), pickle.dumps(s).hex()])
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("*/.*.tar.tmp"))) < 2 and proc.poll() is None:
+    while time.time() < deadline and len(list(out.glob("*/.shard-000000.tar.*.tmp"))) < 2 and proc.poll() is None:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(list(out.glob("*/.*.tar.tmp"))) >= 2 and read_done(out, "shard-000000") is None
+    assert len(list(out.glob("*/.shard-000000.tar.*.tmp"))) >= 2 and read_done(out, "shard-000000") is None
     _clean_temps(out)
     assert not list(out.glob("*/.*.tmp"))
     summary = write_shard(out, "shard-000000", items, s)
