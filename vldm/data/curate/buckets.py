@@ -12,39 +12,10 @@ bucket directory a complete flat layout with its own `_shards.json`; OUTPUT/_sha
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
+from vldm.config.data import Bucket, parse_buckets  # the format of the `buckets` option lives in the schema
 
-@dataclass(frozen=True, order=True)
-class Bucket:
-    height: int
-    width: int
-    frames: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.height}x{self.width}x{self.frames}"
-
-    @property
-    def aspect(self) -> float:
-        return self.width / self.height
-
-
-def parse_buckets(text: str) -> tuple[Bucket, ...]:
-    """'256x256x16,320x512x16' -> buckets (sorted, unique); '' -> (). Raises ValueError naming the bad item."""
-    out: set[Bucket] = set()
-    for item in (s.strip().lower() for s in text.split(",")):
-        if not item:
-            continue
-        parts = item.split("x")
-        try:
-            h, w, f = (int(p) for p in parts)
-        except ValueError:
-            raise ValueError(f"buckets: {item!r} is not HxWxF (e.g. 320x512x16)") from None
-        if h <= 0 or w <= 0 or f <= 0 or h % 2 or w % 2:
-            raise ValueError(f"buckets: {item!r}: height and width must be positive and even, frames positive")
-        out.add(Bucket(h, w, f))
-    return tuple(sorted(out))
+__all__ = ["Bucket", "choose_size", "lengths_for", "parse_buckets"]
 
 
 def choose_size(buckets: tuple[Bucket, ...], height: int, width: int) -> tuple[int, int]:
