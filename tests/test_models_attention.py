@@ -46,8 +46,18 @@ def test_unequal_batches_are_refused():
 def test_band_mask_matches_reference():
     q, k, v = qkv(s=10)
     m = band_mask(10, 4, q.device)
-    assert m[0, 2] and not m[0, 3]
+    assert m[2, 0] and not m[3, 0] and m[0, 1] and not m[0, 2]  # 2 frames back, 1 ahead: 4 frames
     assert torch.allclose(A.attention(q, k, v, backend="sdpa", mask=m), A.math_attention(q, k, v, m), atol=1e-5)
+
+
+@pytest.mark.parametrize("band", [1, 2, 3, 4, 5, 8])
+def test_band_mask_covers_exactly_band_frames(band):
+    m = band_mask(20, band, torch.device("cpu"))
+    inner = m[band : 20 - band]  # rows whose window is not cut by the ends of the sequence
+    assert inner.sum(1).tolist() == [band] * inner.shape[0]
+    assert m.diagonal().all()  # a frame always sees itself
+    rows = [i for i in range(20) if m[i].sum() == band]
+    assert all(m[i].nonzero().flatten().diff().eq(1).all() for i in rows)  # contiguous windows
 
 
 def test_flash_refuses_clearly_without_cuda():

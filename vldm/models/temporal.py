@@ -137,9 +137,13 @@ def frame_index_embedding(num_frames: int, dim: int, device: torch.device) -> to
 
 
 def band_mask(num_frames: int, band: int, device: torch.device) -> torch.Tensor:
-    """Bool (f, f) mask letting frame i attend to frames j with |i - j| <= band // 2."""
+    """Bool (f, f) mask letting frame i attend to the `band` frames i - band // 2 .. i + (band - 1) // 2.
+
+    Exactly `band` frames away from the ends: an odd band is centred, an even one reaches one frame further
+    into the past than into the future (a symmetric |i - j| <= band // 2 would give band + 1 frames)."""
     idx = torch.arange(num_frames, device=device)
-    return (idx[:, None] - idx[None, :]).abs() <= band // 2
+    d = idx[None, :] - idx[:, None]  # j - i
+    return (d >= -(band // 2)) & (d <= (band - 1) // 2)
 
 
 class TemporalTransformer(nn.Module):

@@ -12,6 +12,7 @@ import torch
 
 from vldm.config.core import from_dict
 from vldm.config.sample import SampleConfig
+from vldm.diffusion.sampler import initial_noise
 from vldm.models.video_unet import VideoLDMUNet
 from vldm.sample.guidance import Conditioning, Known, denoise, subseed, windowed
 from vldm.tasks.paper import (
@@ -258,8 +259,9 @@ def upsample(
     b, _, f = pixels.shape[:3]
     lowres = make_lowres(pixels.to(m.device), 1, out_hw).to(m.dtype)
     level = torch.full((b,), int(cfg.upsample_noise_level), device=m.device)
-    gen = torch.Generator().manual_seed(subseed(run.seeds[0], "upsample-noise"))
-    lowres = noise_augment(lowres, level, gen, low_res_scheduler)
+    # augmentation noise row i from sample i's seed: a sample's output does not depend on its batch
+    aug = initial_noise(tuple(lowres.shape[1:]), [subseed(s, "upsample-noise") for s in run.seeds], "cpu")
+    lowres = noise_augment(lowres, level, scheduler=low_res_scheduler, noise=aug)
     extra = noise_level_inputs(o.condition_via, level)
     cond = run.guidance(text, m, extra, text_scale=cfg.upsample_guidance_scale or cfg.guidance_scale)
     model_fn = windowed(m, cfg.upsample_window, cfg.upsample_overlap)

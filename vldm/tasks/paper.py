@@ -277,10 +277,18 @@ def noise_augment(
     noise_level: torch.Tensor,
     generator: torch.Generator | None = None,
     scheduler: DDPMScheduler | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Noise the low-res input to level t_g (paper §3.4 noise augmentation); (b,) integer levels."""
+    """Noise the low-res input to level t_g (paper §3.4 noise augmentation); (b,) integer levels.
+
+    `noise` (the shape of `lowres`) is used when given: sampling draws it per sample from each sample's
+    own seed, so a sample does not depend on the batch it is in; otherwise it comes from `generator`."""
     sched = scheduler or low_res_scheduler()
-    noise = torch.randn(lowres.shape, generator=generator, dtype=torch.float32).to(lowres.device, lowres.dtype)
+    if noise is None:
+        noise = torch.randn(lowres.shape, generator=generator, dtype=torch.float32)
+    elif noise.shape != lowres.shape:
+        raise ValueError(f"noise of shape {tuple(noise.shape)} for low-res frames of shape {tuple(lowres.shape)}")
+    noise = noise.to(lowres.device, lowres.dtype)
     return sched.add_noise(lowres, noise, noise_level.long().to(lowres.device))
 
 
