@@ -68,3 +68,46 @@ def test_temporal_layers_read_the_original_text_encoder(trained):
         video(x, t, tuned_text, image_only=True),
         video(x, t, tuned_text, temporal_encoder_hidden_states=original_text, image_only=True),
     )
+
+
+def test_peft_adapter_directory_fuses_with_its_lora_alpha(tmp_path):
+    """A LoRA in the layout PeftModel.save_pretrained writes (peft is not installed here): adapter_config.json
+    with lora_alpha != r and an alpha_pattern, weights keyed base_model.model.<module>.lora_A/B.weight."""
+    import json
+
+    from safetensors.torch import save_file
+
+    rank, q, k = 4, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "mid_block.attentions.0.proj_in"
+    g = torch.Generator().manual_seed(0)
+    w = {m: tiny_unet().get_submodule(m).weight for m in (q, k)}
+    ab = {m: (torch.randn(rank, w[m].shape[1], generator=g), torch.randn(w[m].shape[0], rank, generator=g)) for m in w}
+    sd = {f"base_model.model.{m}.lora_{n}.weight": t for m, pair in ab.items() for n, t in zip("AB", pair)}
+    save_file(sd, str(tmp_path / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 16,
+        "alpha_pattern": {"mid_block.attentions.0.proj_in": 2},
+        "rank_pattern": {},
+        "target_modules": ["to_q", "proj_in"],
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "task_type": None,
+        "inference_mode": True,
+    }
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    alphas = {q: 16.0, k: 2.0}
+    for source in (tmp_path, tmp_path / "adapter_model.safetensors"):  # the directory or its weights file
+        u = tiny_unet()
+        assert sorted(fuse_lora(u, source, scale=0.5)) == sorted([q, k])
+        for m, (a, b) in ab.items():
+            expected = w[m] + 0.5 * alphas[m] / rank * (b @ a).reshape(w[m].shape)
+            assert torch.allclose(u.get_submodule(m).weight, expected, atol=1e-5), m
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora"):
+        fuse_lora(tiny_unet(), tmp_path)

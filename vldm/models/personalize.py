@@ -8,13 +8,19 @@ encoder's embedding space.
 
     video_unet = personalize("runs/sd15_t2v", "models/dreambooth_dog", lora="style.safetensors")
 
-LoRA files: diffusers/PEFT (`...lora_A.weight` / `lora_B.weight`), diffusers attention processors
-(`...processor.to_q_lora.down.weight`) and kohya (`lora_unet_..._lora_down.weight`, with `.alpha`);
-only UNet entries are used (a LoRA's text-encoder part belongs to the spatial text encoder, fuse it there).
+LoRA files: diffusers/PEFT (`...lora_A.weight` / `lora_B.weight`, with a `unet.` or PEFT's
+`base_model.model.` prefix), diffusers attention processors (`...processor.to_q_lora.down.weight`) and
+kohya (`lora_unet_..._lora_down.weight`, with `.alpha`); only UNet entries are used (a LoRA's
+text-encoder part belongs to the spatial text encoder, fuse it there). A PEFT adapter directory
+(`adapter_config.json` + `adapter_model.safetensors`, what `PeftModel.save_pretrained` writes) is fused
+with its own scaling: `lora_alpha / r` (`lora_alpha / sqrt(r)` with `use_rslora`), per module
+`rank_pattern` / `alpha_pattern` applied.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
@@ -25,21 +31,66 @@ from safetensors.torch import load_file
 from vldm.checkpoint import COMPLETE, latest_checkpoint
 from vldm.models.video_unet import CONFIG_NAME, VideoLDMUNet
 
-_PEFT = re.compile(r"^(?:unet\.)?(?P<mod>.+)\.lora_(?P<kind>A|B)(?:\.default)?\.weight$")
+# PEFT's save_pretrained prefixes keys with base_model.model. (the PeftModel wrapper); diffusers with unet.
+_PREFIX = r"^(?:base_model\.model\.)?(?:unet\.)?"
+_PEFT = re.compile(_PREFIX + r"(?P<mod>.+)\.lora_(?P<kind>A|B)(?:\.default)?\.weight$")
 _PROC = re.compile(
-    r"^(?:unet\.)?(?P<mod>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<kind>down|up)\.weight$"
+    _PREFIX + r"(?P<mod>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<kind>down|up)\.weight$"
 )
 _KOHYA = re.compile(r"^lora_unet_(?P<mod>.+)\.(?P<kind>lora_down|lora_up)\.weight$")
 
 
-def load_lora(path: str | Path) -> dict[str, torch.Tensor]:
+PEFT_CONFIG = "adapter_config.json"
+
+
+def _weights_file(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
         cands = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
         if not cands:
             raise FileNotFoundError(f"no LoRA weights in {p}")
         p = cands[0]
+    return p
+
+
+def load_lora(path: str | Path) -> dict[str, torch.Tensor]:
+    p = _weights_file(path)
     return load_file(str(p)) if p.suffix == ".safetensors" else torch.load(p, map_location="cpu", weights_only=True)
+
+
+def load_peft_config(path: str | Path) -> dict | None:
+    """The adapter_config.json of a PEFT adapter (the directory, or beside the weights file), else None."""
+    p = Path(path)
+    cfg = p / PEFT_CONFIG if p.is_dir() else p.parent / PEFT_CONFIG
+    if not cfg.is_file():
+        return None
+    out = json.loads(cfg.read_text())
+    if out.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg}: peft_type {out['peft_type']!r} is not a LoRA")
+    if out.get("use_dora"):
+        raise ValueError(f"{cfg}: DoRA adapters (use_dora) cannot be fused as W + scale * B @ A")
+    for key in ("r", "lora_alpha"):
+        if not isinstance(out.get(key), (int, float)):
+            raise ValueError(f"{cfg}: {key!r} missing or not a number")
+    return out
+
+
+def _pattern_value(patterns: dict, module: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module whose name ends with it."""
+    for key, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", module):
+            return float(value)
+    return float(default)
+
+
+def peft_alpha(config: dict, module: str, rank: int) -> float:
+    """The alpha that makes fuse_lora's alpha / rank equal PEFT's scaling for `module`."""
+    r = _pattern_value(config.get("rank_pattern"), module, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"])
+    if int(r) != rank:
+        raise ValueError(f"LoRA for {module}: rank {rank} in the weights, r = {int(r)} in {PEFT_CONFIG}")
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return scaling * rank
 
 
 def _pairs(sd: dict[str, torch.Tensor], unet: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -66,10 +117,20 @@ def _pairs(sd: dict[str, torch.Tensor], unet: torch.nn.Module) -> dict[str, dict
 
 
 @torch.no_grad()
-def fuse_lora(unet: UNet2DConditionModel, lora: dict[str, torch.Tensor] | str | Path, scale: float = 1.0) -> list[str]:
+def fuse_lora(
+    unet: UNet2DConditionModel,
+    lora: dict[str, torch.Tensor] | str | Path,
+    scale: float = 1.0,
+    peft_config: dict | None = None,
+) -> list[str]:
     """Add scale * (alpha / rank) * up @ down to each targeted weight of `unet` in place; returns the modules
-    changed."""
-    sd = load_lora(lora) if isinstance(lora, (str, Path)) else lora
+    changed. alpha: the kohya `.alpha` entry, else the PEFT adapter config's (`peft_config`, or the
+    adapter_config.json of the directory `lora`), else alpha = rank."""
+    if isinstance(lora, (str, Path)):
+        peft_config = peft_config or load_peft_config(lora)
+        sd = load_lora(lora)
+    else:
+        sd = lora
     modules = dict(unet.named_modules())
     changed = []
     for name, pair in _pairs(sd, unet).items():
@@ -80,7 +141,13 @@ def fuse_lora(unet: UNet2DConditionModel, lora: dict[str, torch.Tensor] | str | 
         w = modules[name].weight
         down, up = pair["down"].float(), pair["up"].float()
         rank = down.shape[0]
-        factor = scale * (float(pair["alpha"]) / rank if "alpha" in pair else 1.0)
+        if "alpha" in pair:
+            alpha = float(pair["alpha"])
+        elif peft_config is not None:
+            alpha = peft_alpha(peft_config, name, rank)
+        else:
+            alpha = float(rank)
+        factor = scale * alpha / rank
         delta = up.flatten(1) @ down.flatten(1)  # linear, 1x1 and kxk convs alike
         w.add_((factor * delta).reshape(w.shape).to(w.dtype))
         changed.append(name)
