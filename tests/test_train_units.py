@@ -220,6 +220,23 @@ def test_bad_config_is_refused_naming_the_key(override, key):
         check(build_config(Config, [str(TINY)], [override]), cuda=False)
 
 
+def test_prediction_type_of_a_frozen_image_unet_cannot_change(tmp_path):
+    """stage=temporal keeps the image UNet frozen: diffusion.prediction_type must be what it predicts."""
+    import json
+
+    base = tmp_path / "base"  # the layout preflight reads: unet/, scheduler/scheduler_config.json (SD-1.5's)
+    (base / "unet").mkdir(parents=True)
+    (base / "scheduler").mkdir()
+    (base / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon"}))
+    model = [f"model.pretrained={base}", "data.use_latents=true"]
+    for ok in ("auto", "epsilon"):
+        check(build_config(Config, [str(TINY)], model + [f"diffusion.prediction_type={ok}"]), cuda=False)
+    v = model + ["diffusion.prediction_type=v_prediction"]
+    with pytest.raises(ConfigError, match=r"diffusion\.prediction_type.*'v_prediction'.*'epsilon'"):
+        check(build_config(Config, [str(TINY)], v), cuda=False)
+    check(build_config(Config, [str(TINY)], v + ["stage=image"]), cuda=False)  # the image UNet trains: allowed
+
+
 def test_bad_config_fails_before_any_rank_starts(tmp_path):
     t0 = time.time()
     proc = subprocess.run(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
+from vldm.config.core import ConfigError
 from vldm.config.train import DiffusionConfig
 
 SAMPLERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "ddpm": DDPMScheduler}
@@ -28,6 +29,25 @@ def scheduler_config(cfg: DiffusionConfig, model_scheduler_config: dict | None) 
         out["prediction_type"] = cfg.prediction_type
     out.setdefault("prediction_type", "epsilon")
     return out
+
+
+def check_parameterisation(cfg: DiffusionConfig, image_scheduler_config: dict | None, image_unet_trained: bool) -> None:
+    """Refuse a `diffusion.prediction_type` that differs from what the frozen image UNet predicts.
+
+    The temporal stage keeps the image UNet's spatial layers frozen: they were trained to predict one
+    quantity (epsilon for SD 1.x, v for SD 2.x), and a loss on another silently trains the temporal
+    layers against it. Only a run that trains the image UNet itself (stage=image) may change it.
+    `image_scheduler_config` is the image model's scheduler/ config (None: the model has none, nothing to
+    compare with)."""
+    if image_unet_trained or cfg.prediction_type == "auto" or image_scheduler_config is None:
+        return
+    own = image_scheduler_config.get("prediction_type", "epsilon")
+    if cfg.prediction_type != own:
+        raise ConfigError(
+            f"diffusion.prediction_type: {cfg.prediction_type!r} differs from the frozen image UNet's {own!r} "
+            "(its scheduler config): the image UNet would be used with a parameterisation it was not trained "
+            f"for. Use 'auto' (or {own!r}), or train the image UNet (stage=image)"
+        )
 
 
 def make_scheduler(config: dict, kind: str = "ddpm"):

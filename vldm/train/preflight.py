@@ -8,6 +8,7 @@ names a task with options.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def check(cfg: Config, cuda: bool | None = None) -> list[str]:
             raise ConfigError(
                 f"data.use_latents: false needs a VAE, and {root} has no vae/ (use latent shards or add the VAE)"
             )
+        sched = root / "scheduler" / "scheduler_config.json"
+        if cfg.stage == "temporal" and sched.is_file():  # the frozen image UNet keeps its parameterisation
+            from vldm.diffusion.schedule import check_parameterisation
+
+            check_parameterisation(cfg.diffusion, json.loads(sched.read_text()), image_unet_trained=False)
     if m.temporal_weights and not Path(m.temporal_weights).exists():
         raise ConfigError(f"model.temporal_weights: {m.temporal_weights} does not exist")
     if cfg.stage == "decoder":
