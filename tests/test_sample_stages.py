@@ -7,9 +7,9 @@ import torch
 from paper_helpers import tiny_unet
 
 from vldm.config.sample import SampleConfig
+from vldm.diffusion.sampler import Conditioning, Known, denoise, windowed
 from vldm.sample import stages
 from vldm.sample.api import plan_key_frames
-from vldm.sample.guidance import Conditioning, Known, denoise, windowed
 from vldm.sample.stages import Run, TextInputs
 from vldm.sample.tiny import stage_model
 

@@ -1,18 +1,36 @@
-"""Sampling latents with diffusers schedulers (DDIM, as in the paper; DPM-Solver) and classifier-free guidance.
+"""The one denoising loop of vldm: the eval pool, the sampler CLI / pipeline (every cascade stage) and the
+demo all sample through `denoise`, with diffusers schedulers (DDIM, as in the paper; DPM-Solver).
 
-Sample i's initial noise comes from its own seed, so results do not depend on batch composition or on
-which worker draws them.
+Sample i's noise comes from its own seed (`initial_noise`, `subseed`), so results do not depend on batch
+composition, chunk scheduling or which worker draws them.
+
+Guidance (classifier-free, Ho & Salimans) is composed over two conditions, each with its own scale:
+the text/class condition and the context condition of prediction models (paper §3.2:
+f' = f(z) + s (f(z; c_S) - f(z))). With A = f(z; text, context), B = f(z; text) and C = f(z; context):
+
+    eps = A + (s_text - 1) (A - C) + (s_ctx - 1) (A - B)
+
+which is plain text guidance C + s_text (A - C) when s_ctx = 1, and the paper's context guidance
+B + s_ctx (A - B) when s_text = 1 (computed in that form then). Only the branches a scale needs are
+evaluated, in one batch.
+
+Known frames (the context of a prediction, the key frames of an interpolation) are re-imposed before
+every model call, noised to the current level with a fixed noise: the model then sees at those positions
+exactly what it saw in training, and the output holds the given latents there bit for bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from einops import rearrange
 
 from vldm.diffusion.schedule import make_scheduler
+from vldm.models.windows import crossfade
 
 
 def initial_noise(shape: tuple[int, ...], seeds: list[int], device, dtype=torch.float32) -> torch.Tensor:
@@ -21,73 +39,157 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int], device, dtype=torch.
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
-def _cat(a: Any, b: Any) -> Any:
-    if isinstance(a, torch.Tensor) and a.ndim > 0:
-        return torch.cat([a, b], 0)
-    if isinstance(a, dict):
-        return {k: _cat(a[k], b[k]) for k in a}
-    return a
+def subseed(seed: int, *tags: Any) -> int:
+    """A seed for one part of a sample (a rollout chunk, an interpolation window) that depends only on
+    the sample's seed and the tags: results do not depend on batch composition or chunk scheduling."""
+    h = hashlib.sha256(repr((int(seed),) + tags).encode()).digest()
+    return int.from_bytes(h[:7], "little")
+
+
+def latent_channels(model: Any) -> int:
+    """Channels of the latents a denoiser produces: its UNet's out_channels. Not in_channels: an upscaler's
+    input also holds the low-res frames (SD x4: 4 latent + 3 image channels in, 4 out)."""
+    unet = getattr(model, "unet", model)
+    return int(unet.config.out_channels)
+
+
+ModelFn = Callable[..., torch.Tensor]  # model(sample, t, encoder_hidden_states=..., **kwargs) -> (b, c, f, h, w)
+
+
+@dataclass
+class Conditioning:
+    """Model kwargs of the conditional branch and of the two 'unconditional' ones.
+
+    `cond` must hold `encoder_hidden_states`; `no_text` is `cond` with the negative prompt / no-label
+    class (None: no text guidance possible); `no_context` is `cond` with an empty context (S = 0)."""
+
+    cond: dict[str, Any]
+    no_text: dict[str, Any] | None = None
+    no_context: dict[str, Any] | None = None
+    text_scale: float = 1.0
+    context_scale: float = 1.0
+
+    def branches(self) -> list[tuple[str, dict[str, Any]]]:
+        out = [("A", self.cond)]
+        if self.text_scale != 1.0:
+            if self.no_text is None:
+                raise ValueError("text guidance needs the unconditional (negative prompt) inputs")
+            out.append(("C", self.no_text))
+        if self.context_scale != 1.0 and self.no_context is not None:
+            out.append(("B", self.no_context))
+        return out
+
+    def combine(self, outs: dict[str, torch.Tensor]) -> torch.Tensor:
+        a = outs["A"]
+        if "C" in outs and "B" in outs:
+            return a + (self.text_scale - 1.0) * (a - outs["C"]) + (self.context_scale - 1.0) * (a - outs["B"])
+        # one condition guided: the textbook u + s (c - u), the same value computed the same way
+        if "C" in outs:
+            return outs["C"] + self.text_scale * (a - outs["C"])
+        if "B" in outs:
+            return outs["B"] + self.context_scale * (a - outs["B"])
+        return a
+
+
+@dataclass
+class Known:
+    """Frames whose clean latents are given: `mask` (b, f) bool, `latents` (b, c, f, h, w)."""
+
+    latents: torch.Tensor
+    mask: torch.Tensor
+    noise: torch.Tensor | None = field(default=None, repr=False)
+
+    def where(self) -> torch.Tensor:
+        return self.mask[:, None, :, None, None]
+
+
+def _cat(values: list[Any]) -> Any:
+    first = values[0]
+    if isinstance(first, torch.Tensor) and first.ndim > 0:
+        return torch.cat(values, 0)
+    if isinstance(first, dict):
+        return {k: _cat([v[k] for v in values]) for k in first}
+    return first
+
+
+def _repeat_extra(extra: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if extra is None else torch.cat([extra] * n, 0)
 
 
 @torch.no_grad()
-def sample_latents(
-    model: Callable[..., torch.Tensor],
-    encoder_hidden_states: torch.Tensor,
-    num_frames: int,
-    height: int,
-    width: int,
+def denoise(
+    model: ModelFn,
+    shape: tuple[int, ...],
     seeds: list[int],
     scheduler_config: dict,
+    conditioning: Conditioning,
     steps: int = 25,
-    guidance_scale: float = 1.0,
-    negative_hidden_states: torch.Tensor | None = None,
     sampler: str = "ddim",
-    latent_channels: int | None = None,
-    model_kwargs: dict | None = None,
-    uncond_model_kwargs: dict | None = None,
-    latents: torch.Tensor | None = None,
-    callback: Callable[[int, int, torch.Tensor], Any] | None = None,
-    step_hook: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    known: Known | None = None,
+    extra_channels: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    on_step: Callable[[], Any] | None = None,
+    eta: float = 0.0,
 ) -> torch.Tensor:
-    """Generate (b, c, f, h, w) latents with `model(sample, t, encoder_hidden_states, **model_kwargs)`.
+    """Sample (b, *shape) latents; sample i starts from noise seeded by seeds[i].
 
-    guidance_scale > 1 runs the conditional and unconditional branch in one batch:
-    eps = eps_u + s * (eps_c - eps_u). `negative_hidden_states` defaults to zeros-like text (an empty
-    prompt should be encoded and passed for text models). `model_kwargs` / `uncond_model_kwargs` are
-    the per-branch extra inputs (class labels, context frames ...). `step_hook(latents, t)` may edit the
-    latents after each step (e.g. to re-impose known frames).
+    extra_channels (b, e, f, h, w) are concatenated after the noisy latents at every call (low-res
+    frames of the upsampler). `on_step()` is called after each step (progress bars).
     """
-    dev = encoder_hidden_states.device
-    dtype = encoder_hidden_states.dtype
-    b = encoder_hidden_states.shape[0]
-    if len(seeds) != b:
-        raise ValueError(f"need one seed per sample: {len(seeds)} seeds for {b} samples")
-    c = latent_channels or getattr(getattr(model, "unet", None), "config", None).in_channels
+    text = conditioning.cond.get("encoder_hidden_states")
+    if text is not None and text.shape[0] != len(seeds):
+        raise ValueError(f"need one seed per sample: {len(seeds)} seeds for {text.shape[0]} samples")
     sched = make_scheduler(scheduler_config, sampler)
-    sched.set_timesteps(steps, device=dev)
-    if latents is None:
-        latents = initial_noise((c, num_frames, height, width), seeds, dev, dtype) * sched.init_noise_sigma
-    kw = dict(model_kwargs or {})
-    guided = guidance_scale != 1.0
-    if guided:
-        neg = negative_hidden_states if negative_hidden_states is not None else torch.zeros_like(encoder_hidden_states)
-        ctx = torch.cat([neg, encoder_hidden_states], 0)
-        kw = _cat(dict(uncond_model_kwargs if uncond_model_kwargs is not None else kw), kw)
-    else:
-        ctx = encoder_hidden_states
-    for i, t in enumerate(sched.timesteps):
-        inp = torch.cat([latents, latents], 0) if guided else latents
-        inp = sched.scale_model_input(inp, t)
-        out = model(inp, t.expand(inp.shape[0]) if t.ndim == 0 else t, ctx, **kw)
-        if guided:
-            u, cnd = out.chunk(2)
-            out = u + guidance_scale * (cnd - u)
-        latents = sched.step(out, t, latents).prev_sample
-        if step_hook is not None:
-            latents = step_hook(latents, t)
-        if callback is not None:
-            callback(i, len(sched.timesteps), latents)
-    return latents
+    sched.set_timesteps(steps, device=device)
+    x = initial_noise(tuple(shape), seeds, device, dtype) * sched.init_noise_sigma
+    if known is not None:
+        if known.noise is None:
+            known.noise = initial_noise(tuple(shape), [subseed(s, "known") for s in seeds], device, dtype)
+        keep = known.where()
+    branches = conditioning.branches()
+    names = [n for n, _ in branches]
+    kw = _cat([b for _, b in branches])
+    extra = _repeat_extra(extra_channels, len(branches))
+    step_kw = {"eta": eta} if sampler == "ddim" else {}
+    for t in sched.timesteps:
+        if known is not None:
+            noisy_known = sched.add_noise(known.latents.to(dtype), known.noise, t.reshape(1).expand(x.shape[0]))
+            x = torch.where(keep, noisy_known, x)
+        inp = sched.scale_model_input(torch.cat([x] * len(branches), 0), t)
+        if extra is not None:
+            inp = torch.cat([inp, extra.to(inp.dtype)], 1)
+        out = model(inp, t.reshape(1).expand(inp.shape[0]), **kw)
+        eps = conditioning.combine(dict(zip(names, out.chunk(len(branches)))))
+        x = sched.step(eps, t, x, **step_kw).prev_sample
+        if on_step is not None:
+            on_step()
+    if known is not None:
+        x = torch.where(keep, known.latents.to(x.dtype), x)
+    return x
+
+
+def windowed(model: ModelFn, window: int, overlap: int) -> ModelFn:
+    """Apply `model` over overlapping windows of frames, cross-faded (`vldm.models.windows`).
+
+    Every per-frame input (5-D tensors: the sample, temporal_cond) is cut into the same windows; used by
+    the upsampler on sequences longer than it was trained on (paper §3.4: applied in windows over frames).
+    """
+    if overlap >= window:
+        raise ValueError("overlap must be smaller than the window")
+
+    def run(sample: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
+        f = sample.shape[2]
+        if f <= window:
+            return model(sample, t, **kw)
+
+        def one(s: int, e: int) -> torch.Tensor:
+            sub = {k: (v[:, :, s:e] if isinstance(v, torch.Tensor) and v.ndim == 5 else v) for k, v in kw.items()}
+            return model(sample[:, :, s:e], t, **sub)
+
+        return crossfade(one, f, window, overlap, sample.device).to(sample.dtype)
+
+    return run
 
 
 @torch.no_grad()

@@ -188,7 +188,7 @@ class EvalWorker:
     @torch.no_grad()
     def _generate(self, specs: list[dict]) -> torch.Tensor:
         """(b, 3, f, H, W) videos in [-1, 1], quantised to 8 bits, for the given sample specs."""
-        from vldm.diffusion import decode_latents, sample_latents, scheduler_config
+        from vldm.diffusion import Conditioning, decode_latents, denoise, latent_channels, scheduler_config
         from vldm.models.base import encode_text
 
         model, comps, s, r = self._ensure_model(), self._comps, self.suite.sampling, self.resolved
@@ -196,26 +196,23 @@ class EvalWorker:
         if r.height % vsf or r.width % vsf:
             raise ValueError(f"sample size {r.height}x{r.width} is not divisible by the VAE factor {vsf}")
         ctx = encode_text(comps, [x["prompt"] for x in specs], self.device, self.dtype)
-        neg = (
-            encode_text(comps, [s.negative_prompt] * len(specs), self.device, self.dtype)
-            if s.guidance_scale != 1
-            else None
-        )
         kw, ukw = self._conditioning(specs)
-        latents = sample_latents(
+        guided = s.guidance_scale != 1
+        no_text = None
+        if guided:  # the unconditional branch: the negative prompt, the "no label" class
+            neg = encode_text(comps, [s.negative_prompt] * len(specs), self.device, self.dtype)
+            no_text = {"encoder_hidden_states": neg, **ukw}  # ukw: the class / condition keys of kw, unconditional
+        # the same loop and guidance as the sampler's cascade (vldm.diffusion.sampler)
+        latents = denoise(
             model,
-            ctx,
-            r.num_frames,
-            r.height // vsf,
-            r.width // vsf,
-            seeds=[x["seed"] for x in specs],
-            scheduler_config=scheduler_config(self.run_cfg.diffusion, comps.scheduler_config),
+            (latent_channels(model), r.num_frames, r.height // vsf, r.width // vsf),
+            [x["seed"] for x in specs],
+            scheduler_config(self.run_cfg.diffusion, comps.scheduler_config),
+            Conditioning({"encoder_hidden_states": ctx, **kw}, no_text=no_text, text_scale=s.guidance_scale),
             steps=s.steps,
-            guidance_scale=s.guidance_scale,
-            negative_hidden_states=neg,
             sampler=s.sampler,
-            model_kwargs=kw or None,
-            uncond_model_kwargs=ukw or None,
+            device=self.device,
+            dtype=self.dtype,
         )
         videos = decode_latents(comps.vae, latents).float().cpu()
         if comps.vae is None:  # latent-only model: show the first 3 latent channels

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from einops import rearrange, repeat
+from einops import rearrange
 
 from vldm.models.temporal import MergeFactor, zero_
+from vldm.models.windows import crossfade
 
 DECODER_DIR = "video_decoder"  # subfolder of a decoder checkpoint (stage=decoder) holding this model
 
@@ -160,22 +161,4 @@ class VideoDecoder(ModelMixin, ConfigMixin):
             return torch.cat([self(latents[:, :, s:e], image_only=image_only).float() for s, e in chunks], 2).clamp(
                 -1, 1
             )
-        step = window - overlap
-        starts = list(range(0, f - window + 1, step))
-        if starts[-1] + window < f:
-            starts.append(f - window)
-        out, wsum = None, torch.zeros(f, device=latents.device)
-        for s in starts:
-            y = self(latents[:, :, s : s + window]).float()
-            w = torch.ones(window, device=latents.device)
-            if overlap:
-                r = torch.arange(1, overlap + 1, device=latents.device).float() / (overlap + 1)
-                if s > 0:
-                    w[:overlap] = r
-                if s + window < f:
-                    w[-overlap:] = r.flip(0)
-            if out is None:
-                out = torch.zeros(y.shape[:2] + (f,) + y.shape[3:], device=y.device)
-            out[:, :, s : s + window] += y * w[None, None, :, None, None]
-            wsum[s : s + window] += w
-        return (out / repeat(wsum, "f -> 1 1 f 1 1")).clamp(-1, 1)
+        return crossfade(lambda s, e: self(latents[:, :, s:e]), f, window, overlap, latents.device).clamp(-1, 1)

@@ -1,6 +1,7 @@
 """One function per cascade stage, on latents `b c f h w`: key frames, prediction rollout, interpolation,
 upsampling. Each takes a `StageModel` (a VideoLDMUNet and what its training run says about it) and the
-encoded text, and builds the conditioning of `vldm.tasks.paper` for the denoising loop of `guidance`."""
+encoded text, and builds the conditioning of `vldm.tasks.paper` for the one denoising loop
+(`vldm.diffusion.sampler`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ import torch
 
 from vldm.config.core import from_dict
 from vldm.config.sample import SampleConfig
-from vldm.diffusion.sampler import initial_noise
+from vldm.diffusion.sampler import Conditioning, Known, denoise, initial_noise, latent_channels, subseed, windowed
 from vldm.models.video_unet import VideoLDMUNet
-from vldm.sample.guidance import Conditioning, Known, denoise, subseed, windowed
 from vldm.tasks.paper import (
     InterpolateOptions,
     UpsampleOptions,
@@ -43,7 +43,7 @@ class StageModel:
 
     @property
     def latent_channels(self) -> int:
-        return self.model.unet.config.out_channels
+        return latent_channels(self.model)
 
 
 @dataclass
