@@ -113,25 +113,27 @@ class SyntheticClips:
         self.batches = consumed // per_batch
 
 
-def clip_geometry(batch: dict, vae_scale: int) -> tuple[int, int, int]:
+def clip_geometry(batch: dict, vae_scale: int) -> tuple[int, int, int] | None:
     """(frames, latent h, latent w) of one batch: the shape its clips have in the model (aspect/length buckets
-    change it from batch to batch; the config's data.size / num_frames describe only a flat layout)."""
-    if "latents" in batch:
-        f, h, w = batch["latents"].shape[2:]
-        return int(f), int(h), int(w)
-    f, h, w = batch["pixels"].shape[2:]
-    return int(f), int(h) // vae_scale, int(w) // vae_scale
+    change it from batch to batch; the config's data.size / num_frames describe only a flat layout). None for a
+    batch of neither latents nor pixels (a custom source): the caller assumes the config's shape."""
+    for key, scale in (("latents", 1), ("pixels", vae_scale)):
+        x = batch.get(key)
+        if x is not None and getattr(x, "ndim", 0) == 5:
+            f, h, w = x.shape[2:]
+            return int(f), int(h) // scale, int(w) // scale
+    return None
 
 
-def bucket_geometries(source, vae_scale: int) -> list[tuple[int, int, int]]:
-    """(frames, latent h, latent w) of every bucket the shard loader draws from ([] for a flat layout or the
-    synthetic source): the shapes whose FLOPs are counted before training."""
+def bucket_geometries(source, vae_scale: int) -> dict[str, tuple[int, int, int]]:
+    """Bucket name -> (frames, latent h, latent w) of every bucket the shard loader draws from, in its order (the
+    index `data/bucket` logs); {} for a flat layout or the synthetic source. The shapes whose FLOPs are counted."""
     c = getattr(source, "cfg", None)
-    return [
-        (c.num_frames, b.height // vae_scale, b.width // vae_scale)
+    return {
+        b.name: (c.num_frames, b.height // vae_scale, b.width // vae_scale)
         for b in getattr(source, "buckets", [])
         if b.name and b.height and b.width
-    ]
+    }
 
 
 def data_metrics(source, batch: dict | None = None) -> dict[str, float]:

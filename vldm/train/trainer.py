@@ -118,9 +118,13 @@ def train(cfg: Config, source=None) -> int:
     )
 
     built.model.to(device)
-    geometries = bucket_geometries(source, vae_scale) or [(cfg.data.num_frames, *latent_hw)]
-    if len(geometries) > 1:
-        log0("buckets (frames x latent h x w): " + ", ".join("x".join(map(str, g)) for g in geometries))
+    buckets = bucket_geometries(source, vae_scale)
+    geometries = list(buckets.values()) or [(cfg.data.num_frames, *latent_hw)]
+    if buckets:
+        log0(
+            "buckets (data/bucket: pixels HxWxF -> latents FxHxW): "
+            + ", ".join(f"{i}: {n} -> {'x'.join(map(str, g))}" for i, (n, g) in enumerate(buckets.items()))
+        )
     flops_of: dict[tuple[int, int, int], int] = {}  # micro-batch FLOPs per clip geometry (one per bucket)
     if cfg.train.count_flops:
         kind = "latents" if (built.comps.vae is None or cfg.data.use_latents) else "pixels"
@@ -209,7 +213,7 @@ def train(cfg: Config, source=None) -> int:
                 clips += n
                 # tokens = latent positions (of one image per sample in stage=image); every rank's batch has
                 # this shape (one bucket per step on all ranks), so the global count is world_size times it
-                geom = clip_geometry(batch, vae_scale)
+                geom = clip_geometry(batch, vae_scale) or geometries[0]
                 window["tokens"] += n * (1 if cfg.stage == "image" else geom[0]) * geom[1] * geom[2] * world.world_size
                 window["flops"] += flops_of.get(geom, 0)
                 window["uncounted"] += geom not in flops_of
