@@ -89,16 +89,24 @@ def bucket_of(m: dict) -> str:
     return f"{int(m['data/height'])}x{int(m['data/width'])}x{int(m['data/frames'])}"
 
 
-def test_two_ranks_train_on_every_bucket_in_step_and_resume_the_same_order(sharded, tmp_path):
+@pytest.fixture(scope="module")
+def pixel_run(sharded, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """One epoch on the bucketed pixel shards (the VAE encodes on the fly), stopped after 3 steps and resumed."""
     shards, base = sharded
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("pixel_run") / "run"
     args = [f"model.pretrained={base}", f"data.shards={shards}", *RUN]
     first = run_local(run, *args, "train.stop_after_steps=3", nproc=2, timeout=600)
     assert first.returncode == 75, describe(first)
-    line = "buckets (data/bucket: pixels HxWxF -> latents FxHxW): 0: 112x64x8 -> 4x28x16, 1: 64x112x8 -> 4x16x28, 2: "
-    assert line + "64x64x8 -> 4x16x16" in first.stdout, first.stdout[-3000:]
     second = run_local(run, *args, nproc=2, timeout=600)
     assert second.returncode == 0, describe(second)
+    return run, first, second
+
+
+def test_two_ranks_train_on_every_bucket_in_step_and_resume_the_same_order(sharded, pixel_run):
+    shards, _ = sharded
+    run, first, second = pixel_run
+    line = "buckets (data/bucket: pixels HxWxF -> latents FxHxW): 0: 112x64x8 -> 4x28x16, 1: 64x112x8 -> 4x16x28, 2: "
+    assert line + "64x64x8 -> 4x16x16" in first.stdout, first.stdout[-3000:]
     assert "resuming from" in second.stdout and "step_00000003" in second.stdout
     assert "layout changed" not in second.stdout + second.stderr  # the exact position, not a fresh epoch order
 
@@ -125,7 +133,9 @@ def test_two_ranks_train_on_every_bucket_in_step_and_resume_the_same_order(shard
         assert got["stats"]["batches"] == STEPS and got["stats"].get("corrupt", 0) == 0
 
 
-def test_latent_shards_per_bucket_are_the_vaes_and_train_without_it(sharded, tmp_path):
+def test_latent_shards_per_bucket_are_the_vaes_and_train_without_it(sharded, pixel_run, tmp_path):
+    """The latent shards hold the VAE's encoding of each bucket's clips at the bucket's size; training on them (the
+    VAE not loaded) draws the same buckets and gives the losses of the pixel run, which encoded on the fly."""
     from diffusers import AutoencoderKL
 
     shards, base = sharded
@@ -150,6 +160,7 @@ def test_latent_shards_per_bucket_are_the_vaes_and_train_without_it(sharded, tmp
 
     run = tmp_path / "run"
     args = [f"model.pretrained={base}", f"data.shards={shards}", "data.use_latents=true", *RUN, "train.max_steps=3"]
+    args.append("train.count_flops=false")
     proc = run_local(run, *args, nproc=2, timeout=600)
     assert proc.returncode == 0, describe(proc)
     steps = bucket_steps(run)
@@ -157,6 +168,9 @@ def test_latent_shards_per_bucket_are_the_vaes_and_train_without_it(sharded, tmp
     assert all(m["data/ranks_same_bucket"] == 1.0 for m in steps.values())
     names, _ = reference(shards, 0, 3, use_latents=True)
     assert [bucket_of(m) for m in ordered(steps)] == names  # the latent run draws the same bucket order
+    pixels = bucket_steps(pixel_run[0])
+    for step, m in steps.items():  # same clips, same noise: the stored latents are what the pixel run encoded
+        assert abs(m["train/loss"] - pixels[step]["train/loss"]) < 1e-4, (step, m["train/loss"], pixels[step])
 
 
 def test_preflight_refuses_a_bucket_too_short_or_not_divisible_by_the_vae_factor(tmp_path):
