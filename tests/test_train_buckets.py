@@ -196,3 +196,37 @@ def test_preflight_refuses_a_bucket_too_short_or_not_divisible_by_the_vae_factor
     with pytest.raises(ConfigError, match=r"data.num_frames: bucket 64x64x4 has clips of 4 frames.* needs 7"):
         check(cfg_with(["64x64x4", "64x112x8"]), cuda=False)
     check(cfg_with(["64x64x4", "64x66x8"], "data.buckets=false"), cuda=False)  # one size for all: not checked
+
+
+RANK_SCRIPT = """
+import json, os, sys
+from types import SimpleNamespace
+import torch.distributed as tdist
+from vldm.train.sources import data_metrics
+rank = int(os.environ["RANK"])
+tdist.init_process_group("gloo", rank=rank, world_size=2)
+names = ["112x64x8", "64x112x8", "64x64x8"]
+stats = {"epoch": 0.5, "corrupt_by_reason": {}}
+source = SimpleNamespace(stats=stats, buckets=[SimpleNamespace(name=n) for n in names])
+for drawn in sys.argv[1:]:  # "A,B": rank 0 drew A, rank 1 drew B
+    print(json.dumps(data_metrics(source, {"bucket": drawn.split(",")[rank]})))
+tdist.destroy_process_group()
+"""
+
+
+def test_ranks_same_bucket_is_zero_when_two_real_ranks_drew_different_buckets():
+    """The agreement metric over a real gloo process group of 2 ranks: it can read 0 (the end-to-end runs read 1)."""
+    from train_helpers import free_port
+
+    steps = [("64x112x8", "64x112x8"), ("64x112x8", "112x64x8"), ("64x64x8", "64x64x8")]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-c", RANK_SCRIPT, *(",".join(s) for s in steps)]
+    procs = [subprocess.Popen(argv, env={**env, "RANK": str(r)}, cwd=ROOT, stdout=subprocess.PIPE) for r in range(2)]
+    outs = [[json.loads(x) for x in p.communicate(timeout=300)[0].decode().splitlines()[-3:]] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    for r in range(2):
+        assert [m["data/ranks_same_bucket"] for m in outs[r]] == [1.0, 0.0, 1.0]
+        for m, drawn in zip(outs[r], steps):
+            h, w, f = (int(x) for x in drawn[r].split("x"))
+            assert (m["data/height"], m["data/width"], m["data/frames"]) == (h, w, f)  # each rank's own batch
+            assert m["data/bucket"] == ["112x64x8", "64x112x8", "64x64x8"].index(drawn[r])

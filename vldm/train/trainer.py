@@ -113,8 +113,12 @@ def train(cfg: Config, source=None) -> int:
     log0(
         f"stage={cfg.stage} task={cfg.task}: {count([p for _, p in trainable]) / 1e6:.2f}M trainable, "
         f"{n_frozen / 1e6:.2f}M frozen parameters; latents "
-        f"{channels}x{cfg.data.num_frames}x{latent_hw[0]}x{latent_hw[1]}; "
-        f"precision {precision}; ZeRO-{cfg.deepspeed.zero_stage}"
+        + (
+            f"{channels}x(one size per bucket, below); "
+            if bucket_geometries(source, vae_scale)
+            else f"{channels}x{cfg.data.num_frames}x{latent_hw[0]}x{latent_hw[1]}; "
+        )
+        + f"precision {precision}; ZeRO-{cfg.deepspeed.zero_stage}"
     )
 
     built.model.to(device)
