@@ -126,9 +126,46 @@ def check(cfg: Config, cuda: bool | None = None) -> list[str]:
         for part in shards.split("::"):
             if not (Path(part).exists() or glob.glob(part) or "{" in part):
                 raise ConfigError(f"data.shards: {part} matches nothing")
+    _check_buckets(cfg)
     if cfg.checkpoint.every > cfg.train.max_steps:
         warnings.append(
             f"checkpoint.every={cfg.checkpoint.every} > train.max_steps={cfg.train.max_steps}: only the final "
             "checkpoint is written"
         )
     return warnings
+
+
+def _vae_factor(cfg: Config) -> int:
+    """The pretrained VAE's downsampling factor (1 without a vae/ config: latents are the model's input)."""
+    vae_cfg = Path(cfg.model.pretrained).expanduser() / "vae" / "config.json" if cfg.model.pretrained else None
+    if vae_cfg is None or not vae_cfg.exists():
+        return 1
+    return 2 ** (len(json.loads(vae_cfg.read_text())["block_out_channels"]) - 1)
+
+
+def _check_buckets(cfg: Config) -> None:
+    """A bucketed sharder output (local, with data.buckets on) trains each batch at its bucket's size, not at
+    data.size: every bucket must fit the clip length and the VAE's factor, checked here before any rank starts
+    (the loader would refuse a short bucket only once the ranks are up; a size the VAE does not divide would give
+    latents of a size the shards' --encode-latents ones do not have)."""
+    d = cfg.data
+    index = Path(d.shards) / "_shards.json" if d.shards and d.buckets and "::" not in d.shards else None
+    if index is None or "://" in d.shards or d.shards.startswith("pipe:") or not index.is_file():
+        return
+    try:
+        buckets = json.loads(index.read_text()).get("buckets") or {}
+    except ValueError as e:
+        raise ConfigError(f"data.shards: {index} is not valid JSON ({e})") from None
+    span = (d.num_frames - 1) * d.frame_stride + 1
+    factor = _vae_factor(cfg)
+    for name, b in buckets.items():
+        if int(b["frames"]) < span:
+            raise ConfigError(
+                f"data.num_frames: bucket {name} has clips of {b['frames']} frames; data.num_frames={d.num_frames} "
+                f"x data.frame_stride={d.frame_stride} needs {span} (drop the bucket, or train shorter clips)"
+            )
+        if int(b["height"]) % factor or int(b["width"]) % factor:
+            raise ConfigError(
+                f"data.shards: bucket {name} is not divisible by the VAE factor {factor} of model.pretrained "
+                "(shard with bucket sizes that are multiples of it)"
+            )

@@ -113,12 +113,37 @@ class SyntheticClips:
         self.batches = consumed // per_batch
 
 
-def data_metrics(source) -> dict[str, float]:
+def clip_geometry(batch: dict, vae_scale: int) -> tuple[int, int, int] | None:
+    """(frames, latent h, latent w) of one batch: the shape its clips have in the model (aspect/length buckets
+    change it from batch to batch; the config's data.size / num_frames describe only a flat layout). None for a
+    batch of neither latents nor pixels (a custom source): the caller assumes the config's shape."""
+    for key, scale in (("latents", 1), ("pixels", vae_scale)):
+        x = batch.get(key)
+        if x is not None and getattr(x, "ndim", 0) == 5:
+            f, h, w = x.shape[2:]
+            return int(f), int(h) // scale, int(w) // scale
+    return None
+
+
+def bucket_geometries(source, vae_scale: int) -> dict[str, tuple[int, int, int]]:
+    """Bucket name -> (frames, latent h, latent w) of every bucket the shard loader draws from, in its order (the
+    index `data/bucket` logs); {} for a flat layout or the synthetic source. The shapes whose FLOPs are counted."""
+    c = getattr(source, "cfg", None)
+    return {
+        b.name: (c.num_frames, b.height // vae_scale, b.width // vae_scale)
+        for b in getattr(source, "buckets", [])
+        if b.name and b.height and b.width
+    }
+
+
+def data_metrics(source, batch: dict | None = None) -> dict[str, float]:
     """The shard loader's counters summed over ranks, for the metrics line: `data/corrupt_samples` and
     `data/corrupt/<reason>` (samples skipped on any rank), `data/shard_retries`, and `data/epoch` (passes
     over the data: a rank's samples drawn / its share, averaged over ranks; fractional, and ranks differ
-    a little once one has skipped samples). Collective: every rank calls it at the same step. {} for
-    sources without these counters (the synthetic source), on every rank alike."""
+    a little once one has skipped samples); with a bucketed `batch`, the bucket it came from (`data/bucket`, its
+    index in the loader's list, `data/height`, `data/width`, `data/frames` in pixels and clip frames) and
+    `data/ranks_same_bucket` (1 when every rank's batch came from it). Collective: every rank calls it at the same
+    step. {} for sources without these counters (the synthetic source), on every rank alike."""
     from vldm.train import dist
 
     stats = getattr(source, "stats", None)
@@ -132,6 +157,23 @@ def data_metrics(source) -> dict[str, float]:
     ranks, epochs, retries, *corrupt = dist.all_reduce(torch.tensor(local, dtype=torch.float64)).tolist()
     out = {"data/epoch": epochs / ranks, "data/shard_retries": retries, "data/corrupt_samples": sum(corrupt)}
     out.update({f"data/corrupt/{r}": v for r, v in zip(CORRUPT_REASONS, corrupt)})
+    if batch is not None and "bucket" in batch:
+        # the bucket of this step's (last) batch, and whether every rank drew the same one: the loader's
+        # schedule is a function of the seed and the layout alone, so a 0 here means the ranks read different
+        # shard lists (a bucketed step is one shape on every rank, else the batch shapes would differ per rank)
+        h, w, f = (int(v) for v in batch["bucket"].split("x"))
+        names = [b.name for b in getattr(source, "buckets", [])]
+        code = float((h * 10_000 + w) * 10_000 + f)
+        hi, neg_lo = dist.all_reduce(torch.tensor([code, -code], dtype=torch.float64), "max").tolist()
+        out.update(
+            {
+                "data/bucket": float(names.index(batch["bucket"])) if batch["bucket"] in names else -1.0,
+                "data/height": float(h),
+                "data/width": float(w),
+                "data/frames": float(f),
+                "data/ranks_same_bucket": float(hi == -neg_lo),
+            }
+        )
     return out
 
 

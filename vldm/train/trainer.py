@@ -33,7 +33,14 @@ from vldm.train.lr import lr_at
 from vldm.train.objective import Objective
 from vldm.train.perf import peak_memory_gb, peak_tflops, step_flops, sync
 from vldm.train.signals import ABORT_EXIT, REQUEUE_EXIT, StopRequest, process_exit_code, write_exit_status
-from vldm.train.sources import SyntheticClips, build_source, data_metrics, seed_of
+from vldm.train.sources import (
+    SyntheticClips,
+    bucket_geometries,
+    build_source,
+    clip_geometry,
+    data_metrics,
+    seed_of,
+)
 
 
 @dataclasses.dataclass
@@ -48,7 +55,8 @@ class TrainState:
 
 
 def latent_geometry(cfg: Config, built) -> tuple[int, tuple[int, int], int]:
-    """(latent channels, latent (h, w), VAE factor) for data.size x data.width pixels."""
+    """(latent channels, latent (h, w), VAE factor) for data.size x data.width pixels (the shape of a flat
+    layout; with aspect/length buckets every batch has its bucket's shape: sources.clip_geometry)."""
     comps = built.comps
     scale = comps.vae_scale_factor
     vae_cfg = Path(cfg.model.pretrained) / "vae" / "config.json" if cfg.model.pretrained else None
@@ -105,27 +113,38 @@ def train(cfg: Config, source=None) -> int:
     log0(
         f"stage={cfg.stage} task={cfg.task}: {count([p for _, p in trainable]) / 1e6:.2f}M trainable, "
         f"{n_frozen / 1e6:.2f}M frozen parameters; latents "
-        f"{channels}x{cfg.data.num_frames}x{latent_hw[0]}x{latent_hw[1]}; "
-        f"precision {precision}; ZeRO-{cfg.deepspeed.zero_stage}"
+        + (
+            f"{channels}x(one size per bucket, below); "
+            if bucket_geometries(source, vae_scale)
+            else f"{channels}x{cfg.data.num_frames}x{latent_hw[0]}x{latent_hw[1]}; "
+        )
+        + f"precision {precision}; ZeRO-{cfg.deepspeed.zero_stage}"
     )
 
     built.model.to(device)
-    # tokens = latent positions of one clip (of one image in stage=image, where every frame is a sample)
-    tokens_per_clip = (1 if cfg.stage == "image" else cfg.data.num_frames) * latent_hw[0] * latent_hw[1]
-    flops_per_micro = 0
+    buckets = bucket_geometries(source, vae_scale)
+    geometries = list(buckets.values()) or [(cfg.data.num_frames, *latent_hw)]
+    if buckets:
+        log0(
+            "buckets (data/bucket: pixels HxWxF -> latents FxHxW): "
+            + ", ".join(f"{i}: {n} -> {'x'.join(map(str, g))}" for i, (n, g) in enumerate(buckets.items()))
+        )
+    flops_of: dict[tuple[int, int, int], int] = {}  # micro-batch FLOPs per clip geometry (one per bucket)
     if cfg.train.count_flops:
-        # a synthetic batch of the real shapes: the data position is untouched
         kind = "latents" if (built.comps.vae is None or cfg.data.use_latents) else "pixels"
-        ch, hw = (
-            (channels, latent_hw) if kind == "latents" else (3, (latent_hw[0] * vae_scale, latent_hw[1] * vae_scale))
-        )
-        probe = next(SyntheticClips(cfg, 0, 1, ch, hw[0], hw[1], kind, num_labels, getattr(source, "text_shape", None)))
-        flops_per_micro = step_flops(
-            lambda: objective.loss(built.model, probe, step=-1, micro=0, rank=0),
-            built.model,
-            built.prefix,
-            cfg.stage == "image",
-        )
+        for f, lh, lw in geometries:
+            # a synthetic batch of the real shapes: the data position is untouched
+            ch, hw = (channels, (lh, lw)) if kind == "latents" else (3, (lh * vae_scale, lw * vae_scale))
+            probe_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_frames=f))
+            probe = next(
+                SyntheticClips(probe_cfg, 0, 1, ch, hw[0], hw[1], kind, num_labels, getattr(source, "text_shape", None))
+            )
+            flops_of[(f, lh, lw)] = step_flops(
+                lambda: objective.loss(built.model, probe, step=-1, micro=0, rank=0),  # noqa: B023 - called at once
+                built.model,
+                built.prefix,
+                cfg.stage == "image",
+            )
     ema = EMA(trainable, cfg.train.ema_decay)  # from the fp32 weights, before DeepSpeed casts them
 
     # ---------------------------------------------------------------- engine and resume
@@ -178,7 +197,7 @@ def train(cfg: Config, source=None) -> int:
     # ---------------------------------------------------------------- the loop
     data = iter(source)
     steps_this_job, exit_code, job_t0 = 0, 0, time.perf_counter()
-    window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0}
+    window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0, "tokens": 0, "flops": 0, "uncounted": 0}
     try:
         while state.step < cfg.train.max_steps:
             watchdog.arm()
@@ -196,6 +215,12 @@ def train(cfg: Config, source=None) -> int:
                 engine.step()
                 loss_sum += loss.detach().float()
                 clips += n
+                # tokens = latent positions (of one image per sample in stage=image); every rank's batch has
+                # this shape (one bucket per step on all ranks), so the global count is world_size times it
+                geom = clip_geometry(batch, vae_scale) or geometries[0]
+                window["tokens"] += n * (1 if cfg.stage == "image" else geom[0]) * geom[1] * geom[2] * world.world_size
+                window["flops"] += flops_of.get(geom, 0)
+                window["uncounted"] += geom not in flops_of
             # one collective per step: [loss, non-finite ranks, ranks asking to stop]
             local_loss = loss_sum / cfg.train.grad_accum
             finite = bool(torch.isfinite(local_loss))
@@ -238,20 +263,20 @@ def train(cfg: Config, source=None) -> int:
                     "perf/step_time_s": per_step,
                     "perf/clips_per_s": clips_per_s,
                     "perf/clips_per_s_per_gpu": clips_per_s / world.world_size,
-                    "perf/tokens_per_s": clips_per_s * tokens_per_clip,
+                    "perf/tokens_per_s": window["tokens"] / window["time"],
                     "perf/data_wait_frac": window["wait"] / window["time"],
                     "perf/peak_mem_gb": mem.item(),
                 }
                 if precision == "fp16":
                     metrics["train/loss_scale"] = float(engine.optimizer.loss_scale)
-                metrics.update(data_metrics(source))  # the shard loader's, over all ranks (a collective)
+                metrics.update(data_metrics(source, batch))  # the shard loader's, over all ranks (a collective)
                 if objective.missing_labels:
                     metrics["train/missing_labels"] = objective.missing_labels
-                if flops_per_micro:
-                    flops_step = flops_per_micro * cfg.train.grad_accum  # per rank
-                    metrics["perf/tflops_per_gpu"] = flops_step / per_step / 1e12
+                if flops_of and not window["uncounted"]:
+                    flops_s = window["flops"] / window["time"]  # per rank, over this window's buckets
+                    metrics["perf/tflops_per_gpu"] = flops_s / 1e12
                     if peak:
-                        metrics["perf/mfu"] = flops_step / per_step / peak
+                        metrics["perf/mfu"] = flops_s / peak
                 logger.log(metrics, state.step)
                 log0(
                     f"step {state.step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} lr {lr:.2e} "
@@ -259,7 +284,7 @@ def train(cfg: Config, source=None) -> int:
                     f"wait {metrics['perf/data_wait_frac']:.0%} mem {mem.item():.2f} GB"
                     + (" SKIPPED" if skipped else "")
                 )
-                window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0}
+                window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0, "tokens": 0, "flops": 0, "uncounted": 0}
 
             if state.bad_streak >= cfg.train.max_bad_steps:
                 # the weights have not changed since the streak began: this is the last good state
