@@ -341,6 +341,10 @@ def publish_checkpoint(tmp: Path, final: Path, step: int, keep_last: int) -> Non
         shutil.rmtree(old, ignore_errors=True)
 
 
+class CheckpointSaveError(OSError):
+    """A save failed (full or read-only file system, ...); nothing was published."""
+
+
 class Checkpointer:
     def __init__(self, cfg: Config, built: Built, world: dist.World):
         self.cfg, self.built, self.world = cfg, built, world
@@ -367,18 +371,18 @@ class Checkpointer:
         t0 = time.perf_counter()
         try:
             return self._save(engine, ema, source, trainer_state, reason, step, tmp, final, t0)
-        except OSError as e:
-            # a full or read-only file system: the partial stays a .tmp-* that readers ignore (removed here
-            # when possible, to give the space back), so the newest complete checkpoint is still the one
-            # resumed from; the error names what failed and where
+        except (OSError, RuntimeError) as e:
+            # a full or read-only file system (torch.save reports it as a RuntimeError): the partial stays
+            # a .tmp-* that readers ignore (removed here when possible, to give the space back), so the
+            # newest complete checkpoint is still the one resumed from; the error names what failed and where
             if self.world.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             prev = complete_checkpoints(self.cfg.run_dir)
-            raise OSError(
-                e.errno,
+            detail = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+            raise CheckpointSaveError(
                 f"checkpoint save of step {step} failed on rank {self.world.rank} writing into {tmp} "
-                f"({e.filename or tmp}: {e.strerror or e}); the previous complete checkpoint "
-                f"{prev[-1] if prev else '(none)'} is intact and a restart resumes from it",
+                f"({type(e).__name__}: {detail}); the previous complete checkpoint "
+                f"{prev[-1] if prev else '(none)'} is intact and a restart resumes from it"
             ) from e
 
     def _save(self, engine, ema: EMA, source, trainer_state: dict, reason: str, step: int, tmp: Path, final: Path, t0):
