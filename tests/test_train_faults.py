@@ -293,3 +293,105 @@ def test_loader_workers_ignore_stop_signals_and_the_loader_goes_on(data):
     assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
     more = [next(it)["keys"][0] for _ in range(6)]  # no "DataLoader worker ... killed by signal"
     assert len(set(first + more)) == 8
+
+
+# ------------------------------------------------------------------------------ file system full during a save
+def test_file_system_full_during_a_save_keeps_the_previous_checkpoint_and_names_the_path(data, tmp_path):
+    from vldm.train.checkpointing import checkpoint_problem
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    run = tmp_path / "run"
+    ckdir = run / "checkpoints"
+    ckdir.mkdir(parents=True)
+    # one checkpoint of this model and 2 ranks is ~12 MB: room for the first save, not for the second beside it
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=18m", "tmpfs", str(ckdir)], check=True, timeout=30)
+    try:
+        proc = run_local(
+            run,
+            *args(data, run, "wandb.mode=disabled", "train.max_steps=4")[1:],
+            nproc=2,
+            timeout=1500,
+            config=REHEARSAL,
+        )
+        assert proc.returncode not in (0, 75), describe(proc)  # an error a person must see, not a requeue
+        out = proc.stdout + proc.stderr
+        assert "checkpoint save of step 4 failed on rank" in out and f"writing into {ckdir}/.tmp-step_00000004" in out
+        assert f"the previous complete checkpoint {ckdir}/step_00000002 is intact" in out
+        assert [c.name for c in complete_checkpoints(run)] == ["step_00000002"]
+        assert checkpoint_problem(ckdir / "step_00000002", "temporal") is None  # intact, loadable
+        cfg = build_config(Config, [str(REHEARSAL)], args(data, run))
+        assert plan_resume(cfg, 2).path == ckdir / "step_00000002"  # what the restart resumes from
+    finally:
+        subprocess.run(["umount", "-l", str(ckdir)], timeout=60)
+
+
+# ----------------------------------------------------------------------------------- a rank SIGKILLed mid-step
+def rank_pid(run: Path, rank: int) -> int | None:
+    """The pid of training rank `rank` of the run (not one of its loader workers: those are its children)."""
+    pids = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            env = (d / "environ").read_bytes().split(b"\0")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"run_dir={run}".encode() in cmd and b"vldm.train" in cmd and f"SLURM_PROCID={rank}".encode() in env:
+            pids[int(d.name)] = ppid
+    top = [p for p, pp in pids.items() if pp not in pids]
+    return top[0] if len(top) == 1 else None
+
+
+def test_a_rank_sigkilled_mid_step_ends_the_job_and_the_resubmission_resumes_from_the_newest_complete(
+    slurm_cluster, data, tmp_path
+):
+    from vldm.train.checkpointing import checkpoint_problem
+
+    env = train_env(tmp_path)
+    run = tmp_path / "run"
+    job = sbatch(
+        tmp_path, env, *args(data, run, "wandb.mode=disabled", "train.max_steps=100", "deepspeed.timeout_s=30")
+    )
+    log = tmp_path / f"slurm-{job}.out"
+    try:
+        wait_until(lambda: len(logged_steps(run)) >= 5, 1500, "no step 5: " + (log.read_text() if log.exists() else ""))
+        pid = wait_until(lambda: rank_pid(run, 1), 60, "rank 1 not found")
+        os.kill(pid, signal.SIGKILL)
+        t_kill = time.time()
+        state = wait_until(
+            lambda: (st := job_field(job, "JobState")) in ("FAILED", "CANCELLED", "COMPLETED", "NODE_FAIL") and st,
+            300,
+            "the job did not end: " + log.read_text()[-3000:],
+        )
+        end_s = time.time() - t_kill
+    finally:
+        if job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING"):
+            subprocess.run(["scancel", job], timeout=30)
+    assert state == "FAILED" and job_field(job, "Restarts") == "0", log.read_text()[-3000:]  # not requeued
+    assert end_s < 60, end_s  # srun --kill-on-bad-exit; deepspeed.timeout_s=30 bounds a survivor stuck in gloo
+    killed_at = max(logged_steps(run))
+    steps = [c.name for c in (run / "checkpoints").iterdir()]
+    assert all(n.startswith(("step_", ".tmp-")) for n in steps), steps
+    done = complete_checkpoints(run)
+    assert [c.name for c in done] == sorted(n for n in steps if n.startswith("step_"))  # nothing partial published
+    assert all(checkpoint_problem(c, "temporal") is None for c in done) and done
+    newest = done[-1]
+    # resubmitted (the same command), it resumes from the newest complete checkpoint
+    job2 = sbatch(tmp_path, env, *args(data, run, "wandb.mode=disabled", f"train.max_steps={int(newest.name[5:]) + 1}"))
+    assert (
+        wait_until(
+            lambda: job_field(job2, "JobState") in ("COMPLETED", "FAILED") and job_field(job2, "JobState"),
+            1500,
+            "job 2",
+        )
+        == "COMPLETED"
+    )
+    text = (tmp_path / f"slurm-{job2}.out").read_text()
+    assert f"resuming from {newest}" in text, text[-3000:]
+    print(
+        f"\nMEASURED sigkill: killed rank 1 after step {killed_at}, job ended in {end_s:.1f} s, "
+        f"newest complete {newest.name}"
+    )
