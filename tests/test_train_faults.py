@@ -395,3 +395,27 @@ def test_a_rank_sigkilled_mid_step_ends_the_job_and_the_resubmission_resumes_fro
         f"\nMEASURED sigkill: killed rank 1 after step {killed_at}, job ended in {end_s:.1f} s, "
         f"newest complete {newest.name}"
     )
+
+
+def test_a_stop_signal_during_start_up_is_honoured_at_the_first_step(tmp_path):
+    """USR1/TERM can come while torch, DeepSpeed and the model still load (a requeued job preempted again at
+    once): the rank must not die of the default action, it stops after step 1 with a checkpoint."""
+    import sys
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in train_env(tmp_path).items() if k not in ("RANK", "WORLD_SIZE", "SLURM_JOB_ID")}
+    cmd = [sys.executable, "-m", "vldm.train", "--config", "configs/tiny_cpu.yaml", f"run_dir={run}"]
+    proc = subprocess.Popen(
+        [*cmd, "train.max_steps=5", "wandb.mode=disabled", "train.count_flops=false"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(1.5)  # inside the imports (several seconds on any machine)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 75, out[-4000:]
+    assert "stopped at step 1 (signal SIGUSR1)" in out, out[-4000:]
+    assert [c.name for c in complete_checkpoints(run)] == ["step_00000001"]
