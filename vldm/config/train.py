@@ -47,6 +47,11 @@ class OptimConfig:
     schedule: Literal["constant", "cosine"] = field_("constant", "LR schedule after warm-up")
     min_lr_ratio: float = field_(0.0, "cosine: final LR as a fraction of lr")
     grad_clip: float = field_(1.0, "gradient norm clip (0 = off)")
+    rewarmup_steps: int = field_(
+        0,
+        "after a resume at another world size (fresh Adam moments): ramp the LR linearly from 0 to the schedule's "
+        "value over this many steps; 0 = off (the schedule's LR at once)",
+    )
 
     def validate(self) -> None:
         if self.lr < 0:
@@ -57,6 +62,8 @@ class OptimConfig:
             raise ConfigError("optim.min_lr_ratio: must be in [0, 1]")
         if self.grad_clip < 0:
             raise ConfigError("optim.grad_clip: must be >= 0")
+        if self.rewarmup_steps < 0:
+            raise ConfigError("optim.rewarmup_steps: must be >= 0")
 
 
 @dataclass
@@ -89,6 +96,17 @@ class TrainConfig:
         0.0, "per-device peak TFLOP/s for perf/mfu; 0 = the known bf16 dense peak of the GPU (none on CPU)"
     )
     metrics_file: bool = field_(True, "also append every logged step to RUN/logs/metrics.jsonl (rank 0)")
+    debug_inject_nonfinite_steps: tuple[int, ...] = field_(
+        (),
+        "REHEARSAL AID (fault drills, tests): at these optimizer steps (1-based) the loss of debug_inject_rank is "
+        "made NaN; never set it in a real run",
+    )
+    debug_inject_grad_spike_steps: tuple[int, ...] = field_(
+        (),
+        "REHEARSAL AID: at these steps the loss stays finite but its gradients on debug_inject_rank are "
+        "multiplied by inf (a gradient-norm spike past what the precision holds); never set it in a real run",
+    )
+    debug_inject_rank: int = field_(-1, "REHEARSAL AID: the rank the debug_inject_* faults hit; -1 = every rank")
 
     def validate(self) -> None:
         for name in ("max_steps", "grad_accum", "log_every", "max_bad_steps"):
@@ -100,6 +118,9 @@ class TrainConfig:
             raise ConfigError("train.image_ratio: must be in [0, 1)")
         if self.stop_after_steps < 0 or self.stop_after_minutes < 0:
             raise ConfigError("train.stop_after_steps / stop_after_minutes: must be >= 0")
+        for name in ("debug_inject_nonfinite_steps", "debug_inject_grad_spike_steps"):
+            if any(s < 1 for s in getattr(self, name)):
+                raise ConfigError(f"train.{name}: steps are 1-based (>= 1)")
 
 
 @dataclass
@@ -166,3 +187,12 @@ class WandbConfig:
     id: str = field_(
         "", "run id; empty = derived from the absolute run_dir, so requeues and restarts continue the same run"
     )
+    init_timeout_s: float = field_(
+        60.0,
+        "online: wait at most this long for the W&B server at start, then warn and log to offline files "
+        "(`wandb sync` them later); training never waits longer",
+    )
+
+    def validate(self) -> None:
+        if self.init_timeout_s <= 0:
+            raise ConfigError("wandb.init_timeout_s: must be > 0")

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from collections import Counter
@@ -445,7 +446,16 @@ def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
     return batch  # already collated; torch's default_convert would walk every nested meta list
 
 
+# preemption (scancel --signal=TERM, the SLURM time limit) signals every process of the step, loader
+# workers included: a worker that died of it would take its rank down ("DataLoader worker ... is killed
+# by signal") before the stop checkpoint. Workers ignore them; the main process decides (vldm.train.signals)
+# and ends its workers itself. SIGKILL cannot be ignored, and torch ends orphaned workers on its own.
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 def _worker_init(_: int) -> None:
+    for s in WORKER_IGNORED_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     torch.set_num_threads(1)  # decoding is the work; intra-op threads would only oversubscribe the cores
 
 

@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
+    if not (a.check or a.print_key):
+        from vldm.train.signals import install_early
+
+        install_early()  # a preemption during the imports below must not kill the rank
     from vldm.config import Config, ConfigError, build_config, dump_yaml
     from vldm.train.preflight import check
     from vldm.train.signals import CONFIG_EXIT

@@ -40,13 +40,14 @@ from vldm.checkpoint import (
     CHECKPOINTS,
     COMPLETE,
     RUN_CONFIG,
+    STEP_RE,
     TEMPORAL_EMA_WEIGHTS,
     TEMPORAL_WEIGHTS,
     TRAINER_STATE,
     UNET_DIR,
     UNET_EMA_DIR,
+    checkpoint_step,
     complete_checkpoints,
-    latest_checkpoint,
     step_dir_name,
 )
 from vldm.config.core import dump_yaml
@@ -60,6 +61,7 @@ DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "zero"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TMP_PREFIX = ".tmp-"
+CORRUPT_PREFIX = "corrupt-"  # a step_N found unusable at resume is renamed so: kept for a person, ignored by all
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -121,14 +123,19 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def full_fp32_weights(built: Built) -> dict[str, torch.Tensor]:
-    """{name without prefix: fp32 tensor} of the trainable weights. Under bf16/fp16 the fp32 master
-    copy is assembled from the ZeRO partitions (a collective: every rank calls this)."""
+def full_fp32_weights(built: Built, keep: bool = True) -> dict[str, torch.Tensor]:
+    """{name without prefix: fp32 host tensor} of the trainable weights. Under bf16/fp16 the fp32 master
+    copy is assembled from the ZeRO partitions: a collective, so every rank calls this, but only the rank
+    that writes them (`keep`, rank 0) copies them to host memory; the others drop each assembled tensor at
+    once and get {} (8 ranks x the full fp32 weights per node otherwise: 2.6 GB each at SD-1.5 scale)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     out = {}
     for name, p in built.trainable():
         full = safe_get_full_fp32_param(p) if p.dtype != torch.float32 and hasattr(p, "_hp_mapping") else None
+        if not keep:
+            del full
+            continue
         t = full if full is not None else p.detach()
         out[name[len(built.prefix) :]] = t.float().cpu().contiguous()
     return out
@@ -158,34 +165,90 @@ class ResumePlan:
     mode: str = "fresh"  # fresh | deepspeed | consolidated
     state: dict = field(default_factory=dict)
     message: str = "fresh start"
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # newer checkpoints not usable, and why
 
     @property
     def step(self) -> int:
         return int(self.state.get("step", 0))
 
 
+def checkpoint_problem(path: Path, stage: str) -> str | None:
+    """Why the checkpoint directory `path` cannot be resumed from, or None. Cheap: safetensors headers
+    are checked against the file sizes (a truncated file fails), nothing is loaded."""
+    from safetensors import safe_open
+
+    if not (path / COMPLETE).exists():
+        return f"no {COMPLETE} marker"
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        int(state["step"]), int(state["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{TRAINER_STATE} unreadable ({type(e).__name__}: {e})"
+    files = (
+        [path / d / UNET_WEIGHTS for d in (UNET_DIR, UNET_EMA_DIR)]
+        if stage == "image"
+        else [path / TEMPORAL_WEIGHTS, path / TEMPORAL_EMA_WEIGHTS]
+    )
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                h.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad header
+            return f"{f.relative_to(path)} unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return None
+
+
+def _newest_usable(run_dir: str | Path, stage: str) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest step_* directory that can be resumed from, and the newer ones that cannot (with why)."""
+    root = Path(run_dir) / CHECKPOINTS
+    dirs = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)] if root.is_dir() else []
+    skipped = []
+    for p in sorted(dirs, key=checkpoint_step, reverse=True):
+        why = checkpoint_problem(p, stage)
+        if why is None:
+            return p, skipped
+        skipped.append((p, why))
+    return None, skipped
+
+
 def plan_resume(cfg: Config, world_size: int) -> ResumePlan:
     r = cfg.checkpoint.resume
     if r == "never":
         return ResumePlan(message="fresh start (checkpoint.resume=never)")
+    skipped: list[tuple[Path, str]] = []
     if r == "auto":
-        path = latest_checkpoint(cfg.run_dir)
+        path, skipped = _newest_usable(cfg.run_dir, cfg.stage)
         if path is None:
+            if skipped:
+                # starting fresh would silently throw away a run: a person has to decide
+                raise RuntimeError(
+                    f"no usable checkpoint in {Path(cfg.run_dir) / CHECKPOINTS}: "
+                    + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+                    + ". Repair or remove them, or set checkpoint.resume=never to start from scratch"
+                )
             return ResumePlan(message=f"fresh start (no complete checkpoint in {Path(cfg.run_dir) / CHECKPOINTS})")
     else:
         path = Path(r)
-        if not (path / COMPLETE).exists():
-            raise FileNotFoundError(f"checkpoint.resume: {path} is not a complete checkpoint (no {COMPLETE} marker)")
+        why = checkpoint_problem(path, cfg.stage)
+        if why is not None:
+            raise FileNotFoundError(f"checkpoint.resume: {path} cannot be resumed from: {why}")
     state = json.loads((path / TRAINER_STATE).read_text())
     saved_world = int(state["world_size"])
     has_ds = (path / DEEPSPEED_DIR).is_dir()
+    note = (
+        "; SKIPPED newer checkpoint(s): "
+        + "; ".join(f"{p.name} ({why}), moved aside to {CORRUPT_PREFIX}{p.name}" for p, why in skipped)
+        if skipped
+        else ""
+    )
     if saved_world == world_size and has_ds:
         return ResumePlan(
             path,
             "deepspeed",
             state,
             f"resuming from {path} (step {state['step']}): DeepSpeed state (model, ZeRO optimizer, fp32 masters), "
-            "EMA, data position and RNG of every rank",
+            "EMA, data position and RNG of every rank" + note,
+            skipped,
         )
     why = (
         f"saved at world size {saved_world}, now {world_size}"
@@ -197,7 +260,8 @@ def plan_resume(cfg: Config, world_size: int) -> ResumePlan:
         "consolidated",
         state,
         f"resuming from {path} (step {state['step']}) with a FRESH optimizer state ({why}): consolidated fp32 "
-        "weights and EMA, step and LR schedule restored; Adam moments restart from zero",
+        "weights and EMA, step and LR schedule restored; Adam moments restart from zero" + note,
+        skipped,
     )
 
 
@@ -277,15 +341,27 @@ def publish_checkpoint(tmp: Path, final: Path, step: int, keep_last: int) -> Non
         shutil.rmtree(old, ignore_errors=True)
 
 
+class CheckpointSaveError(OSError):
+    """A save failed (full or read-only file system, ...); nothing was published."""
+
+
 class Checkpointer:
     def __init__(self, cfg: Config, built: Built, world: dist.World):
         self.cfg, self.built, self.world = cfg, built, world
         self.root = Path(cfg.run_dir) / CHECKPOINTS
         self.last_saved_step = -1
 
-    def clean_partial(self) -> None:
+    def clean_partial(self, skipped: list[tuple[Path, str]] = ()) -> None:
+        """Rank 0, after every rank has restored: remove .tmp-* partials, and move the checkpoints the
+        resume found unusable out of the step_* namespace (else readers would take them for the newest,
+        and keep_last would delete good checkpoints before them)."""
         if self.world.is_main:
             clean_partial_checkpoints(self.cfg.run_dir)
+            for p, _ in skipped:
+                aside = p.with_name(f"{CORRUPT_PREFIX}{p.name}")
+                shutil.rmtree(aside, ignore_errors=True)
+                if p.exists():
+                    os.replace(p, aside)
 
     def save(self, engine, ema: EMA, source, trainer_state: dict, reason: str) -> Path:
         """Write a complete checkpoint at trainer_state['step']; collective. Returns its directory."""
@@ -293,6 +369,23 @@ class Checkpointer:
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
         t0 = time.perf_counter()
+        try:
+            return self._save(engine, ema, source, trainer_state, reason, step, tmp, final, t0)
+        except (OSError, RuntimeError) as e:
+            # a full or read-only file system (torch.save reports it as a RuntimeError): the partial stays
+            # a .tmp-* that readers ignore (removed here when possible, to give the space back), so the
+            # newest complete checkpoint is still the one resumed from; the error names what failed and where
+            if self.world.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            prev = complete_checkpoints(self.cfg.run_dir)
+            detail = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+            raise CheckpointSaveError(
+                f"checkpoint save of step {step} failed on rank {self.world.rank} writing into {tmp} "
+                f"({type(e).__name__}: {detail}); the previous complete checkpoint "
+                f"{prev[-1] if prev else '(none)'} is intact and a restart resumes from it"
+            ) from e
+
+    def _save(self, engine, ema: EMA, source, trainer_state: dict, reason: str, step: int, tmp: Path, final: Path, t0):
         if self.world.is_main:
             fresh_checkpoint_dirs(self.cfg.run_dir, step)
         dist.barrier()
@@ -308,7 +401,7 @@ class Checkpointer:
                 save_latest=False,
                 exclude_frozen_parameters=True,
             )
-        weights = full_fp32_weights(self.built)  # collective under bf16/fp16
+        weights = full_fp32_weights(self.built, keep=self.world.is_main)  # collective under bf16/fp16
         if self.world.is_main:
             # without EMA, the "EMA" file holds the raw weights: readers can always ask for it
             self._write_weights(tmp, weights, ema.tensors(strip_prefix=self.built.prefix) if ema.enabled else weights)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,11 +54,10 @@ def run_id_for(cfg: Config) -> str:
 
 class WandbLogger:
     def __init__(self, cfg: Config, resolved: dict):
-        import wandb
-
         name = Path(cfg.run_dir).resolve().name
         self.run_id = run_id_for(cfg)
-        self.run = wandb.init(
+        self.mode = cfg.wandb.mode
+        kwargs = dict(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity or None,
             group=cfg.wandb.group or name,
@@ -65,15 +65,40 @@ class WandbLogger:
             id=self.run_id,
             resume="allow",
             config=resolved,
-            mode=cfg.wandb.mode,
             tags=list(cfg.wandb.tags),
             job_type="train",
             # W&B files go beside the run unless WANDB_DIR says otherwise
             dir=os.environ.get("WANDB_DIR") or str(Path(cfg.run_dir)),
         )
+        try:
+            self.run = self._init(cfg.wandb.mode, cfg.wandb.init_timeout_s, kwargs)
+        except Exception as e:  # noqa: BLE001 - whatever W&B raises, the run must not die of its server
+            if cfg.wandb.mode != "online":
+                raise
+            # the server is a convenience, not part of the critical path: the offline files hold the same
+            # history and `wandb sync` uploads them later under the same run id
+            warnings.warn(
+                f"W&B: could not reach the server within wandb.init_timeout_s={cfg.wandb.init_timeout_s:g} s "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); logging to OFFLINE files "
+                f"instead (run id {self.run_id}); upload them later with `wandb sync`",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.mode = "offline"
+            import wandb
+
+            wandb.teardown()  # the failed online attempt still holds the run id in W&B's service process
+            self.run = self._init("offline", cfg.wandb.init_timeout_s, kwargs)
         self.run.define_metric(STEP_METRIC)
         for prefix in ("train/*", "perf/*", "ckpt/*", "data/*"):
             self.run.define_metric(prefix, step_metric=STEP_METRIC)
+
+    @staticmethod
+    def _init(mode: str, timeout_s: float, kwargs: dict):
+        import wandb
+
+        # init_timeout bounds the wait for the server (W&B's default is 90 s, and it retried for ~120 s here)
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout_s), **kwargs)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log({**metrics, STEP_METRIC: step})

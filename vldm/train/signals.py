@@ -48,11 +48,26 @@ def process_exit_code(code: int, launcher: str) -> int:
     return 0 if code == REQUEUE_EXIT and launcher == "slurm" else code
 
 
+_EARLY: list[str] = []  # stop signals received before the StopRequest existed (install_early)
+
+
+def install_early() -> None:
+    """At process start (vldm.train.__main__), before the slow imports of torch, DeepSpeed and the model:
+    a stop signal in those first seconds or minutes is remembered instead of killing the rank with the
+    default action (USR1's ends the process); the StopRequest created later picks it up."""
+
+    def remember(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+        _EARLY.append(signal.Signals(signum).name)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, remember)
+
+
 class StopRequest:
     """Set by USR1/TERM/INT, or by the job's own step / wall-time budget."""
 
     def __init__(self, stop_after_steps: int = 0, stop_after_minutes: float = 0.0, install: bool = True):
-        self.signal_name: str | None = None
+        self.signal_name: str | None = _EARLY[-1] if install and _EARLY else None
         self.stop_after_steps = stop_after_steps
         self.deadline = time.monotonic() + stop_after_minutes * 60 if stop_after_minutes > 0 else None
         self._previous: dict[int, object] = {}

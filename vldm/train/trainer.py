@@ -52,6 +52,20 @@ class TrainState:
     bad_streak: int = 0  # consecutive skipped steps
     clips_seen: int = 0  # clips (images in stage=image) consumed by all ranks
     elapsed_s: float = 0.0  # training wall time over all jobs
+    rewarmup_from: int = -1  # optim.rewarmup_steps: the step of the last resume at another world size
+
+
+class InfGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by inf: a finite loss whose gradient norm is
+    beyond what the precision holds (train.debug_inject_grad_spike_steps, a rehearsal aid)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
 
 
 def latent_geometry(cfg: Config, built) -> tuple[int, tuple[int, int], int]:
@@ -159,12 +173,21 @@ def train(cfg: Config, source=None) -> int:
     state = TrainState(
         **{
             k: plan.state[k]
-            for k in ("step", "skipped_steps", "bad_streak", "clips_seen", "elapsed_s")
+            for k in ("step", "skipped_steps", "bad_streak", "clips_seen", "elapsed_s", "rewarmup_from")
             if k in plan.state
         }
     )
+    if plan.mode == "consolidated" and int(plan.state.get("world_size", world.world_size)) != world.world_size:
+        # fresh Adam moments at another global batch: the schedule's full LR at once would take large,
+        # badly scaled first steps (Adam's bias correction starts them at ~lr); optim.rewarmup_steps ramps it
+        state.rewarmup_from = state.step
+    if state.rewarmup_from >= 0 and cfg.optim.rewarmup_steps:
+        log0(
+            f"LR re-warm-up after the world-size change at step {state.rewarmup_from}: "
+            f"{cfg.optim.rewarmup_steps} steps (optim.rewarmup_steps)"
+        )
     checkpointer = Checkpointer(cfg, built, world)
-    checkpointer.clean_partial()
+    checkpointer.clean_partial(plan.skipped)
     if plan.mode != "fresh":
         checkpointer.last_saved_step = state.step  # the checkpoint we resumed from is this step's
     logger = build_logger(dataclasses.replace(cfg, model=built.model_cfg), world.is_main)
@@ -194,6 +217,24 @@ def train(cfg: Config, source=None) -> int:
             logger.log({"ckpt/save_s": checkpointer.last_save_s, "ckpt/size_gb": dir_bytes(path) / 2**30}, state.step)
         return path
 
+    inject_hits = cfg.train.debug_inject_rank in (-1, world.rank)
+    inject_nan = set(cfg.train.debug_inject_nonfinite_steps) if inject_hits else set()
+    inject_spike = set(cfg.train.debug_inject_grad_spike_steps) if inject_hits else set()
+    if inject_nan or inject_spike:
+        print(
+            f"[vldm.train] rank {world.rank} REHEARSAL: injecting non-finite losses at steps {sorted(inject_nan)}, "
+            f"gradient spikes at steps {sorted(inject_spike)} (train.debug_inject_*)",
+            flush=True,
+        )
+
+    def inject(loss: torch.Tensor, step: int) -> torch.Tensor:
+        """train.debug_inject_*: the faults of a rehearsal, where the trainer sees them (the loss)."""
+        if step in inject_nan:
+            return loss * float("nan")
+        if step in inject_spike:
+            return InfGrad.apply(loss)
+        return loss
+
     # ---------------------------------------------------------------- the loop
     data = iter(source)
     steps_this_job, exit_code, job_t0 = 0, 0, time.perf_counter()
@@ -202,7 +243,7 @@ def train(cfg: Config, source=None) -> int:
         while state.step < cfg.train.max_steps:
             watchdog.arm()
             t_step = time.perf_counter()
-            lr = lr_at(state.step, cfg.optim, cfg.train.max_steps)
+            lr = lr_at(state.step, cfg.optim, cfg.train.max_steps, state.rewarmup_from)
             set_lr(engine, lr)
             skipped_before = engine.skipped_steps
             loss_sum, clips, wait = torch.zeros((), device=device), 0, 0.0
@@ -211,6 +252,7 @@ def train(cfg: Config, source=None) -> int:
                 batch = next(data)
                 wait += time.perf_counter() - t_wait
                 loss, n = objective.loss(engine, batch, state.step, micro, world.rank)
+                loss = inject(loss, state.step + 1)
                 engine.backward(loss)  # a non-finite loss gives non-finite gradients: DeepSpeed skips the update
                 engine.step()
                 loss_sum += loss.detach().float()

@@ -1,0 +1,421 @@
+"""The trainer side of the fault matrix (issue 11), with configs/rehearsal_cpu.yaml (sd15_t2v's shape at toy
+size: 1 clip per rank, 2 loader workers, grad_accum 2, uint8 pixels through a VAE, EMA, W&B "online", shards
+through a file:// URL) through the real entry points (`sbatch slurm/train_temporal.sbatch` on the local SLURM
+cluster, `bash slurm/train_temporal.sbatch` = `python -m vldm.train` ranks).
+
+One uninterrupted reference run (module fixture) is itself the W&B-unreachable run and carries a rehearsed
+non-finite loss (step 3) and gradient spike (step 4) on rank 1; the other tests compare against it. See
+docs/failure-behaviour.md for the table these tests back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_data_loader import shard_corpus
+from train_helpers import ROOT, SBATCH, describe, losses, metrics, run_local, train_env
+
+from vldm.checkpoint import COMPLETE, TEMPORAL_EMA_WEIGHTS, TEMPORAL_WEIGHTS, TRAINER_STATE, complete_checkpoints
+from vldm.config import Config, build_config
+from vldm.config.data import SyntheticConfig
+from vldm.train.checkpointing import CORRUPT_PREFIX, plan_resume
+from vldm.train.lr import lr_at
+
+pytestmark = pytest.mark.faults
+REHEARSAL = ROOT / "configs" / "rehearsal_cpu.yaml"
+STEPS = 8  # the config's max_steps; a checkpoint every 2
+INJECT = [
+    "train.debug_inject_nonfinite_steps=[3]",
+    "train.debug_inject_grad_spike_steps=[4]",
+    "train.debug_inject_rank=1",
+    "checkpoint.keep_last=4",
+]
+SBATCH_OPTS = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    from vldm.data.synthetic import write_corpus
+    from vldm.models.base import build_tiny_base
+
+    root = tmp_path_factory.mktemp("rehearsal")
+    base = build_tiny_base(root / "base", vae_channels=(8, 8))
+    write_corpus(SyntheticConfig(output=str(root / "videos"), count=16, size="32", frames=16, fps=8, seed=5))
+    shard_corpus(root / "videos", root / "shards", videos_per_shard=4, frames=8, fps=8, size="32")
+    return {"root": root, "base": base, "url": f"file://{root / 'shards'}"}
+
+
+def args(data: dict, run: Path, *extra: str) -> list[str]:
+    return [f"run_dir={run}", f"model.pretrained={data['base']}", f"data.shards={data['url']}", *extra]
+
+
+def unreachable_wandb(env: dict) -> dict:
+    """W&B "online" at a closed loopback port: the real fault (nothing listens, connections are refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when this block ends: nothing listens there
+    env = {**env, "WANDB_BASE_URL": f"http://127.0.0.1:{port}", "WANDB_API_KEY": "k" * 40}
+    env.pop("WANDB_MODE", None)  # the config's mode (online) decides
+    return env
+
+
+@pytest.fixture(scope="module")
+def ref(data) -> dict:
+    """The uninterrupted run: 2 ranks, W&B online against a closed port, rank 1's loss NaN at step 3 and its
+    gradient inf at step 4 (train.debug_inject_*)."""
+    tmp = data["root"] / "ref"
+    tmp.mkdir()
+    run = tmp / "run"
+    env = unreachable_wandb(train_env(tmp, wandb=True))
+    t0 = time.time()
+    proc = run_local(run, *args(data, run, *INJECT)[1:], nproc=2, env=env, timeout=1500, config=REHEARSAL)
+    assert proc.returncode == 0, describe(proc)
+    return {"run": run, "proc": proc, "tmp": tmp, "wall_s": time.time() - t0}
+
+
+def same_losses(a: dict[int, float], b: dict[int, float]) -> bool:
+    return a.keys() == b.keys() and all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a)
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / TEMPORAL_WEIGHTS))
+
+
+def equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ W&B unreachable, non-finite burst skipped
+def test_wandb_unreachable_at_start_warns_falls_back_to_offline_files_and_training_goes_on(ref):
+    from vldm.eval.wandb_reader import history
+
+    out = ref["proc"].stdout + ref["proc"].stderr
+    assert "could not reach the server within wandb.init_timeout_s=10 s" in out and "OFFLINE files" in out
+    assert sorted(losses(ref["run"])) == list(range(1, STEPS + 1))
+    files = sorted((ref["tmp"] / "wandb_home" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    rows = [r for r in history(files[0]) if "train/loss" in r]
+    assert [r["trainer/global_step"] for r in rows] == list(range(1, STEPS + 1))  # every step, once
+
+
+def test_rehearsed_nonfinite_loss_and_grad_spike_are_skipped_on_every_rank_at_the_same_step(ref):
+    out = ref["proc"].stdout
+    by_step = {m["step"]: m for m in metrics(ref["run"]) if "train/loss" in m}
+    assert math.isnan(by_step[3]["train/loss"]) and math.isfinite(by_step[4]["train/loss"])  # NaN logged as NaN
+    assert [by_step[s]["train/skipped_steps"] for s in range(1, STEPS + 1)] == [0, 0, 1, 2, 2, 2, 2, 2]
+    assert "step 3/8 loss nan" in out and "SKIPPED" in out
+    ck = {int(c.name[5:]): c for c in complete_checkpoints(ref["run"])}
+    # ZeRO-2: each rank updates its own partition, so "skipped on every rank" = no weight changed anywhere
+    assert sorted(ck) == [2, 4, 6, 8] and equal(weights(ck[2]), weights(ck[4]))
+    state4 = json.loads((ck[4] / TRAINER_STATE).read_text())
+    assert state4["skipped_steps"] == 2 and state4["bad_streak"] == 2
+    assert not equal(weights(ck[4]), weights(ck[6]))  # training goes on after the burst
+
+
+# ------------------------------------------------------------------------- SIGTERM to every process, requeue
+def job_field(job: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30).stdout
+    return next((f.split("=", 1)[1] for f in out.split() if f.startswith(name + "=")), "")
+
+
+def sbatch(tmp: Path, env: dict, *overrides: str) -> str:
+    out = subprocess.run(
+        ["sbatch", "--parsable", *SBATCH_OPTS, f"--output={tmp}/slurm-%j.out", str(SBATCH), str(REHEARSAL), *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return out.stdout.strip().split(";")[0]
+
+
+def wait_until(pred, timeout: float, what: str, interval: float = 0.25):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise TimeoutError(what)
+
+
+def logged_steps(run: Path) -> list[int]:
+    try:
+        return sorted(losses(run))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def test_sigterm_to_every_process_with_loader_workers_stops_requeues_and_resumes_the_same_trajectory(
+    slurm_cluster, data, ref, tmp_path
+):
+    env = train_env(tmp_path)
+    run = tmp_path / "run"
+    job = sbatch(tmp_path, env, *args(data, run, *INJECT, "wandb.mode=disabled"))
+    log = tmp_path / f"slurm-{job}.out"
+    try:
+        wait_until(lambda: len(logged_steps(run)) >= 5, 1500, "no step 5: " + (log.read_text() if log.exists() else ""))
+        # what preemption and the time limit do: TERM to every process of the step, loader workers included
+        subprocess.run(["scancel", "--signal=TERM", job], check=True, timeout=30)
+        t_signal = time.time()
+        wait_until(lambda: job_field(job, "Restarts") == "1", 600, "not requeued: " + log.read_text()[-4000:])
+        stop_s = time.time() - t_signal
+        wait_until(lambda: job_field(job, "JobState") == "COMPLETED", 1500, "not completed: " + log.read_text()[-4000:])
+    finally:
+        if job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED"):
+            subprocess.run(["scancel", job], timeout=30)
+    text = log.read_text()
+    assert "killed by signal" not in text and "Traceback" not in text, text[-4000:]
+    rows = [m for m in metrics(run) if "train/loss" in m]
+    first = [m["step"] for m in rows if m["restart"] == 0]
+    second = [m["step"] for m in rows if m["restart"] == 1]
+    assert f"resuming from {run}/checkpoints/step_{first[-1]:08d}" in text  # the stop checkpoint: no step lost
+    assert first + second == list(range(1, STEPS + 1)), (first, second)
+    assert same_losses({m["step"]: m["train/loss"] for m in rows}, losses(ref["run"]))
+    assert equal(weights(complete_checkpoints(run)[-1]), weights(complete_checkpoints(ref["run"])[-1]))
+    print(f"\nMEASURED sigterm: stop at step {first[-1]}, steps lost 0, {stop_s:.1f} s from signal to requeue")
+
+
+# ------------------------------------------- corrupt newest checkpoints, world-size change, K non-finite in a row
+def corrupt(ckpt: Path, how: str) -> None:
+    if how == "truncated":
+        f = ckpt / TEMPORAL_WEIGHTS
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "no_complete":
+        (ckpt / COMPLETE).unlink()
+    elif how == "bad_json":
+        (ckpt / TRAINER_STATE).write_text('{"step": 6, "world_')
+
+
+def test_resume_skips_corrupt_newest_checkpoints_rewarms_the_lr_and_k_nonfinite_steps_abort(data, ref, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ref["run"] / "checkpoints", run / "checkpoints")
+    ck = {int(c.name[5:]): c for c in complete_checkpoints(run)}
+    corrupt(ck[8], "truncated")
+    corrupt(ck[6], "bad_json")
+    # 1 rank x 2 clips: the same global batch at another world size -> fresh Adam moments, LR re-warm-up (2 steps);
+    # then rank 0's loss is NaN at steps 6, 7, 8: max_bad_steps=3 in a row -> abort, checkpoint, exit 3 (no requeue)
+    proc = run_local(
+        run,
+        *args(data, run, "data.batch_size=2", "wandb.mode=disabled", "train.debug_inject_nonfinite_steps=[6,7,8]")[1:],
+        nproc=1,
+        timeout=1500,
+        config=REHEARSAL,
+    )
+    assert proc.returncode == 3, describe(proc)
+    out = proc.stdout
+    assert f"resuming from {run}/checkpoints/step_00000004" in out
+    assert "SKIPPED newer checkpoint(s): step_00000008 (temporal.safetensors unreadable" in out
+    assert "step_00000006 (trainer_state.json unreadable" in out
+    assert (run / "checkpoints" / f"{CORRUPT_PREFIX}step_00000008").is_dir()  # kept for a person, out of the way
+    lrs = {m["step"]: m["train/lr"] for m in metrics(run) if "train/lr" in m}
+    assert lrs[5] == pytest.approx(0.5e-3) and lrs[6] == pytest.approx(1e-3) and lrs[8] == pytest.approx(1e-3)
+    assert "3 consecutive steps had a non-finite loss or gradient" in out
+    last = complete_checkpoints(run)[-1]
+    state = json.loads((last / TRAINER_STATE).read_text())
+    assert last.name == "step_00000008" and state["reason"].startswith("abort") and state["bad_streak"] == 3
+    assert json.loads((run / "logs" / "last_exit.json").read_text())["status"] == "aborted"
+    # steps 6-8 skipped: the periodic checkpoint of step 6 and the abort one hold step 5's weights
+    assert equal(weights(last), weights(run / "checkpoints" / "step_00000006"))
+    assert not equal(weights(last), weights(run / "checkpoints" / "step_00000004"))  # step 5 trained
+
+
+# --------------------------------------------------------------- cheap checks of the same code, in process
+def fake_checkpoint(run: Path, step: int) -> Path:
+    d = run / "checkpoints" / f"step_{step:08d}"
+    d.mkdir(parents=True)
+    t = {"a": torch.arange(1000, dtype=torch.float32)}
+    save_file(t, str(d / TEMPORAL_WEIGHTS))
+    save_file(t, str(d / TEMPORAL_EMA_WEIGHTS))
+    (d / TRAINER_STATE).write_text(json.dumps({"step": step, "world_size": 2}))
+    (d / COMPLETE).write_text(f"step {step}\n")
+    return d
+
+
+@pytest.mark.parametrize("how", ["truncated", "no_complete", "bad_json"])
+def test_plan_resume_falls_back_past_a_corrupt_newest_checkpoint_and_says_why(tmp_path, how):
+    run = tmp_path / "run"
+    for s in (2, 4):
+        fake_checkpoint(run, s)
+    corrupt(run / "checkpoints" / "step_00000004", how)
+    cfg = build_config(Config, [str(ROOT / "configs" / "tiny_cpu.yaml")], [f"run_dir={run}"])
+    plan = plan_resume(cfg, 2)
+    assert plan.path == run / "checkpoints" / "step_00000002" and plan.step == 2
+    why = {"truncated": "temporal.safetensors unreadable", "no_complete": "no COMPLETE", "bad_json": "unreadable"}[how]
+    assert "SKIPPED newer checkpoint(s): step_00000004 (" in plan.message and why in plan.message
+    corrupt(run / "checkpoints" / "step_00000002", how)
+    with pytest.raises(RuntimeError, match="no usable checkpoint in .*step_00000002"):
+        plan_resume(cfg, 2)  # a fresh start would silently throw the run away
+
+
+def test_lr_rewarmup_ramps_from_the_resume_step():
+    from vldm.config.train import OptimConfig
+
+    cfg = OptimConfig(lr=1.0, warmup_steps=2, schedule="constant", rewarmup_steps=4)
+    assert [lr_at(s, cfg, 100) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    assert [lr_at(s, cfg, 100, rewarmup_from=10) for s in range(10, 16)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_at(12, OptimConfig(lr=1.0, rewarmup_steps=0), 100, rewarmup_from=10) == 1.0  # off
+
+
+def test_loader_workers_ignore_stop_signals_and_the_loader_goes_on(data):
+    import psutil
+
+    from vldm.data import build_loader
+
+    cfg = build_config(
+        Config,
+        [str(REHEARSAL)],
+        args(data, data["root"] / "unused", "data.num_workers=2"),
+    )
+    it = iter(build_loader(cfg.data, rank=0, world_size=1, seed=0))
+    first = [next(it)["keys"][0] for _ in range(2)]
+    workers = [c for c in psutil.Process().children() if c.is_running()]
+    assert len(workers) >= 2
+    for w in workers:
+        for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            os.kill(w.pid, s)
+    time.sleep(1.0)
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    more = [next(it)["keys"][0] for _ in range(6)]  # no "DataLoader worker ... killed by signal"
+    assert len(set(first + more)) == 8
+
+
+# ------------------------------------------------------------------------------ file system full during a save
+def test_file_system_full_during_a_save_keeps_the_previous_checkpoint_and_names_the_path(data, tmp_path):
+    from vldm.train.checkpointing import checkpoint_problem
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    run = tmp_path / "run"
+    ckdir = run / "checkpoints"
+    ckdir.mkdir(parents=True)
+    # one checkpoint of this model and 2 ranks is ~12 MB: room for the first save, not for the second beside it
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=18m", "tmpfs", str(ckdir)], check=True, timeout=30)
+    try:
+        proc = run_local(
+            run,
+            *args(data, run, "wandb.mode=disabled", "train.max_steps=4")[1:],
+            nproc=2,
+            timeout=1500,
+            config=REHEARSAL,
+        )
+        assert proc.returncode not in (0, 75), describe(proc)  # an error a person must see, not a requeue
+        out = proc.stdout + proc.stderr
+        assert "checkpoint save of step 4 failed on rank" in out and f"writing into {ckdir}/.tmp-step_00000004" in out
+        assert f"the previous complete checkpoint {ckdir}/step_00000002 is intact" in out
+        assert [c.name for c in complete_checkpoints(run)] == ["step_00000002"]
+        assert checkpoint_problem(ckdir / "step_00000002", "temporal") is None  # intact, loadable
+        cfg = build_config(Config, [str(REHEARSAL)], args(data, run))
+        assert plan_resume(cfg, 2).path == ckdir / "step_00000002"  # what the restart resumes from
+    finally:
+        subprocess.run(["umount", "-l", str(ckdir)], timeout=60)
+
+
+# ----------------------------------------------------------------------------------- a rank SIGKILLed mid-step
+def rank_pid(run: Path, rank: int) -> int | None:
+    """The pid of training rank `rank` of the run (not one of its loader workers: those are its children)."""
+    pids = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            env = (d / "environ").read_bytes().split(b"\0")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if f"run_dir={run}".encode() in cmd and b"vldm.train" in cmd and f"SLURM_PROCID={rank}".encode() in env:
+            pids[int(d.name)] = ppid
+    top = [p for p, pp in pids.items() if pp not in pids]
+    return top[0] if len(top) == 1 else None
+
+
+def test_a_rank_sigkilled_mid_step_ends_the_job_and_the_resubmission_resumes_from_the_newest_complete(
+    slurm_cluster, data, tmp_path
+):
+    from vldm.train.checkpointing import checkpoint_problem
+
+    env = train_env(tmp_path)
+    run = tmp_path / "run"
+    job = sbatch(
+        tmp_path, env, *args(data, run, "wandb.mode=disabled", "train.max_steps=100", "deepspeed.timeout_s=30")
+    )
+    log = tmp_path / f"slurm-{job}.out"
+    try:
+        wait_until(lambda: len(logged_steps(run)) >= 5, 1500, "no step 5: " + (log.read_text() if log.exists() else ""))
+        pid = wait_until(lambda: rank_pid(run, 1), 60, "rank 1 not found")
+        os.kill(pid, signal.SIGKILL)
+        t_kill = time.time()
+        state = wait_until(
+            lambda: (st := job_field(job, "JobState")) in ("FAILED", "CANCELLED", "COMPLETED", "NODE_FAIL") and st,
+            300,
+            "the job did not end: " + log.read_text()[-3000:],
+        )
+        end_s = time.time() - t_kill
+    finally:
+        if job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING"):
+            subprocess.run(["scancel", job], timeout=30)
+    assert state == "FAILED" and job_field(job, "Restarts") == "0", log.read_text()[-3000:]  # not requeued
+    assert end_s < 60, end_s  # srun --kill-on-bad-exit; deepspeed.timeout_s=30 bounds a survivor stuck in gloo
+    killed_at = max(logged_steps(run))
+    steps = [c.name for c in (run / "checkpoints").iterdir()]
+    assert all(n.startswith(("step_", ".tmp-")) for n in steps), steps
+    done = complete_checkpoints(run)
+    assert [c.name for c in done] == sorted(n for n in steps if n.startswith("step_"))  # nothing partial published
+    assert all(checkpoint_problem(c, "temporal") is None for c in done) and done
+    newest = done[-1]
+    # resubmitted (the same command), it resumes from the newest complete checkpoint
+    job2 = sbatch(tmp_path, env, *args(data, run, "wandb.mode=disabled", f"train.max_steps={int(newest.name[5:]) + 1}"))
+    assert (
+        wait_until(
+            lambda: job_field(job2, "JobState") in ("COMPLETED", "FAILED") and job_field(job2, "JobState"),
+            1500,
+            "job 2",
+        )
+        == "COMPLETED"
+    )
+    text = (tmp_path / f"slurm-{job2}.out").read_text()
+    assert f"resuming from {newest}" in text, text[-3000:]
+    print(
+        f"\nMEASURED sigkill: killed rank 1 after step {killed_at}, job ended in {end_s:.1f} s, "
+        f"newest complete {newest.name}"
+    )
+
+
+def test_a_stop_signal_during_start_up_is_honoured_at_the_first_step(tmp_path):
+    """USR1/TERM can come while torch, DeepSpeed and the model still load (a requeued job preempted again at
+    once): the rank must not die of the default action, it stops after step 1 with a checkpoint."""
+    import sys
+
+    run = tmp_path / "run"
+    env = {k: v for k, v in train_env(tmp_path).items() if k not in ("RANK", "WORLD_SIZE", "SLURM_JOB_ID")}
+    cmd = [sys.executable, "-m", "vldm.train", "--config", "configs/tiny_cpu.yaml", f"run_dir={run}"]
+    proc = subprocess.Popen(
+        [*cmd, "train.max_steps=5", "wandb.mode=disabled", "train.count_flops=false"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(1.5)  # inside the imports (several seconds on any machine)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 75, out[-4000:]
+    assert "stopped at step 1 (signal SIGUSR1)" in out, out[-4000:]
+    assert [c.name for c in complete_checkpoints(run)] == ["step_00000001"]
