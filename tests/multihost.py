@@ -146,3 +146,77 @@ def wait_job(env: dict, job: str, timeout: float, states=("COMPLETED", "FAILED",
         time.sleep(0.5)
     subprocess.run(["scancel", job], env=env, timeout=30)
     raise TimeoutError(f"job {job} still {scontrol_job(env, job, 'JobState')} after {timeout} s")
+
+
+# ------------------------------------------------------------------------------------------ Ray
+RAY_GCS_PORT = 6379  # inside the hosts' namespaces: their own port space, Ray's defaults are free
+RAY_DASHBOARD_PORT = 8265
+RAY_TEMP = f"/tmp/ray_vldm{K}_hosts"  # one session dir for the cluster's nodes (socket names get suffixes)
+
+
+def host_ray_procs(mh: MultiHost, i: int) -> list[tuple[int, str]]:
+    """Live Ray processes (gcs, raylet, agents, workers, `ray start`) inside host i's namespace."""
+    out = []
+    for pid in mh.netns_pids(i):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if stat != "Z" and any(k in cmd for k in ("/ray/", "ray::", "/bin/ray ", "raylet", "gcs_server")):
+            out.append((pid, cmd))
+    return out
+
+
+def stop_host_ray(mh: MultiHost, timeout: float = 20) -> None:
+    """Stops the Ray processes inside the hosts' namespaces only (`ray stop` would stop every Ray of the machine)."""
+    deadline = time.time() + timeout
+    sig = 15
+    while True:
+        left = [p for i in range(len(mh.hosts)) for p, _ in host_ray_procs(mh, i)]
+        if not left:
+            return
+        if time.time() > deadline:
+            sig = 9
+        for p in left:
+            try:
+                os.kill(p, sig)
+            except OSError:
+                pass
+        time.sleep(0.5)
+
+
+@pytest.fixture()
+def multihost_ray(multihost_slurm):
+    """A Ray cluster over the two hosts: the head (GCS, job server) on host 0 at its bridge address, a worker
+    node on host 1 joining over the network, one CPU each. Yields the job server's URL; stops both nodes."""
+    mh = multihost_slurm
+    head = mh.addrs[mh.hosts[0]]
+    env = {**mh.env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    ray = str(Path(sys.executable).parent / "ray")
+    common = ["--num-cpus=1", f"--object-store-memory={100 * 1024 * 1024}", "--disable-usage-stats"]
+    url = f"http://{head}:{RAY_DASHBOARD_PORT}"
+    try:
+        subprocess.run(["rm", "-rf", RAY_TEMP], timeout=60)
+        h = mh.exec(
+            0,
+            ray,
+            "start",
+            "--head",
+            f"--node-ip-address={head}",
+            f"--port={RAY_GCS_PORT}",
+            "--dashboard-host=0.0.0.0",
+            f"--dashboard-port={RAY_DASHBOARD_PORT}",
+            f"--temp-dir={RAY_TEMP}",
+            *common,
+            env=env,
+            timeout=300,
+        )
+        assert h.returncode == 0, h.stdout[-3000:] + h.stderr[-3000:]
+        w = mh.exec(1, ray, "start", f"--address={head}:{RAY_GCS_PORT}", *common, env=env, timeout=300)
+        assert w.returncode == 0, w.stdout[-3000:] + w.stderr[-3000:]
+        yield url
+    finally:
+        stop_host_ray(mh)
+        subprocess.run(["rm", "-rf", RAY_TEMP], timeout=60)

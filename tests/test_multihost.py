@@ -7,8 +7,10 @@ survives USR1 -> checkpoint -> requeue -> resume, and follows the single-host tr
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -194,6 +196,77 @@ def test_multihost_eval_pool_survives_losing_the_worker_host_raylet(multihost_sl
     assert "Ray stopped; exit 0" in text
     for i in range(len(mh.hosts)):
         assert not ray_procs_on(mh, i), (i, ray_procs_on(mh, i))
+
+
+# ------------------------------------------------------------------------------------------ Ray sharding
+multihost_ray = multihost.multihost_ray  # the fixture
+
+
+def test_multihost_ray_sharding_on_two_hosts_survives_losing_the_worker_host(multihost_slurm, multihost_ray, tmp_path):
+    """`ray job submit ... data_prep/shard_videos.py` on a Ray cluster over both hosts: tasks run on both
+    (Ray's state API), the worker host's raylet SIGKILLed mid-run: its tasks are redone on the head, every
+    clip exactly once; a rerun is a no-op."""
+    from ray.util.state import list_nodes, list_tasks
+    from test_data_ray import check_consistent, shard_cmd
+
+    from vldm.config.data import SyntheticConfig
+    from vldm.data.synthetic import write_corpus
+
+    mh, url = multihost_slurm, multihost_ray
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_corpus(SyntheticConfig(output=str(src), count=8, size="64", frames=32, fps=8, seed=5))  # 4 clips each
+    opts = ["--frames", "8", "--fps", "8", "--size", "64", "--videos-per-shard", "1", "--workers", "2"]
+    env = {**train_env(tmp_path), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    ray = str(Path(sys.executable).parent / "ray")
+    submit = [ray, "job", "submit", "--address", url, "--working-dir", str(ROOT), "--no-wait", "--"]
+    sub = subprocess.run(
+        [*submit, "python", "data_prep/shard_videos.py", str(src), str(out), *opts],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
+    job_id = re.search(r"raysubmit_\w+", sub.stdout + sub.stderr).group(0)
+
+    def status() -> str:
+        st = subprocess.run(
+            [ray, "job", "status", "--address", url, job_id], env=env, capture_output=True, text=True, timeout=120
+        )
+        m = re.search(r"(PENDING|RUNNING|SUCCEEDED|FAILED|STOPPED)", st.stdout + st.stderr)
+        return m.group(1) if m else ""
+
+    done = lambda: len(list(out.glob("*.done.json"))) if out.exists() else 0  # noqa: E731
+    killed = []
+    deadline = time.time() + 600
+    while (st := status()) in ("PENDING", "RUNNING", ""):
+        assert time.time() < deadline, st
+        if not killed and done() >= 1:
+            busy = [p for p, cmd in multihost.host_ray_procs(mh, 1) if "ray::write_shard" in cmd]
+            raylet = [p for p, cmd in multihost.host_ray_procs(mh, 1) if cmd.split(" ")[0].endswith("/raylet")]
+            if busy and raylet:  # a shard task mid-way on the worker host: its node dies under it
+                subprocess.run(["kill", "-9", *map(str, raylet)], timeout=30)
+                killed.append(done())
+        time.sleep(0.5)
+    logs = subprocess.run([ray, "job", "logs", "--address", url, job_id], env=env, capture_output=True, text=True)
+    assert st == "SUCCEEDED", logs.stdout[-4000:]
+    assert killed and killed[0] < 8, (killed, logs.stdout[-3000:])
+
+    # where the shard tasks ran: both hosts (the state API keeps the dead node's tasks too)
+    ip_of = {n.node_id: n.node_ip for n in list_nodes(address=url, detail=True)}
+    tasks = list_tasks(address=url, filters=[("func_or_class_name", "=", "write_shard")], detail=True, limit=1000)
+    ran_on = {ip_of.get(t.node_id) for t in tasks if t.node_id}
+    assert set(mh.addrs.values()) <= ran_on, (ran_on, [(t.state, t.node_id) for t in tasks])
+
+    keys = check_consistent(out)
+    assert len(keys) == len(set(keys)) == 8 * 4  # every clip exactly once
+    stats = json.loads((out / "_stats.json").read_text())
+    assert stats["clips"] == 32 and stats["inputs"]["failed"] == 0
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    again = subprocess.run(shard_cmd(str(src), str(out), *opts), env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")} == mtimes
 
 
 # ------------------------------------------------------------------------------------------ node loss
