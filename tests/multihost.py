@@ -63,7 +63,8 @@ class MultiHost:
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
         kw.setdefault("timeout", 60)
-        return subprocess.run(["bash", str(SCRIPTS / "hosts_exec.sh"), str(i), *cmd], env=self.env, **kw)
+        kw.setdefault("env", self.env)
+        return subprocess.run(["bash", str(SCRIPTS / "hosts_exec.sh"), str(i), *cmd], **kw)
 
     def netns_pids(self, i: int) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", self.hosts[i]], capture_output=True, text=True, timeout=30)

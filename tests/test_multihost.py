@@ -214,7 +214,7 @@ def test_multihost_ray_sharding_on_two_hosts_survives_losing_the_worker_host(mul
 
     mh, url = multihost_slurm, multihost_ray
     src, out = tmp_path / "in", tmp_path / "out"
-    write_corpus(SyntheticConfig(output=str(src), count=8, size="64", frames=32, fps=8, seed=5))  # 4 clips each
+    write_corpus(SyntheticConfig(output=str(src), count=12, size="64", frames=64, fps=8, seed=5))  # 8 clips each
     opts = ["--frames", "8", "--fps", "8", "--size", "64", "--videos-per-shard", "1", "--workers", "2"]
     env = {**train_env(tmp_path), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
@@ -230,12 +230,12 @@ def test_multihost_ray_sharding_on_two_hosts_survives_losing_the_worker_host(mul
     assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
     job_id = re.search(r"raysubmit_\w+", sub.stdout + sub.stderr).group(0)
 
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(url)
+
     def status() -> str:
-        st = subprocess.run(
-            [ray, "job", "status", "--address", url, job_id], env=env, capture_output=True, text=True, timeout=120
-        )
-        m = re.search(r"(PENDING|RUNNING|SUCCEEDED|FAILED|STOPPED)", st.stdout + st.stderr)
-        return m.group(1) if m else ""
+        return str(client.get_job_status(job_id)).split(".")[-1]
 
     done = lambda: len(list(out.glob("*.done.json"))) if out.exists() else 0  # noqa: E731
     killed = []
@@ -249,9 +249,9 @@ def test_multihost_ray_sharding_on_two_hosts_survives_losing_the_worker_host(mul
                 subprocess.run(["kill", "-9", *map(str, raylet)], timeout=30)
                 killed.append(done())
         time.sleep(0.5)
-    logs = subprocess.run([ray, "job", "logs", "--address", url, job_id], env=env, capture_output=True, text=True)
-    assert st == "SUCCEEDED", logs.stdout[-4000:]
-    assert killed and killed[0] < 8, (killed, logs.stdout[-3000:])
+    logs = client.get_job_logs(job_id)
+    assert st == "SUCCEEDED", logs[-4000:]
+    assert killed and killed[0] < 12, (killed, logs[-3000:])
 
     # where the shard tasks ran: both hosts (the state API keeps the dead node's tasks too)
     ip_of = {n.node_id: n.node_ip for n in list_nodes(address=url, detail=True)}
@@ -260,9 +260,9 @@ def test_multihost_ray_sharding_on_two_hosts_survives_losing_the_worker_host(mul
     assert set(mh.addrs.values()) <= ran_on, (ran_on, [(t.state, t.node_id) for t in tasks])
 
     keys = check_consistent(out)
-    assert len(keys) == len(set(keys)) == 8 * 4  # every clip exactly once
+    assert len(keys) == len(set(keys)) == 12 * 8  # every clip exactly once
     stats = json.loads((out / "_stats.json").read_text())
-    assert stats["clips"] == 32 and stats["inputs"]["failed"] == 0
+    assert stats["clips"] == 96 and stats["inputs"]["failed"] == 0
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     again = subprocess.run(shard_cmd(str(src), str(out), *opts), env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout, again.stdout + again.stderr
@@ -308,7 +308,8 @@ def test_multihost_node_lost_mid_training_job_ends_and_resumes_on_the_remaining_
         assert lost_to_end < watchdog + 120, (lost_to_end, text[-4000:])  # the watchdog bound, with slack for load
         print(f"node lost -> job {state} in {lost_to_end:.1f} s (watchdog {watchdog} s)")
         newest = complete_checkpoints(run)[-1]
-        assert json.loads((run / "logs" / "last_exit.json").read_text()).get("status") != "done"
+        last = run / "logs" / "last_exit.json"  # rank 0 died of the lost peer: no clean exit recorded
+        assert not last.exists() or json.loads(last.read_text()).get("status") != "done"
 
         # resubmitted on the host that is left: one rank, the other world size
         job2 = sbatch(mh, tmp_path, SBATCH, *args, opts=["--nodes=1", f"--nodelist={mh.hosts[0]}", *SBATCH_OPTS[1:]])
