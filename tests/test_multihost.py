@@ -215,7 +215,7 @@ def test_multihost_ray_sharding_on_two_hosts_survives_losing_the_worker_host(mul
     mh, url = multihost_slurm, multihost_ray
     src, out = tmp_path / "in", tmp_path / "out"
     write_corpus(SyntheticConfig(output=str(src), count=12, size="64", frames=64, fps=8, seed=5))  # 8 clips each
-    opts = ["--frames", "8", "--fps", "8", "--size", "64", "--videos-per-shard", "1", "--workers", "2"]
+    opts = ["--frames", "8", "--fps", "8", "--size", "128", "--videos-per-shard", "1", "--workers", "2"]
     env = {**train_env(tmp_path), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     ray = str(Path(sys.executable).parent / "ray")
@@ -240,15 +240,19 @@ def test_multihost_ray_sharding_on_two_hosts_survives_losing_the_worker_host(mul
     done = lambda: len(list(out.glob("*.done.json"))) if out.exists() else 0  # noqa: E731
     killed = []
     deadline = time.time() + 600
-    while (st := status()) in ("PENDING", "RUNNING", ""):
+    st, next_status = "PENDING", 0.0
+    while st in ("PENDING", "RUNNING"):
         assert time.time() < deadline, st
-        if not killed and done() >= 1:
-            busy = [p for p, cmd in multihost.host_ray_procs(mh, 1) if "ray::write_shard" in cmd]
-            raylet = [p for p, cmd in multihost.host_ray_procs(mh, 1) if cmd.split(" ")[0].endswith("/raylet")]
+        if not killed:
+            procs = multihost.host_ray_procs(mh, 1)
+            busy = [p for p, cmd in procs if "ray::write_shard" in cmd]
+            raylet = [p for p, cmd in procs if cmd.split(" ")[0].endswith("/raylet")]
             if busy and raylet:  # a shard task mid-way on the worker host: its node dies under it
                 subprocess.run(["kill", "-9", *map(str, raylet)], timeout=30)
                 killed.append(done())
-        time.sleep(0.5)
+        if time.time() >= next_status:
+            st, next_status = status(), time.time() + 1.0
+        time.sleep(0.05)
     logs = client.get_job_logs(job_id)
     assert st == "SUCCEEDED", logs[-4000:]
     assert killed and killed[0] < 12, (killed, logs[-3000:])
