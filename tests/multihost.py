@@ -169,7 +169,7 @@ def host_ray_procs(mh: MultiHost, i: int) -> list[tuple[int, str]]:
     return out
 
 
-def stop_host_ray(mh: MultiHost, timeout: float = 20) -> None:
+def stop_host_ray(mh: MultiHost, timeout: float = 5) -> None:
     """Stops the Ray processes inside the hosts' namespaces only (`ray stop` would stop every Ray of the machine)."""
     deadline = time.time() + timeout
     sig = 15
