@@ -57,7 +57,8 @@ class RayExecutor:
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
         pool = suite.pool
-        n = pool.num_workers or (gpus if gpus else max(1, int(res.get("CPU", 1) // pool.cpus_per_worker)))
+        self.pool = pool
+        n = pool.num_workers or max(1, self._capacity())
         self.cls = ray.remote(EvalActor).options(
             num_cpus=pool.cpus_per_worker, num_gpus=1 if gpus else 0, max_restarts=0, name=None
         )
@@ -66,6 +67,12 @@ class RayExecutor:
         self.held: dict[int, str] = {i: "" for i in range(n)}
         self.running: dict = {}  # ObjectRef -> (slot, task)
         print(f"[eval] {n} worker actor(s), {'1 GPU' if gpus else f'{pool.cpus_per_worker:g} CPU'} each", flush=True)
+
+    def _capacity(self) -> int:
+        """How many worker actors the cluster's live nodes have room for (one per GPU, else per CPUs)."""
+        res = self.ray.cluster_resources()
+        gpus = int(res.get("GPU", 0))
+        return gpus if gpus else int(res.get("CPU", 1) // self.pool.cpus_per_worker)
 
     def idle_slots(self) -> list[tuple[int, str]]:
         busy = {slot for slot, _ in self.running.values()}
@@ -91,8 +98,16 @@ class RayExecutor:
                 outs.append(Outcome(task, True, summary=ray.get(ref)))
                 self.held[slot] = task.weights_key
             except ray.exceptions.RayActorError as e:
-                # killed, OOM, node lost, or its constructor failed: a fresh actor takes the slot
+                # killed, OOM, node lost, or its constructor failed: a fresh actor takes the slot, if the
+                # cluster still has room for it. After a node is lost it may not: a replacement that can
+                # never be placed would hold its retried task forever, so the pool shrinks instead
                 self.actors[slot], self.held[slot] = None, ""
+                room = self._capacity()
+                if len(self.actors) > max(1, room):
+                    del self.actors[slot], self.held[slot]
+                    print(
+                        f"[eval] worker slot {slot} dropped: the cluster has room for {room} actor(s) now", flush=True
+                    )
                 outs.append(Outcome(task, False, lost=True, error=str(e)))
             except ray.exceptions.RayTaskError as e:
                 outs.append(Outcome(task, False, error=str(e)))
