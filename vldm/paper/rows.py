@@ -1,0 +1,208 @@
+"""The rows of `make paper`'s table: each claim, its numbers, and `shown` computed from those numbers.
+
+A row is built from measured values only (vldm.paper.metrics on decoded videos). `shown` is a pure
+function of the values (the functions below), so the JSON, the table and the picture cannot disagree,
+and a row that was not built says so (`shown: false` with a `note`) instead of carrying a number.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from vldm.io import atomic_write_bytes, atomic_write_text
+
+# the rows of issue 13, in the order of its table (summary.json keeps this order)
+ROWS = (
+    "keyframes",
+    "prediction",
+    "rollout",
+    "interpolation",
+    "decoder",
+    "upsampler",
+    "personalisation",
+    "ablation",
+    "cascade",
+)
+CLAIMS = {
+    "keyframes": "video model keeps the shape's colour and area far better than image mode (colour drift <= 0.25x)",
+    "prediction": "trajectory error with context frames (S=1,2) << without (S=0); context guidance's effect",
+    "rollout": "autoregressive prediction to >= 4x the training length: no window degrades > 20% vs the first",
+    "interpolation": "T -> 4T in-between centroids: error below nearest-key-frame repeat and linear cross-fade",
+    "decoder": "video decoder flickers clearly less than the image decoder at no real PSNR loss (FVD 390.88 -> 32.94)",
+    "upsampler": "video upsampler more consistent over time than the same model in image mode (FVD 165.98 -> 45.39)",
+    "personalisation": "temporal layers of model A on fine-tuned B: B's concept appears, accel <= 0.5x B's image mode",
+    "ablation": "full temporal layers beat attention-only at equal steps (FVD 704 vs 534)",
+    "cascade": "key frames -> interpolation -> decoder -> upsampler: motion and identity near real clips",
+}
+
+
+@dataclass
+class Row:
+    name: str
+    claim: str
+    metrics: dict = field(default_factory=dict)  # the model's figures
+    baselines: dict = field(default_factory=dict)  # what it is compared with (image mode, real clips, ...)
+    shown: bool = False
+    note: str = ""
+    samples: list[str] = field(default_factory=list)  # the mp4s the row measured
+    picture: str | None = None
+    seconds: float | None = None
+
+    def as_dict(self) -> dict:
+        return _rounded(asdict(self))
+
+
+def _rounded(x):
+    if isinstance(x, float):
+        return None if not math.isfinite(x) else round(x, 5)
+    if isinstance(x, dict):
+        return {k: _rounded(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rounded(v) for v in x]
+    return x
+
+
+def not_built(name: str, why: str) -> Row:
+    return Row(name, CLAIMS[name], shown=False, note=why)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def keyframes_row(image: dict, video: dict, real: dict, target: float = 0.25) -> Row:
+    """image / video / real: {"identity": identity_summary(...), "motion": motion_summary(...)}.
+
+    Shown when the video model's median colour drift is <= `target` x image mode's (the issue's aim)
+    and its motion (acceleration) is closer to the real clips' than image mode's."""
+    ratio = _ratio(video["identity"]["colour_drift"], image["identity"]["colour_drift"])
+    area_ratio = _ratio(video["identity"]["area_drift"], image["identity"]["area_drift"])
+    acc = [m["motion"]["accel"] for m in (image, video, real)]
+    motion_closer = None not in acc and abs(acc[1] - acc[2]) < abs(acc[0] - acc[2])
+    shown = ratio is not None and ratio <= target and motion_closer
+    row = Row(
+        "keyframes",
+        CLAIMS["keyframes"],
+        metrics={**video, "colour_drift_ratio": ratio, "area_drift_ratio": area_ratio},
+        baselines={"image_mode": image, "real_clips": real},
+        shown=bool(shown),
+    )
+    if not shown:
+        why = []
+        if ratio is None or ratio > target:
+            why.append(f"colour drift ratio {ratio if ratio is None else round(ratio, 3)} > target {target}")
+        if not motion_closer:
+            why.append("motion not closer to the real clips than image mode")
+        row.note = "; ".join(why)
+    return row
+
+
+def decoder_row(image: dict, video: dict, max_psnr_loss: float = 0.5, min_gain: float = 0.1) -> Row:
+    """image / video: {"psnr", "tde", "flicker"} of the image decoder and the fine-tuned video decoder on
+    the same latents of held-out clips. Shown when the video decoder's temporal-difference error is at
+    least `min_gain` (relative) lower at a PSNR at most `max_psnr_loss` dB below the image decoder's."""
+    gain = 1 - video["tde"] / image["tde"] if image["tde"] > 0 else 0.0
+    psnr_loss = image["psnr"] - video["psnr"]
+    shown = gain >= min_gain and psnr_loss <= max_psnr_loss
+    row = Row(
+        "decoder",
+        CLAIMS["decoder"],
+        metrics={**video, "tde_reduction": gain, "psnr_loss_db": psnr_loss},
+        baselines={"image_decoder": image},
+        shown=bool(shown),
+    )
+    if not shown:
+        row.note = (
+            f"temporal-difference error {gain:.1%} lower (need >= {min_gain:.0%}) at {psnr_loss:+.2f} dB PSNR loss"
+            f" (allowed <= {max_psnr_loss} dB)"
+        )
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+def bars_png(path: str | Path, title: str, groups: dict[str, dict[str, float | None]], width: int = 520) -> Path:
+    """A bar chart without matplotlib: one block per metric (`groups`: metric -> {source: value}), each
+    block scaled to its own maximum, value printed on every bar."""
+    colours = [(120, 160, 230), (230, 140, 90), (120, 200, 120), (200, 120, 200), (200, 200, 110)]
+    bar_h, gap, left = 14, 8, 150
+    n = sum(len(v) for v in groups.values())
+    height = 22 + n * (bar_h + 3) + len(groups) * (gap + 14)
+    img = Image.new("RGB", (width, height), (250, 250, 250))
+    d = ImageDraw.Draw(img)
+    d.text((4, 4), title, fill=(0, 0, 0))
+    y = 22
+    for metric, values in groups.items():
+        d.text((4, y), metric, fill=(0, 0, 0))
+        y += 14
+        top = max([abs(v) for v in values.values() if v is not None and math.isfinite(v)] or [1.0]) or 1.0
+        for k, (src, v) in enumerate(values.items()):
+            d.text((10, y + 2), src[:22], fill=(40, 40, 40))
+            if v is not None and math.isfinite(v):
+                w = int((width - left - 70) * abs(v) / top)
+                d.rectangle([left, y, left + max(w, 1), y + bar_h], fill=colours[k % len(colours)])
+                d.text((left + w + 4, y + 2), f"{v:.4g}", fill=(0, 0, 0))
+            else:
+                d.text((left, y + 2), "n/a", fill=(0, 0, 0))
+            y += bar_h + 3
+        y += gap
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    atomic_write_bytes(path, buf.getvalue())
+    os.chmod(path, 0o644)  # the atomic write's temp file is private (0600); a picture is for everyone
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def headline(row: Row) -> str:
+    """The row's key figures in one cell of the printed table."""
+    m, b = row.metrics, row.baselines
+    if row.name == "keyframes" and m:
+        img = b["image_mode"]
+        return (
+            f"colour drift {fmt(m['identity']['colour_drift'])} vs image {fmt(img['identity']['colour_drift'])}"
+            f" (x{fmt(m['colour_drift_ratio'])}), real {fmt(b['real_clips']['identity']['colour_drift'])};"
+            f" accel {fmt(m['motion']['accel'])} vs {fmt(b['image_mode']['motion']['accel'])}"
+        )
+    if row.name == "decoder" and m:
+        d = b["image_decoder"]
+        return (
+            f"tde {fmt(m['tde'])} vs image {fmt(d['tde'])} ({m['tde_reduction']:.0%} lower);"
+            f" PSNR {fmt(m['psnr'])} vs {fmt(d['psnr'])} dB"
+        )
+    return row.note or "-"
+
+
+def table(rows: list[Row]) -> str:
+    head = f"{'row':<16}{'shown':<7}figures"
+    lines = [head, "-" * 100]
+    for r in rows:
+        lines.append(f"{r.name:<16}{('yes' if r.shown else 'no'):<7}{headline(r)}")
+    return "\n".join(lines)
+
+
+def write_summary(path: str | Path, rows: list[Row], extra: dict) -> Path:
+    by = {r.name: r for r in rows}
+    missing = [n for n in ROWS if n not in by]
+    if missing:
+        raise ValueError(f"summary without rows {missing}: every row gets an entry (not_built says why)")
+    # one top-level entry per row, as issue 13 names them; how the run went sits under "run"
+    data = {**{n: by[n].as_dict() for n in ROWS}, "run": _rounded(extra)}
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    return Path(path)
