@@ -23,7 +23,16 @@ from vldm.data.codec import decode_all
 from vldm.data.synthetic import PALETTE, Track, make_video, render
 from vldm.io import encode_frames
 from vldm.paper import metrics as M
-from vldm.paper.rows import ROWS, decoder_row, keyframes_row, not_built, table, write_summary
+from vldm.paper.rows import (
+    ROWS,
+    decoder_row,
+    interpolation_row,
+    keyframes_row,
+    not_built,
+    prediction_row,
+    table,
+    write_summary,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = SyntheticConfig(output="", count=8, size="32", frames=8, max_shapes=1, min_speed=0.04, max_speed=0.08)
@@ -71,6 +80,52 @@ def test_keyframes_row_is_shown_only_when_the_numbers_show_it(real):
         "motion": good["motion"],
     }
     assert not keyframes_row(image=bad, video=half, real=good).shown
+
+
+def test_prediction_row_needs_context_to_cut_the_error(real):
+    sides = [s for _, s in real]
+    gt = [v for v, _ in real]
+    rng = np.random.default_rng(1)
+    bgs = [s["background_rgb"] for s in sides]
+
+    def figures(videos):
+        err = float(np.mean([M.trajectory_error(v[2:], g[2:], b) for v, g, b in zip(videos, gt, bgs)]))
+        return {"trajectory_error": err, **measure(videos, sides)}
+
+    truthful = figures(gt)  # a model that continues the given motion exactly
+    lost = figures([gt[(i + 3) % len(gt)] for i in range(len(gt))])  # coherent motion, but another clip's
+    assert lost["trajectory_error"] > 0.1 and truthful["trajectory_error"] == 0.0
+    row = prediction_row({0: lost, 1: truthful, 2: truthful}, {1.0: truthful, 1.5: truthful}, truthful)
+    assert row.shown and row.metrics["error_ratio_vs_S0"]["S=1"] == 0.0
+    jumpy = figures([image_mode_like(s, rng) for s in sides])
+    row = prediction_row({0: lost, 1: jumpy, 2: truthful}, {1.5: truthful}, truthful)
+    assert not row.shown and "S=1" in row.note
+
+
+def test_interpolation_row_against_repeat_and_cross_fade(real):
+    sides = [s for _, s in real]
+    bgs = [s["background_rgb"] for s in sides]
+    gt = [v[:5] for v, _ in real]
+    repeat = [g[[0, 0, 0, 4, 4]] for g in gt]
+    fade = [np.stack([np.rint((1 - t / 4) * g[0] + t / 4 * g[4]).astype(np.uint8) for t in range(5)]) for g in gt]
+
+    def figures(videos):
+        mid = slice(1, 4)
+        return {
+            "trajectory_error": float(
+                np.mean([M.trajectory_error(v[mid], g[mid], b) for v, g, b in zip(videos, gt, bgs)])
+            ),
+            "mask_iou": float(np.mean([M.mask_iou(v[mid], g[mid], b) for v, g, b in zip(videos, gt, bgs)])),
+        }
+
+    f_true, f_rep, f_fade = figures(gt), figures(repeat), figures(fade)
+    assert f_fade["trajectory_error"] < f_rep["trajectory_error"]  # a cross-fade's centroid is about right ...
+    assert f_fade["mask_iou"] < f_true["mask_iou"]  # ... its shape is not
+    assert interpolation_row(f_true, f_rep, f_fade).shown
+    row = interpolation_row(f_rep, f_rep, f_fade)  # "interpolating" by repeating the key frames
+    assert not row.shown and "nearest key frame" in row.note
+    row = interpolation_row(f_fade, f_rep, f_fade)
+    assert not row.shown and "cross-fade" in row.note
 
 
 def test_decoder_row_needs_less_flicker_at_no_real_psnr_loss(real):

@@ -94,6 +94,23 @@ def test_trajectory_error_is_zero_on_the_truth_and_grows_with_an_offset(real):
     assert M.trajectory_error(empty, video, side["background_rgb"]) == M.MISSING_ERROR
 
 
+def test_mask_iou_sees_the_ghosts_of_a_cross_fade():
+    from vldm.data.synthetic import Track
+
+    pos = np.array([[8.0, 10.0], [15.0, 14.0], [22.0, 18.0]])  # constant velocity, no bounce
+    video = decode_all(
+        encode_frames(render([Track("square", "blue", 4.5, (0, 0), "right", pos, [])], (0, 0, 0), 32, 32), 8.0, crf=12)
+    )
+    assert M.mask_iou(video, video, (0, 0, 0)) == 1.0
+    fade = np.rint(0.5 * video[0].astype(np.float32) + 0.5 * video[2]).astype(np.uint8)[None]
+    mid = video[1:2]
+    # the mean position of the two half-shapes is right (constant velocity) ...
+    assert M.trajectory_error(fade, mid, (0, 0, 0)) < 0.02
+    # ... but the shape is not: the half-shapes overlap the true one little
+    assert M.mask_iou(fade, mid, (0, 0, 0)) < 0.5
+    assert M.mask_iou(video[:1], mid, (0, 0, 0)) < 0.5  # the nearest key frame: the shape in the wrong place
+
+
 def test_centroids_follow_the_sidecar_trajectory(real):
     for video, side in real:
         if side["shapes"][0]["shape"] == "triangle":

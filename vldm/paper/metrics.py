@@ -11,6 +11,8 @@ mean colour, its area and its centroid; everything below is computed from those 
   of the true continuation, measured the same way on the real clip (a triangle's area centroid is not
   its bounding-box centre: comparing centroid with centroid cancels that). A frame with no shape
   counts as MISSING_ERROR, so a model cannot lower its error by drawing nothing.
+- mask IoU against the true frame: where the shape is and what it looks like (a centroid cannot see
+  two half-shapes whose mean position is right, as a cross-fade draws them).
 - acceleration |c[t+1] - 2 c[t] + c[t-1]| (motion smoothness; constant velocity gives ~0).
 - flicker (mean |x[t+1] - x[t]|) and temporal-difference error (mean |(x[t+1] - x[t]) - (y[t+1] - y[t])|
   against the reference video y), both on the 0-255 scale, and PSNR (dB) against the reference.
@@ -107,6 +109,18 @@ def trajectory_error(video, reference, background=None, **kw) -> float:
         raise ValueError("the reference has no shape in any frame: nothing to compare against")
     d = np.linalg.norm(ca[ok] - cb[ok], axis=1)
     return float(np.where(np.isnan(d), MISSING_ERROR, d).mean())
+
+
+def mask_iou(video, reference, background=None, threshold: float = THRESHOLD) -> float:
+    """Mean over frames of the intersection over union of the shape masks of `video` and `reference`
+    (1 = the shape drawn exactly where and as it is; frames where neither has a shape count 1). Unlike a
+    centroid, it sees ghosts: a cross-fade's two half-shapes have the right mean position but IoU ~0."""
+    a, b = segment(video, background, threshold), segment(reference, background, threshold)
+    if a.shape != b.shape:
+        raise ValueError(f"video {a.shape} and reference {b.shape} differ in shape")
+    inter = (a & b).reshape(len(a), -1).sum(1)
+    union = (a | b).reshape(len(a), -1).sum(1)
+    return float(np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean())
 
 
 def accelerations(video, background=None, **kw) -> np.ndarray:

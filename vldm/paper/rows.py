@@ -106,6 +106,55 @@ def keyframes_row(image: dict, video: dict, real: dict, target: float = 0.25) ->
     return row
 
 
+def prediction_row(by_s: dict, by_guidance: dict, real: dict, much: float = 0.5) -> Row:
+    """by_s: S -> {"trajectory_error", "identity", "motion"} on the same generated frames; by_guidance:
+    context guidance scale -> the same for S = 2. Shown when the error with context (S = 1 and 2) is at
+    most `much` x the error without (S = 0)."""
+    e0 = by_s[0]["trajectory_error"]
+    ratios = {s: _ratio(by_s[s]["trajectory_error"], e0) for s in (1, 2)}
+    shown = all(r is not None and r <= much for r in ratios.values())
+    row = Row(
+        "prediction",
+        CLAIMS["prediction"],
+        metrics={
+            "by_context_frames": {f"S={s}": v for s, v in by_s.items()},
+            "error_ratio_vs_S0": {f"S={s}": r for s, r in ratios.items()},
+            "by_context_guidance_S2": {str(k): v for k, v in by_guidance.items()},
+        },
+        baselines={"S=0 (no context)": by_s[0], "real_clips": real},
+        shown=bool(shown),
+    )
+    if not shown:
+        row.note = f"error ratio vs S=0: {', '.join(f'S={s} {fmt(r)}' for s, r in ratios.items())} (need <= {much})"
+    return row
+
+
+def interpolation_row(model: dict, repeat: dict, fade: dict, below_repeat: float = 0.75) -> Row:
+    """model / repeat (nearest key frame) / fade (linear cross-fade): {"trajectory_error", "mask_iou", ...}
+    of the in-between frames. Shown when the model's centroid error is <= `below_repeat` x the repeat's and
+    its shape error (1 - mask IoU) is below the cross-fade's. The cross-fade is compared on the shape, not
+    the centroid: the mean position of its two half-shapes is the linear interpolation of the key frames'
+    positions, exact for constant motion, so a centroid cannot see what is wrong with it (two ghosts)."""
+    e, er = model["trajectory_error"], repeat["trajectory_error"]
+    s, sf = 1 - model["mask_iou"], 1 - fade["mask_iou"]
+    shown = e <= below_repeat * er and s < sf
+    row = Row(
+        "interpolation",
+        CLAIMS["interpolation"],
+        metrics=dict(model),
+        baselines={"nearest_key_frame": repeat, "cross_fade": fade},
+        shown=bool(shown),
+    )
+    if not shown:
+        why = []
+        if not e <= below_repeat * er:
+            why.append(f"centroid error {fmt(e)} vs nearest key frame {fmt(er)} (need <= {below_repeat}x)")
+        if not s < sf:
+            why.append(f"shape error 1 - IoU {fmt(s)} vs cross-fade {fmt(sf)} (need below)")
+        row.note = "; ".join(why)
+    return row
+
+
 def decoder_row(image: dict, video: dict, max_psnr_loss: float = 0.5, min_gain: float = 0.1) -> Row:
     """image / video: {"psnr", "tde", "flicker"} of the image decoder and the fine-tuned video decoder on
     the same latents of held-out clips. Shown when the video decoder's temporal-difference error is at
@@ -179,6 +228,22 @@ def headline(row: Row) -> str:
             f"colour drift {fmt(m['identity']['colour_drift'])} vs image {fmt(img['identity']['colour_drift'])}"
             f" (x{fmt(m['colour_drift_ratio'])}), real {fmt(b['real_clips']['identity']['colour_drift'])};"
             f" accel {fmt(m['motion']['accel'])} vs {fmt(b['image_mode']['motion']['accel'])}"
+        )
+    if row.name == "prediction" and m:
+        e = {k: v["trajectory_error"] for k, v in m["by_context_frames"].items()}
+        g = {k: v["trajectory_error"] for k, v in m["by_context_guidance_S2"].items()}
+        return (
+            "traj err "
+            + ", ".join(f"{k} {fmt(v)}" for k, v in e.items())
+            + "; S=2 by guidance "
+            + ", ".join(f"{k}: {fmt(v)}" for k, v in g.items())
+        )
+    if row.name == "interpolation" and m:
+        rep, fade = b["nearest_key_frame"], b["cross_fade"]
+        return (
+            f"centroid err {fmt(m['trajectory_error'])} vs repeat {fmt(rep['trajectory_error'])};"
+            f" mask IoU {fmt(m['mask_iou'])} vs cross-fade {fmt(fade['mask_iou'])}, repeat {fmt(rep['mask_iou'])};"
+            f" key-frame PSNR {fmt(m.get('psnr_key_frames'))}"
         )
     if row.name == "decoder" and m:
         d = b["image_decoder"]

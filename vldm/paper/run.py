@@ -38,12 +38,14 @@ class Plan:
     clip_frames: int  # frames measured per video (the demo's clip length)
     sample_steps: int
     decoder_steps: int
+    temporal_steps: int  # steps of each extra temporal model (prediction, interpolation): the demo's 800
 
 
-FULL = Plan("full", heldout_videos=16, clip_frames=8, sample_steps=25, decoder_steps=300)
-FAST = Plan("fast", heldout_videos=2, clip_frames=8, sample_steps=4, decoder_steps=4)
+FULL = Plan("full", heldout_videos=16, clip_frames=8, sample_steps=25, decoder_steps=300, temporal_steps=800)
+FAST = Plan("fast", heldout_videos=2, clip_frames=8, sample_steps=4, decoder_steps=4, temporal_steps=4)
 HELDOUT_SEED = 1  # the demo's corpus is seed 0: seed 1 gives other shapes, colours and trajectories
-BUILT = ("keyframes", "decoder")
+BUILT = ("keyframes", "prediction", "interpolation", "decoder")
+CONTEXT_GUIDANCE = (1.0, 1.5, 3.0)  # context guidance scales of the prediction row (1 = off; 1.5 = the default)
 
 
 class Paper:
@@ -63,6 +65,10 @@ class Paper:
             self.env.setdefault(var, str(self.out / "wandb" / sub))
         self.env.setdefault("WANDB_SILENT", "true")
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+
+    @property
+    def image_ldm(self) -> Path:
+        return self.demo / "models" / "image_ldm"
 
     def say(self, msg: str) -> None:
         print(f"[paper {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -171,6 +177,191 @@ class Paper:
                     "colour drift (RGB / 255)": {k: measured[v]["identity"]["colour_drift"] for k, v in srcs.items()},
                     "area drift (relative)": {k: measured[v]["identity"]["area_drift"] for k, v in srcs.items()},
                     "acceleration (frame units)": {k: measured[v]["motion"]["accel"] for k, v in srcs.items()},
+                },
+            )
+        )
+        return row
+
+    # ------------------------------------------------------------------ shared by the rows
+    def train_stage(self, config: str, name: str, steps: int, pretrained: Path) -> Path:
+        """A temporal model on the demo's image LDM and shards, through slurm/train_temporal.sbatch (bash:
+        2 local ranks, DeepSpeed ZeRO-2), W&B offline. Returns its run directory."""
+        run = self.out / "runs" / name
+        shutil.rmtree(run, ignore_errors=True)
+        self.run(
+            [
+                "bash",
+                "slurm/train_temporal.sbatch",
+                config,
+                f"run_dir={run}",
+                f"model.pretrained={pretrained}",
+                f"data.shards={self.demo / 'shards'}",
+                f"train.max_steps={steps}",
+                f"checkpoint.every={steps}",
+                f"train.log_every={max(1, min(50, steps // 10))}",
+                f"optim.warmup_steps={max(1, min(50, steps // 8))}",
+                "wandb.mode=offline",
+            ],
+            f"3_{name}.log",
+        )
+        return run
+
+    def truth_pixels(self, frames: int | None = None):
+        """The held-out clips as (b, 3, f, H, W) pixels in [-1, 1] (first `frames` frames)."""
+        import numpy as np
+        import torch
+
+        clips = np.stack([v[:frames] for v, _ in self.truth])
+        return torch.from_numpy(clips).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3).contiguous()
+
+    @staticmethod
+    def to_u8(videos) -> list:
+        """(b, 3, f, H, W) in [-1, 1] -> list of (f, H, W, 3) uint8."""
+        import numpy as np
+
+        return list(((videos.permute(0, 2, 3, 4, 1).float().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
+
+    def save_videos(self, row: str, name: str, videos, fps: float = 8.0) -> list[str]:
+        from vldm.io import write_mp4
+
+        d = self.out / "samples" / row / name
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        return [str(write_mp4(d / f"clip_{i:03d}.mp4", v, fps)) for i, v in enumerate(videos)]
+
+    def row_prediction(self):
+        import numpy as np
+        import torch
+
+        from vldm.config.sample import SampleConfig
+        from vldm.diffusion.sampler import decode_latents, encode_pixels
+        from vldm.paper import metrics as M
+        from vldm.paper.rows import bars_png, prediction_row
+        from vldm.sample import stages
+        from vldm.sample.api import Cascade, encode_prompts
+
+        run = self.train_stage("configs/paper_predict.yaml", "prediction", self.plan.temporal_steps, self.image_ldm)
+        cascade = Cascade.from_runs(str(self.demo / "runs" / "video"), predict_run=str(run), ema=True, device="cpu")
+        comps, stage = cascade.components, cascade.predictor
+        prompts = [s["caption"] for _, s in self.truth]
+        bgs = [s["background_rgb"] for _, s in self.truth]
+        f = stage.clip_frames
+        truth = self.truth_pixels(f)
+        gt = self.to_u8(truth)
+        z = encode_pixels(comps.vae, truth)
+        hw = tuple(z.shape[-2:])
+        first = 2  # frames 2.. are generated for every S: the error is compared on the same frames
+
+        def sample(s: int, cg: float):
+            cfg = SampleConfig(steps=self.plan.sample_steps, guidance_scale=GUIDANCE, context_guidance=cg)
+            run_ = stages.Run(cfg, list(range(len(prompts))))
+            text = encode_prompts(cascade, comps, prompts, cfg)
+            with torch.no_grad():
+                if s == 0:
+                    lat = stages.keyframes(stage, text, run_, f, hw)
+                else:
+                    lat = stages.rollout(stage, text, run_, f, hw, start=z[:, :, :s])
+                return self.to_u8(decode_latents(comps.vae, lat))
+
+        def figures(videos) -> dict:
+            return {
+                "trajectory_error": float(
+                    np.mean([M.trajectory_error(v[first:], g[first:], b) for v, g, b in zip(videos, gt, bgs)])
+                ),
+                "identity": M.identity_summary(videos, bgs),
+                "motion": M.motion_summary(videos, bgs),
+            }
+
+        by_s, by_cg, samples = {}, {}, []
+        for s in (0, 1, 2):
+            vids = sample(s, 1.5)
+            by_s[s] = figures(vids)
+            samples += self.save_videos("prediction", f"S{s}", vids)
+        for cg in CONTEXT_GUIDANCE:
+            by_cg[cg] = by_s[2] if cg == 1.5 else figures(sample(2, cg))
+        real = {"identity": M.identity_summary(gt, bgs), "motion": M.motion_summary(gt, bgs)}
+        row = prediction_row(by_s, by_cg, real)
+        row.samples = samples
+        row.metrics["train_steps"] = self.plan.temporal_steps
+        row.picture = str(
+            bars_png(
+                self.out / "prediction.png",
+                f"prediction: centroid error of frames {first}-{f - 1} vs the true continuation",
+                {
+                    "trajectory error by context frames S": {f"S={s}": by_s[s]["trajectory_error"] for s in by_s},
+                    "trajectory error by context guidance (S=2)": {
+                        f"scale {cg}": by_cg[cg]["trajectory_error"] for cg in by_cg
+                    },
+                    "colour drift": {
+                        **{f"S={s}": by_s[s]["identity"]["colour_drift"] for s in by_s},
+                        "real clips": real["identity"]["colour_drift"],
+                    },
+                },
+            )
+        )
+        return row
+
+    def row_interpolation(self):
+        import numpy as np
+        import torch
+
+        from vldm.config.sample import SampleConfig
+        from vldm.diffusion.sampler import decode_latents, encode_pixels
+        from vldm.paper import metrics as M
+        from vldm.paper.rows import bars_png, interpolation_row
+        from vldm.sample import stages
+        from vldm.sample.api import Cascade, encode_prompts
+
+        run = self.train_stage(
+            "configs/paper_interpolate.yaml", "interpolation", self.plan.temporal_steps, self.image_ldm
+        )
+        cascade = Cascade.from_runs(str(self.demo / "runs" / "video"), interp_run=str(run), ema=True, device="cpu")
+        comps, stage = cascade.components, cascade.interpolator
+        factor = stages.interp_options(stage).factor
+        n = factor + 1  # one window: key frames 0 and factor given, the frames between them generated
+        prompts = [s["caption"] for _, s in self.truth]
+        bgs = [s["background_rgb"] for _, s in self.truth]
+        truth = self.truth_pixels(n)
+        gt = self.to_u8(truth)
+        keys = encode_pixels(comps.vae, truth[:, :, ::factor])
+        cfg = SampleConfig(steps=self.plan.sample_steps, guidance_scale=GUIDANCE)
+        text = encode_prompts(cascade, comps, prompts, cfg)
+        with torch.no_grad():
+            lat = stages.interpolate(stage, text, stages.Run(cfg, list(range(len(prompts)))), keys, 1, 8.0)
+        model = self.to_u8(decode_latents(comps.vae, lat))
+        # the baselines get the true key frames in pixels (no autoencoder loss): they are not handicapped
+        repeat = [g[[0 if t <= factor // 2 else factor for t in range(n)]] for g in gt]
+        fade = [
+            np.stack([np.rint((1 - t / factor) * g[0] + t / factor * g[factor]).astype(np.uint8) for t in range(n)])
+            for g in gt
+        ]
+        mid = slice(1, factor)
+
+        def figures(videos) -> dict:
+            return {
+                "trajectory_error": float(
+                    np.mean([M.trajectory_error(v[mid], g[mid], b) for v, g, b in zip(videos, gt, bgs)])
+                ),
+                "mask_iou": float(np.mean([M.mask_iou(v[mid], g[mid], b) for v, g, b in zip(videos, gt, bgs)])),
+                "area_drift": M.identity_summary(videos, bgs)["area_drift"],
+                "psnr_inbetween": float(np.mean([M.psnr(v[mid], g[mid]) for v, g in zip(videos, gt)])),
+            }
+
+        measured = {"model": figures(model), "nearest_key_frame": figures(repeat), "cross_fade": figures(fade)}
+        measured["model"]["psnr_key_frames"] = float(
+            np.mean([M.psnr(v[::factor], g[::factor]) for v, g in zip(model, gt)])
+        )
+        row = interpolation_row(measured["model"], measured["nearest_key_frame"], measured["cross_fade"])
+        row.metrics["train_steps"] = self.plan.temporal_steps
+        row.samples = self.save_videos("interpolation", "model", model) + self.save_videos("interpolation", "truth", gt)
+        row.picture = str(
+            bars_png(
+                self.out / "interpolation.png",
+                f"interpolation x{factor}: in-between frames vs ground truth",
+                {
+                    "centroid error (frame units)": {k: v["trajectory_error"] for k, v in measured.items()},
+                    "mask IoU with the true frame": {k: v["mask_iou"] for k, v in measured.items()},
+                    "area drift (relative)": {k: v["area_drift"] for k, v in measured.items()},
                 },
             )
         )
