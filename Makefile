@@ -1,4 +1,4 @@
-# Three commands: `make demo`, `make paper` and `make test`. Both create the virtual environment on first use.
+# Three commands: `make demo`, `make paper` and `make test`. All create the virtual environment on first use.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv

@@ -30,6 +30,7 @@ from vldm.paper.rows import (
     keyframes_row,
     not_built,
     prediction_row,
+    rollout_row,
     table,
     write_summary,
 )
@@ -100,6 +101,27 @@ def test_prediction_row_needs_context_to_cut_the_error(real):
     jumpy = figures([image_mode_like(s, rng) for s in sides])
     row = prediction_row({0: lost, 1: jumpy, 2: truthful}, {1.5: truthful}, truthful)
     assert not row.shown and "S=1" in row.note
+
+
+def test_rollout_row_flags_a_window_that_degrades(real):
+    sides = [s for _, s in real]
+    bgs = [s["background_rgb"] for s in sides]
+    rng = np.random.default_rng(2)
+
+    def window(videos):
+        ident = M.identity_summary(videos, bgs)
+        return {
+            "accel": M.motion_summary(videos, bgs)["accel"],
+            "colour_drift": ident["colour_drift"],
+            "area_drift": ident["area_drift"],
+        }
+
+    good = window([v for v, _ in real])
+    assert rollout_row([good] * 4, good).shown
+    bad = window([image_mode_like(s, rng) for s in sides])
+    row = rollout_row([good, good, good, bad], good)
+    assert not row.shown and "colour_drift" in row.note and row.metrics["worst_degradation_vs_first"]["accel"] > 1
+    assert not rollout_row([good] * 3, good).shown  # < 4x the training length is not the claim
 
 
 def test_interpolation_row_against_repeat_and_cross_fade(real):

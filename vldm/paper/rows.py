@@ -129,6 +129,40 @@ def prediction_row(by_s: dict, by_guidance: dict, real: dict, much: float = 0.5)
     return row
 
 
+ROLLOUT_METRICS = ("accel", "colour_drift", "area_drift")
+
+
+def rollout_row(windows: list[dict], real: dict, max_degrade: float = 0.2) -> Row:
+    """windows: per window of the rollout {"accel", "colour_drift", "area_drift", ...}; real: the same of
+    real clips. Shown when no window's motion or identity figure exceeds the first window's by more than
+    `max_degrade` (relative). The first window's figure is floored at the real clips' own: the relative
+    change of a figure at the level of codec noise is noise, not degradation."""
+    first = windows[0]
+    worst = {}
+    for k in ROLLOUT_METRICS:
+        base = max(first[k] or 0.0, real.get(k) or 0.0)
+        vals = [w[k] for w in windows[1:] if w[k] is not None]
+        worst[k] = max([(v - base) / base for v in vals], default=0.0) if base > 0 else None
+    shown = len(windows) >= 4 and all(v is not None and v <= max_degrade for v in worst.values())
+    row = Row(
+        "rollout",
+        CLAIMS["rollout"],
+        metrics={"windows": windows, "worst_degradation_vs_first": worst},
+        baselines={"real_clips": real},
+        shown=bool(shown),
+    )
+    if not shown:
+        bad = {k: v for k, v in worst.items() if v is None or v > max_degrade}
+        row.note = (
+            f"{len(windows)} windows (need >= 4)"
+            if len(windows) < 4
+            else "worst window vs the first: "
+            + ", ".join(f"{k} {fmt(v)}" for k, v in bad.items())
+            + f" (need <= {max_degrade})"
+        )
+    return row
+
+
 def interpolation_row(model: dict, repeat: dict, fade: dict, below_repeat: float = 0.75) -> Row:
     """model / repeat (nearest key frame) / fade (linear cross-fade): {"trajectory_error", "mask_iou", ...}
     of the in-between frames. Shown when the model's centroid error is <= `below_repeat` x the repeat's and
@@ -237,6 +271,13 @@ def headline(row: Row) -> str:
             + ", ".join(f"{k} {fmt(v)}" for k, v in e.items())
             + "; S=2 by guidance "
             + ", ".join(f"{k}: {fmt(v)}" for k, v in g.items())
+        )
+    if row.name == "rollout" and m:
+        w = m["windows"]
+        return (
+            f"{len(w)} windows; accel {fmt(w[0]['accel'])} -> {fmt(w[-1]['accel'])}, colour drift"
+            f" {fmt(w[0]['colour_drift'])} -> {fmt(w[-1]['colour_drift'])}; worst vs first "
+            + ", ".join(f"{k} {fmt(v)}" for k, v in m["worst_degradation_vs_first"].items())
         )
     if row.name == "interpolation" and m:
         rep, fade = b["nearest_key_frame"], b["cross_fade"]

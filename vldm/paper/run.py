@@ -39,12 +39,13 @@ class Plan:
     sample_steps: int
     decoder_steps: int
     temporal_steps: int  # steps of each extra temporal model (prediction, interpolation): the demo's 800
+    rollout_frames: int = 32  # the rollout row's length: 4x the training clips
 
 
 FULL = Plan("full", heldout_videos=16, clip_frames=8, sample_steps=25, decoder_steps=300, temporal_steps=800)
 FAST = Plan("fast", heldout_videos=2, clip_frames=8, sample_steps=4, decoder_steps=4, temporal_steps=4)
 HELDOUT_SEED = 1  # the demo's corpus is seed 0: seed 1 gives other shapes, colours and trajectories
-BUILT = ("keyframes", "prediction", "interpolation", "decoder")
+BUILT = ("keyframes", "prediction", "rollout", "interpolation", "decoder")
 CONTEXT_GUIDANCE = (1.0, 1.5, 3.0)  # context guidance scales of the prediction row (1 = off; 1.5 = the default)
 
 
@@ -113,7 +114,7 @@ class Paper:
                 "--size",
                 "32",
                 "--frames",
-                str(self.plan.clip_frames),
+                str(max(self.plan.clip_frames, self.plan.rollout_frames)),
                 "--fps",
                 "8",
                 "--max-shapes",
@@ -164,7 +165,7 @@ class Paper:
             with torch.no_grad():
                 u8 = ((out.videos.permute(0, 2, 3, 4, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
             measured[mode] = {"identity": M.identity_summary(list(u8), bgs), "motion": M.motion_summary(list(u8), bgs)}
-        real = [v for v, _ in self.truth]
+        real = [v[: self.plan.clip_frames] for v, _ in self.truth]
         measured["real"] = {"identity": M.identity_summary(real, bgs), "motion": M.motion_summary(real, bgs)}
         row = keyframes_row(measured["image_mode"], measured["video_model"], measured["real"])
         row.samples = samples
@@ -211,7 +212,7 @@ class Paper:
         import numpy as np
         import torch
 
-        clips = np.stack([v[:frames] for v, _ in self.truth])
+        clips = np.stack([v[: frames or self.plan.clip_frames] for v, _ in self.truth])
         return torch.from_numpy(clips).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3).contiguous()
 
     @staticmethod
@@ -229,6 +230,73 @@ class Paper:
         d.mkdir(parents=True)
         return [str(write_mp4(d / f"clip_{i:03d}.mp4", v, fps)) for i, v in enumerate(videos)]
 
+    def prediction_run(self) -> Path:
+        """The prediction model of the prediction and rollout rows (trained once)."""
+        if getattr(self, "_prediction_run", None) is None:
+            self._prediction_run = self.train_stage(
+                "configs/paper_predict.yaml", "prediction", self.plan.temporal_steps, self.image_ldm
+            )
+        return self._prediction_run
+
+    def row_rollout(self):
+        import numpy as np
+        import torch
+
+        from vldm.config.sample import SampleConfig
+        from vldm.diffusion.sampler import decode_latents, encode_pixels
+        from vldm.paper import metrics as M
+        from vldm.paper.rows import bars_png, rollout_row
+        from vldm.sample import stages
+        from vldm.sample.api import Cascade, encode_prompts
+
+        run = self.prediction_run()
+        cascade = Cascade.from_runs(str(self.demo / "runs" / "video"), predict_run=str(run), ema=True, device="cpu")
+        comps, stage = cascade.components, cascade.predictor
+        prompts = [s["caption"] for _, s in self.truth]
+        bgs = [s["background_rgb"] for _, s in self.truth]
+        n, f = self.plan.rollout_frames, stage.clip_frames
+        truth = self.truth_pixels(n)
+        gt = self.to_u8(truth)
+        z = encode_pixels(comps.vae, truth[:, :, :2])  # 2 true frames start it; the rest is the model's
+        cfg = SampleConfig(steps=self.plan.sample_steps, guidance_scale=GUIDANCE)
+        text = encode_prompts(cascade, comps, prompts, cfg)
+        with torch.no_grad():
+            lat = stages.rollout(stage, text, stages.Run(cfg, list(range(len(prompts)))), n, tuple(z.shape[-2:]), z)
+        videos = self.to_u8(decode_latents(comps.vae, lat))
+        windows = []
+        for w0 in range(0, n - f + 1, f):
+            sl = slice(w0, w0 + f)
+            vw, gw = [v[sl] for v in videos], [g[sl] for g in gt]
+            windows.append(
+                {
+                    "frames": [w0, w0 + f],
+                    "accel": M.motion_summary(vw, bgs)["accel"],
+                    "colour_drift": M.identity_summary(vw, bgs)["colour_drift"],
+                    "area_drift": M.identity_summary(vw, bgs)["area_drift"],
+                    "presence": M.identity_summary(vw, bgs)["presence"],
+                    "trajectory_error": float(np.mean([M.trajectory_error(a, b, bg) for a, b, bg in zip(vw, gw, bgs)])),
+                }
+            )
+        real = [g[:f] for g in gt]
+        real_fig = {
+            "accel": M.motion_summary(real, bgs)["accel"],
+            "colour_drift": M.identity_summary(real, bgs)["colour_drift"],
+            "area_drift": M.identity_summary(real, bgs)["area_drift"],
+        }
+        row = rollout_row(windows, real_fig)
+        row.samples = self.save_videos("rollout", "model", videos)
+        row.picture = str(
+            bars_png(
+                self.out / "rollout.png",
+                f"rollout to {n} frames ({n // f}x the training clips), per window of {f} frames",
+                {
+                    k: {f"frames {w['frames'][0]}-{w['frames'][1] - 1}": w[k] for w in windows}
+                    for k in ("accel", "colour_drift", "area_drift", "trajectory_error")
+                },
+            )
+        )
+        return row
+
     def row_prediction(self):
         import numpy as np
         import torch
@@ -240,7 +308,7 @@ class Paper:
         from vldm.sample import stages
         from vldm.sample.api import Cascade, encode_prompts
 
-        run = self.train_stage("configs/paper_predict.yaml", "prediction", self.plan.temporal_steps, self.image_ldm)
+        run = self.prediction_run()
         cascade = Cascade.from_runs(str(self.demo / "runs" / "video"), predict_run=str(run), ema=True, device="cpu")
         comps, stage = cascade.components, cascade.predictor
         prompts = [s["caption"] for _, s in self.truth]
@@ -402,7 +470,7 @@ class Paper:
         vae = AutoencoderKL.from_pretrained(str(self.demo / "models" / "base" / "vae")).eval()
         image_dec = VideoDecoder.from_vae(vae).eval()  # the image decoder, exactly (temporal layers at identity)
         video_dec = load_decoder(run)
-        clips = np.stack([v for v, _ in self.truth])  # (b, f, h, w, 3) uint8
+        clips = np.stack([v[: self.plan.clip_frames] for v, _ in self.truth])  # (b, f, h, w, 3) uint8
         x = torch.from_numpy(clips).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)  # b c f h w
         with torch.no_grad():
             frames = x.permute(0, 2, 1, 3, 4).flatten(0, 1)
