@@ -562,8 +562,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m vldm.paper", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--fast", action="store_true", default=os.environ.get("PAPER_FAST") == "1")
-    ap.add_argument("--out", default=os.environ.get("PAPER_OUT", "outputs/paper"))
+    ap.add_argument(
+        "--fast",
+        action="store_true",
+        default=os.environ.get("PAPER_FAST") == "1",
+        help="the smoke-test variant: the fast demo, a few steps per model (default: $PAPER_FAST=1)",
+    )
+    ap.add_argument(
+        "--out", default=os.environ.get("PAPER_OUT", "outputs/paper"), help="output directory (default: outputs/paper)"
+    )
     ap.add_argument("--demo-dir", default=None, help="reuse a finished `make demo` output instead of running it")
     ap.add_argument("--rows", default=",".join(BUILT), help=f"rows to run (default: {','.join(BUILT)})")
     a = ap.parse_args(argv)
