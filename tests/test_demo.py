@@ -184,7 +184,7 @@ def test_fast_paper_on_the_fast_demo(fast_demo, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     s = json.loads((out / "summary.json").read_text())
     assert list(s)[: len(ROWS)] == list(ROWS)
-    built = {"keyframes": 8, "prediction": 8, "rollout": 32, "interpolation": 5, "decoder": 8}
+    built = {"keyframes": 8, "prediction": 8, "rollout": 32, "interpolation": 5, "decoder": 8, "ablation": 8}
     for name in ROWS:
         row = s[name]
         assert row["claim"] and isinstance(row["shown"], bool) and name in proc.stdout

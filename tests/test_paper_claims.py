@@ -25,6 +25,7 @@ from vldm.io import encode_frames
 from vldm.paper import metrics as M
 from vldm.paper.rows import (
     ROWS,
+    ablation_row,
     decoder_row,
     interpolation_row,
     keyframes_row,
@@ -148,6 +149,16 @@ def test_interpolation_row_against_repeat_and_cross_fade(real):
     assert not row.shown and "nearest key frame" in row.note
     row = interpolation_row(f_fade, f_rep, f_fade)
     assert not row.shown and "cross-fade" in row.note
+
+
+def test_ablation_row_prefers_the_variant_closer_to_real_clips(real):
+    rng = np.random.default_rng(3)
+    sides = [s for _, s in real]
+    good = measure([v for v, _ in real], sides)
+    bad = measure([image_mode_like(s, rng) for s in sides], sides)
+    assert ablation_row(attention_only=bad, full=good, real=good).shown
+    row = ablation_row(attention_only=good, full=bad, real=good)
+    assert not row.shown and "accel gap" in row.note
 
 
 def test_decoder_row_needs_less_flicker_at_no_real_psnr_loss(real):

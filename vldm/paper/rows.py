@@ -189,6 +189,34 @@ def interpolation_row(model: dict, repeat: dict, fade: dict, below_repeat: float
     return row
 
 
+def ablation_row(attention_only: dict, full: dict, real: dict) -> Row:
+    """attention_only / full / real: {"identity", "motion"} as in keyframes_row, full = the demo's video
+    model, both trained for the same steps. Shown when full is closer to the real clips in motion
+    (|accel - real accel|) and keeps colour at least as well."""
+    pairs = (("attention_only", attention_only), ("full", full))
+    if any(v["motion"]["accel"] is None for _, v in pairs) or real["motion"]["accel"] is None:
+        return Row("ablation", CLAIMS["ablation"], shown=False, note="no measurable motion (no shape in 3 frames)")
+    gap = {k: abs(v["motion"]["accel"] - real["motion"]["accel"]) for k, v in pairs}
+    col = {k: v["identity"]["colour_drift"] for k, v in pairs}
+    shown = gap["full"] < gap["attention_only"] and None not in col.values() and col["full"] <= col["attention_only"]
+    row = Row(
+        "ablation",
+        CLAIMS["ablation"],
+        metrics={**full, "accel_gap_to_real": gap["full"]},
+        baselines={
+            "attention_only": {**attention_only, "accel_gap_to_real": gap["attention_only"]},
+            "real_clips": real,
+        },
+        shown=bool(shown),
+    )
+    if not shown:
+        row.note = (
+            f"accel gap to real: full {fmt(gap['full'])} vs attention-only {fmt(gap['attention_only'])};"
+            f" colour drift full {fmt(col['full'])} vs {fmt(col['attention_only'])}"
+        )
+    return row
+
+
 def decoder_row(image: dict, video: dict, max_psnr_loss: float = 0.5, min_gain: float = 0.1) -> Row:
     """image / video: {"psnr", "tde", "flicker"} of the image decoder and the fine-tuned video decoder on
     the same latents of held-out clips. Shown when the video decoder's temporal-difference error is at
@@ -285,6 +313,12 @@ def headline(row: Row) -> str:
             f"centroid err {fmt(m['trajectory_error'])} vs repeat {fmt(rep['trajectory_error'])};"
             f" mask IoU {fmt(m['mask_iou'])} vs cross-fade {fmt(fade['mask_iou'])}, repeat {fmt(rep['mask_iou'])};"
             f" key-frame PSNR {fmt(m.get('psnr_key_frames'))}"
+        )
+    if row.name == "ablation" and m:
+        a = b["attention_only"]
+        return (
+            f"accel gap to real: full {fmt(m['accel_gap_to_real'])} vs attention-only {fmt(a['accel_gap_to_real'])};"
+            f" colour drift {fmt(m['identity']['colour_drift'])} vs {fmt(a['identity']['colour_drift'])}"
         )
     if row.name == "decoder" and m:
         d = b["image_decoder"]

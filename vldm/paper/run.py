@@ -45,7 +45,7 @@ class Plan:
 FULL = Plan("full", heldout_videos=16, clip_frames=8, sample_steps=25, decoder_steps=300, temporal_steps=800)
 FAST = Plan("fast", heldout_videos=2, clip_frames=8, sample_steps=4, decoder_steps=4, temporal_steps=4)
 HELDOUT_SEED = 1  # the demo's corpus is seed 0: seed 1 gives other shapes, colours and trajectories
-BUILT = ("keyframes", "prediction", "rollout", "interpolation", "decoder")
+BUILT = ("keyframes", "prediction", "rollout", "interpolation", "decoder", "ablation")
 CONTEXT_GUIDANCE = (1.0, 1.5, 3.0)  # context guidance scales of the prediction row (1 = off; 1.5 = the default)
 
 
@@ -135,38 +135,53 @@ class Paper:
         self.say(f"  {len(self.truth)} held-out ground-truth clips (seed {HELDOUT_SEED}) in {d}")
 
     # ------------------------------------------------------------------ 3. rows
-    def row_keyframes(self):
+    def generate_measured(self, run: Path, row: str, mode: str, image_mode: bool) -> tuple[dict, list[str]]:
+        """The held-out captions through a key-frame run (seeds 0..n-1, as the demo samples), saved under
+        samples/ROW/MODE/; identity and motion figures of the decoded videos."""
         import numpy as np
         import torch
 
         from vldm.paper import metrics as M
-        from vldm.paper.rows import bars_png, keyframes_row
         from vldm.sample.api import Cascade, generate
 
         prompts = [s["caption"] for _, s in self.truth]
         bgs = [s["background_rgb"] for _, s in self.truth]
-        cascade = Cascade.from_runs(str(self.demo / "runs" / "video"), ema=True, device="cpu")
+        cascade = Cascade.from_runs(str(run), ema=True, device="cpu")
+        out = generate(
+            cascade,
+            prompts,
+            seeds=list(range(len(prompts))),
+            progress=False,
+            num_frames=self.plan.clip_frames,
+            steps=self.plan.sample_steps,
+            guidance_scale=GUIDANCE,
+            image_mode=image_mode,
+        )
+        d = self.out / "samples" / row / mode
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        samples = [str(p) for p in out.save(d / "sample.mp4")]
+        with torch.no_grad():
+            u8 = ((out.videos.permute(0, 2, 3, 4, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        return {"identity": M.identity_summary(list(u8), bgs), "motion": M.motion_summary(list(u8), bgs)}, samples
+
+    def real_measured(self) -> dict:
+        from vldm.paper import metrics as M
+
+        bgs = [s["background_rgb"] for _, s in self.truth]
+        real = [v[: self.plan.clip_frames] for v, _ in self.truth]
+        return {"identity": M.identity_summary(real, bgs), "motion": M.motion_summary(real, bgs)}
+
+    def row_keyframes(self):
+        from vldm.paper.rows import bars_png, keyframes_row
+
+        video_run = self.demo / "runs" / "video"
         measured, samples = {}, []
         for mode, image_mode in (("image_mode", True), ("video_model", False)):
-            out = generate(
-                cascade,
-                prompts,
-                seeds=list(range(len(prompts))),
-                progress=False,
-                num_frames=self.plan.clip_frames,
-                steps=self.plan.sample_steps,
-                guidance_scale=GUIDANCE,
-                image_mode=image_mode,
-            )
-            d = self.out / "samples" / "keyframes" / mode
-            shutil.rmtree(d, ignore_errors=True)
-            d.mkdir(parents=True)
-            samples += [str(p) for p in out.save(d / "sample.mp4")]
-            with torch.no_grad():
-                u8 = ((out.videos.permute(0, 2, 3, 4, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-            measured[mode] = {"identity": M.identity_summary(list(u8), bgs), "motion": M.motion_summary(list(u8), bgs)}
-        real = [v[: self.plan.clip_frames] for v, _ in self.truth]
-        measured["real"] = {"identity": M.identity_summary(real, bgs), "motion": M.motion_summary(real, bgs)}
+            measured[mode], paths = self.generate_measured(video_run, "keyframes", mode, image_mode)
+            samples += paths
+        measured["real"] = self.real_measured()
+        self._keyframes = measured  # the ablation row compares with the same figures
         row = keyframes_row(measured["image_mode"], measured["video_model"], measured["real"])
         row.samples = samples
         srcs = {"image mode": "image_mode", "video model": "video_model", "real clips": "real"}
@@ -178,6 +193,56 @@ class Paper:
                     "colour drift (RGB / 255)": {k: measured[v]["identity"]["colour_drift"] for k, v in srcs.items()},
                     "area drift (relative)": {k: measured[v]["identity"]["area_drift"] for k, v in srcs.items()},
                     "acceleration (frame units)": {k: measured[v]["motion"]["accel"] for k, v in srcs.items()},
+                },
+            )
+        )
+        return row
+
+    def row_ablation(self):
+        import json as _json
+
+        from vldm.paper.rows import ablation_row, bars_png
+
+        steps = _json.loads((self.demo / "summary.json").read_text())["plan"]["temporal_steps"]
+        # the demo's temporal stage with attention-only temporal layers, at the demo's own step count
+        run = self.out / "runs" / "ablation_attention_only"
+        shutil.rmtree(run, ignore_errors=True)
+        self.run(
+            [
+                "bash",
+                "slurm/train_temporal.sbatch",
+                "configs/demo_temporal.yaml",
+                f"run_dir={run}",
+                f"model.pretrained={self.image_ldm}",
+                f"data.shards={self.demo / 'shards'}",
+                "model.temporal.res_blocks=false",
+                f"train.max_steps={steps}",
+                f"checkpoint.every={steps}",
+                f"train.log_every={max(1, min(50, steps // 10))}",
+                f"optim.warmup_steps={max(1, min(50, steps // 8))}",
+                "wandb.name=paper-ablation-attention-only",
+            ],
+            "3_ablation.log",
+        )
+        att, samples = self.generate_measured(run, "ablation", "attention_only", False)
+        if getattr(self, "_keyframes", None) is None:
+            full, more = self.generate_measured(self.demo / "runs" / "video", "ablation", "full", False)
+            samples += more
+            real = self.real_measured()
+        else:
+            full, real = self._keyframes["video_model"], self._keyframes["real"]
+        row = ablation_row(att, full, real)
+        row.metrics["train_steps"] = steps
+        row.samples = samples
+        srcs = {"attention only": att, "full": full, "real clips": real}
+        row.picture = str(
+            bars_png(
+                self.out / "ablation.png",
+                f"ablation: attention-only vs full temporal layers, {steps} steps each",
+                {
+                    "colour drift": {k: v["identity"]["colour_drift"] for k, v in srcs.items()},
+                    "area drift": {k: v["identity"]["area_drift"] for k, v in srcs.items()},
+                    "acceleration": {k: v["motion"]["accel"] for k, v in srcs.items()},
                 },
             )
         )
