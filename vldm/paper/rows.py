@@ -53,7 +53,8 @@ class Row:
     note: str = ""
     samples: list[str] = field(default_factory=list)  # the mp4s the row measured
     picture: str | None = None
-    seconds: float | None = None
+    seconds: float | None = None  # wall time of the row (training included)
+    cpu_seconds: float | None = None  # CPU time of the row and the processes it ran
 
     def as_dict(self) -> dict:
         return _rounded(asdict(self))

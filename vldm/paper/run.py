@@ -49,6 +49,12 @@ BUILT = ("keyframes", "prediction", "rollout", "interpolation", "decoder", "abla
 CONTEXT_GUIDANCE = (1.0, 1.5, 3.0)  # context guidance scales of the prediction row (1 = off; 1.5 = the default)
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and of the children it has waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 class Paper:
     def __init__(self, plan: Plan, out: Path, demo_dir: Path | None = None, rows: tuple[str, ...] = BUILT):
         self.plan, self.out = plan, out.resolve()
@@ -585,9 +591,10 @@ class Paper:
                 out.append(not_built(name, "not run (--rows)"))
                 continue
             self.say(f"  row {name}")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu()
             row = fn()
             row.seconds = round(time.perf_counter() - t0, 1)
+            row.cpu_seconds = round(_cpu() - c0, 1)
             self.say(f"  row {name}: shown={row.shown} in {row.seconds:.0f} s {row.note}")
             out.append(row)
         return out
@@ -597,19 +604,25 @@ class Paper:
         from vldm.paper.rows import table, write_summary
 
         t_start = time.perf_counter()
+        self._cpu0 = _cpu()
         self.out.mkdir(parents=True, exist_ok=True)
         self.say(f"{self.plan.name} variant -> {self.out} (logs in {self.logs})")
         for name, fn in (("demo", self.run_demo), ("truth", self.make_truth)):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu()
             self.say(f"stage {name}")
             fn()
             self.timings[name] = round(time.perf_counter() - t0, 1)
+            self.timings[f"{name}_cpu"] = round(_cpu() - c0, 1)
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
         rows = self.rows()
         wall = round(time.perf_counter() - t_start, 1)
+        # CPU seconds of this process and every process it waited for (trainer ranks, the demo and its
+        # children; not the Ray daemons' workers): a load-independent size of the run on a shared machine
+        cpu = round(_cpu() - self._cpu0, 1)
         extra = {
+            "cpu_seconds": cpu,
             "variant": self.plan.name,
             "plan": self.plan.__dict__,
             "demo": str(self.demo),
@@ -619,7 +632,7 @@ class Paper:
         path = write_summary(self.out / "summary.json", rows, extra)
         print()
         print(table(rows))
-        print(f"\nsummary  {path}\nsamples  {self.out / 'samples'}\nwall {wall:.0f} s")
+        print(f"\nsummary  {path}\nsamples  {self.out / 'samples'}\nwall {wall:.0f} s, {cpu:.0f} CPU-seconds")
         return json.loads(path.read_text())
 
 
