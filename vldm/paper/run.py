@@ -18,6 +18,7 @@ The demo is run as a command, not imported: library code never imports vldm.demo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -651,13 +652,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--demo-dir", default=None, help="reuse a finished `make demo` output instead of running it")
     ap.add_argument("--rows", default=",".join(BUILT), help=f"rows to run (default: {','.join(BUILT)})")
+    ap.add_argument(
+        "--temporal-steps",
+        type=int,
+        default=None,
+        help="steps of the prediction and interpolation models (default: the plan's, 800 in the full variant)",
+    )
+    ap.add_argument("--decoder-steps", type=int, default=None, help="steps of the video decoder (default: the plan's)")
     a = ap.parse_args(argv)
     rows = tuple(r for r in a.rows.split(",") if r)
     unknown = [r for r in rows if r not in BUILT]
     if unknown:
         ap.error(f"--rows: {unknown} not built (built: {', '.join(BUILT)})")
     try:
-        Paper(FAST if a.fast else FULL, Path(a.out), Path(a.demo_dir) if a.demo_dir else None, rows).main()
+        plan = FAST if a.fast else FULL
+        for field, v in (("temporal_steps", a.temporal_steps), ("decoder_steps", a.decoder_steps)):
+            if v is not None:
+                if v < 1:
+                    ap.error(f"--{field.replace('_', '-')}: must be >= 1")
+                plan = dataclasses.replace(plan, **{field: v})
+        Paper(plan, Path(a.out), Path(a.demo_dir) if a.demo_dir else None, rows).main()
     except (RuntimeError, FileNotFoundError) as e:
         print(f"[paper] FAILED: {e}", file=sys.stderr, flush=True)
         return 1
