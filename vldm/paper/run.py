@@ -57,8 +57,15 @@ def _cpu() -> float:
 
 
 class Paper:
-    def __init__(self, plan: Plan, out: Path, demo_dir: Path | None = None, rows: tuple[str, ...] = BUILT):
-        self.plan, self.out = plan, out.resolve()
+    def __init__(
+        self,
+        plan: Plan,
+        out: Path,
+        demo_dir: Path | None = None,
+        rows: tuple[str, ...] = BUILT,
+        reuse_runs: bool = False,
+    ):
+        self.plan, self.out, self.reuse_runs = plan, out.resolve(), reuse_runs
         self.demo = (demo_dir or self.out / "demo").resolve()
         self.reuse_demo = demo_dir is not None
         self.rows_wanted = rows
@@ -96,8 +103,12 @@ class Paper:
     # ------------------------------------------------------------------ 1. demo
     def run_demo(self) -> None:
         if self.reuse_demo:
-            if not (self.demo / "summary.json").exists():
-                raise FileNotFoundError(f"--demo-dir {self.demo} has no summary.json (not a finished demo)")
+            need = [self.demo / "shards", self.image_ldm / "unet", self.demo / "models" / "base" / "vae"]
+            if "keyframes" in self.rows_wanted or "ablation" in self.rows_wanted:
+                need.append(self.demo / "summary.json")  # these rows sample the demo's video model
+            missing = [str(p.relative_to(self.demo)) for p in need if not p.exists()]
+            if missing:
+                raise FileNotFoundError(f"--demo-dir {self.demo} lacks {', '.join(missing)} (not a finished demo)")
             self.say(f"  reusing the demo in {self.demo}")
             return
         cmd = [self.py, "-m", "vldm.demo", "--out", str(self.demo)] + (["--fast"] if self.plan.name == "fast" else [])
@@ -213,24 +224,25 @@ class Paper:
         steps = _json.loads((self.demo / "summary.json").read_text())["plan"]["temporal_steps"]
         # the demo's temporal stage with attention-only temporal layers, at the demo's own step count
         run = self.out / "runs" / "ablation_attention_only"
-        shutil.rmtree(run, ignore_errors=True)
-        self.run(
-            [
-                "bash",
-                "slurm/train_temporal.sbatch",
-                "configs/demo_temporal.yaml",
-                f"run_dir={run}",
-                f"model.pretrained={self.image_ldm}",
-                f"data.shards={self.demo / 'shards'}",
-                "model.temporal.res_blocks=false",
-                f"train.max_steps={steps}",
-                f"checkpoint.every={steps}",
-                f"train.log_every={max(1, min(50, steps // 10))}",
-                f"optim.warmup_steps={max(1, min(50, steps // 8))}",
-                "wandb.name=paper-ablation-attention-only",
-            ],
-            "3_ablation.log",
-        )
+        if not (self.reuse_runs and self.trained(run, steps)):
+            shutil.rmtree(run, ignore_errors=True)
+            self.run(
+                [
+                    "bash",
+                    "slurm/train_temporal.sbatch",
+                    "configs/demo_temporal.yaml",
+                    f"run_dir={run}",
+                    f"model.pretrained={self.image_ldm}",
+                    f"data.shards={self.demo / 'shards'}",
+                    "model.temporal.res_blocks=false",
+                    f"train.max_steps={steps}",
+                    f"checkpoint.every={steps}",
+                    f"train.log_every={max(1, min(50, steps // 10))}",
+                    f"optim.warmup_steps={max(1, min(50, steps // 8))}",
+                    "wandb.name=paper-ablation-attention-only",
+                ],
+                "3_ablation.log",
+            )
         att, samples = self.generate_measured(run, "ablation", "attention_only", False)
         if getattr(self, "_keyframes", None) is None:
             full, more = self.generate_measured(self.demo / "runs" / "video", "ablation", "full", False)
@@ -260,6 +272,9 @@ class Paper:
         """A temporal model on the demo's image LDM and shards, through slurm/train_temporal.sbatch (bash:
         2 local ranks, DeepSpeed ZeRO-2), W&B offline. Returns its run directory."""
         run = self.out / "runs" / name
+        if self.reuse_runs and self.trained(run, steps):
+            self.say(f"  reusing {run} ({steps} steps, --reuse-runs)")
+            return run
         shutil.rmtree(run, ignore_errors=True)
         self.run(
             [
@@ -278,6 +293,13 @@ class Paper:
             f"3_{name}.log",
         )
         return run
+
+    @staticmethod
+    def trained(run: Path, steps: int) -> bool:
+        """Whether `run` holds a complete checkpoint of exactly `steps` steps."""
+        from vldm.checkpoint import complete_checkpoints, step_dir_name
+
+        return any(ck.name == step_dir_name(steps) for ck in complete_checkpoints(run)) if run.is_dir() else False
 
     def truth_pixels(self, frames: int | None = None):
         """The held-out clips as (b, 3, f, H, W) pixels in [-1, 1] (first `frames` frames)."""
@@ -322,8 +344,9 @@ class Paper:
         from vldm.sample.api import Cascade, encode_prompts
 
         run = self.prediction_run()
-        cascade = Cascade.from_runs(str(self.demo / "runs" / "video"), predict_run=str(run), ema=True, device="cpu")
-        comps, stage = cascade.components, cascade.predictor
+        # the prediction model alone (a cascade may start from a predict run): no need of the demo's video run
+        cascade = Cascade.from_runs(str(run), ema=True, device="cpu")
+        comps, stage = cascade.components, cascade.keyframes
         prompts = [s["caption"] for _, s in self.truth]
         bgs = [s["background_rgb"] for _, s in self.truth]
         n, f = self.plan.rollout_frames, stage.clip_frames
@@ -381,8 +404,9 @@ class Paper:
         from vldm.sample.api import Cascade, encode_prompts
 
         run = self.prediction_run()
-        cascade = Cascade.from_runs(str(self.demo / "runs" / "video"), predict_run=str(run), ema=True, device="cpu")
-        comps, stage = cascade.components, cascade.predictor
+        # the prediction model alone (a cascade may start from a predict run): no need of the demo's video run
+        cascade = Cascade.from_runs(str(run), ema=True, device="cpu")
+        comps, stage = cascade.components, cascade.keyframes
         prompts = [s["caption"] for _, s in self.truth]
         bgs = [s["background_rgb"] for _, s in self.truth]
         f = stage.clip_frames
@@ -455,7 +479,9 @@ class Paper:
         run = self.train_stage(
             "configs/paper_interpolate.yaml", "interpolation", self.plan.temporal_steps, self.image_ldm
         )
-        cascade = Cascade.from_runs(str(self.demo / "runs" / "video"), interp_run=str(run), ema=True, device="cpu")
+        # the interpolator on the prediction model's cascade (same image LDM, text encoder and VAE): no need of
+        # the demo's video run
+        cascade = Cascade.from_runs(str(self.prediction_run()), interp_run=str(run), ema=True, device="cpu")
         comps, stage = cascade.components, cascade.interpolator
         factor = stages.interp_options(stage).factor
         n = factor + 1  # one window: key frames 0 and factor given, the frames between them generated
@@ -519,24 +545,25 @@ class Paper:
 
         steps = self.plan.decoder_steps
         run = self.out / "runs" / "decoder"
-        shutil.rmtree(run, ignore_errors=True)
         # the decoder stage through the same launcher as every stage (2 local ranks, DDP over gloo)
-        self.run(
-            [
-                "bash",
-                "slurm/train_temporal.sbatch",
-                "configs/decoder_tiny.yaml",
-                f"run_dir={run}",
-                f"model.pretrained={self.demo / 'models' / 'base'}",
-                f"data.shards={self.demo / 'shards'}",
-                f"data.num_frames={self.plan.clip_frames}",
-                f"train.max_steps={steps}",
-                f"checkpoint.every={steps}",
-                f"train.log_every={max(1, steps // 10)}",
-                "wandb.mode=offline",
-            ],
-            "3_decoder.log",
-        )
+        if not (self.reuse_runs and self.trained(run, steps)):
+            shutil.rmtree(run, ignore_errors=True)
+            self.run(
+                [
+                    "bash",
+                    "slurm/train_temporal.sbatch",
+                    "configs/decoder_tiny.yaml",
+                    f"run_dir={run}",
+                    f"model.pretrained={self.demo / 'models' / 'base'}",
+                    f"data.shards={self.demo / 'shards'}",
+                    f"data.num_frames={self.plan.clip_frames}",
+                    f"train.max_steps={steps}",
+                    f"checkpoint.every={steps}",
+                    f"train.log_every={max(1, steps // 10)}",
+                    "wandb.mode=offline",
+                ],
+                "3_decoder.log",
+            )
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(str(self.demo / "models" / "base" / "vae")).eval()
@@ -658,6 +685,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="steps of the prediction and interpolation models (default: the plan's, 800 in the full variant)",
     )
+    ap.add_argument(
+        "--reuse-runs",
+        action="store_true",
+        help="measure again without training again: keep a row's run in OUT/runs that has the plan's step count",
+    )
     ap.add_argument("--decoder-steps", type=int, default=None, help="steps of the video decoder (default: the plan's)")
     a = ap.parse_args(argv)
     rows = tuple(r for r in a.rows.split(",") if r)
@@ -671,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
                 if v < 1:
                     ap.error(f"--{field.replace('_', '-')}: must be >= 1")
                 plan = dataclasses.replace(plan, **{field: v})
-        Paper(plan, Path(a.out), Path(a.demo_dir) if a.demo_dir else None, rows).main()
+        Paper(plan, Path(a.out), Path(a.demo_dir) if a.demo_dir else None, rows, a.reuse_runs).main()
     except (RuntimeError, FileNotFoundError) as e:
         print(f"[paper] FAILED: {e}", file=sys.stderr, flush=True)
         return 1
