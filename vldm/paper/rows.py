@@ -190,16 +190,21 @@ def interpolation_row(model: dict, repeat: dict, fade: dict, below_repeat: float
     return row
 
 
-def ablation_row(attention_only: dict, full: dict, real: dict) -> Row:
+def ablation_row(attention_only: dict, full: dict, real: dict, margin: float = 0.9) -> Row:
     """attention_only / full / real: {"identity", "motion"} as in keyframes_row, full = the demo's video
-    model, both trained for the same steps. Shown when full is closer to the real clips in motion
-    (|accel - real accel|) and keeps colour at least as well."""
+    model, both trained for the same steps. Shown when full is clearly closer to the real clips in motion
+    (|accel - real accel| at most `margin` x attention-only's: a difference of a few percent on 16
+    videos is noise) and keeps colour at least as well."""
     pairs = (("attention_only", attention_only), ("full", full))
     if any(v["motion"]["accel"] is None for _, v in pairs) or real["motion"]["accel"] is None:
         return Row("ablation", CLAIMS["ablation"], shown=False, note="no measurable motion (no shape in 3 frames)")
     gap = {k: abs(v["motion"]["accel"] - real["motion"]["accel"]) for k, v in pairs}
     col = {k: v["identity"]["colour_drift"] for k, v in pairs}
-    shown = gap["full"] < gap["attention_only"] and None not in col.values() and col["full"] <= col["attention_only"]
+    shown = (
+        gap["full"] <= margin * gap["attention_only"]
+        and None not in col.values()
+        and col["full"] <= col["attention_only"]
+    )
     row = Row(
         "ablation",
         CLAIMS["ablation"],
