@@ -123,6 +123,8 @@ def test_rollout_row_flags_a_window_that_degrades(real):
     row = rollout_row([good, good, good, bad], good)
     assert not row.shown and "colour_drift" in row.note and row.metrics["worst_degradation_vs_first"]["accel"] > 1
     assert not rollout_row([good] * 3, good).shown  # < 4x the training length is not the claim
+    row = rollout_row([bad] * 4, good)  # incoherent from the start: nothing to degrade, nothing shown
+    assert not row.shown and "not coherent" in row.note
 
 
 def test_interpolation_row_against_repeat_and_cross_fade(real):
