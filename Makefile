@@ -1,11 +1,11 @@
-# Two commands: `make demo` and `make test`. Both create the virtual environment on first use.
+# Three commands: `make demo`, `make paper` and `make test`. All create the virtual environment on first use.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv test test-fast demo lint bench clean
+.PHONY: venv test test-fast demo paper lint bench clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ test: venv
 
 demo: venv
 	bash scripts/demo.sh
+
+# each model of the cascade measured against ground truth (issue 13); PAPER_FAST=1 for the smoke test.
+# One thread per process, as in scripts/demo.sh (several processes share 2 cores).
+paper: venv
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m vldm.paper
 
 lint: venv
 	$(VENV)/bin/ruff format --check .

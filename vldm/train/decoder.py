@@ -286,10 +286,13 @@ class DecoderTrainer:
             dump_yaml(cfg, self.run_dir / RUN_CONFIG)
         last = None
         last_saved, steps_this_job = self.step, 0
+        # iter() after _resume: the shard loader is an iterable (restored by load_state_dict before it starts),
+        # the synthetic source and a `batches` argument are iterators already (iter returns them)
+        data = iter(self.source)
         while self.step < cfg.train.max_steps:
             if self.watchdog is not None:
                 self.watchdog.arm(cfg.deepspeed.timeout_s * 2)  # a step and a save after it must end in time
-            batch = next(self.source)
+            batch = next(data)
             if "pixels" not in batch:
                 raise ValueError("stage=decoder trains on pixels: set data.use_latents=false")
             lr = lr_at(self.step, cfg.optim, cfg.train.max_steps)

@@ -1,0 +1,5 @@
+import sys
+
+from vldm.paper.run import main
+
+sys.exit(main())
