@@ -166,17 +166,6 @@ def test_loss_is_the_same_whichever_rank_holds_a_clip(tiny_objective):
     assert not torch.allclose(l_whole, l_other_step)  # noise and timesteps change with the step
 
 
-def test_flop_estimate_matches_a_counted_forward_and_backward(tiny_objective):
-    from vldm.train.perf import count_flops, step_flops
-
-    cfg, built, obj = tiny_objective
-    batch = next(SyntheticClips(cfg, 0, 1, 4, 8, 8))
-    estimate = step_flops(lambda: obj.loss(built.model, batch, 0, 0, 0), built.model, built.prefix, all_trainable=False)
-    counted = count_flops(lambda: obj.loss(built.model, batch, 0, 0, 0)[0].backward())
-    # the estimate counts input gradients through every frozen layer (even conv_in, which needs none)
-    assert 0.8 * counted <= estimate <= 1.2 * counted, (estimate, counted)
-
-
 def test_every_section_is_documented_in_the_reference():
     rows = {key: help_ for key, _, _, help_ in reference(Config)}
     for key in (

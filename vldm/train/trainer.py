@@ -31,7 +31,7 @@ from vldm.train.engine import grad_norm, parallelize, resolve_backend, resolve_p
 from vldm.train.logger import build_logger
 from vldm.train.lr import lr_at
 from vldm.train.objective import Objective
-from vldm.train.perf import peak_memory_gb, peak_tflops, step_flops, sync
+from vldm.train.perf import peak_memory_gb, peak_tflops, sync, train_flops
 from vldm.train.signals import ABORT_EXIT, REQUEUE_EXIT, StopRequest, process_exit_code, write_exit_status
 from vldm.train.sources import SyntheticClips, build_source, data_metrics, seed_of
 
@@ -112,7 +112,7 @@ def train(cfg: Config, source=None) -> int:
     built.model.to(device)
     # tokens = latent positions of one clip (of one image in stage=image, where every frame is a sample)
     tokens_per_clip = (1 if cfg.stage == "image" else cfg.data.num_frames) * latent_hw[0] * latent_hw[1]
-    flops_per_micro = 0
+    flops_per_micro = encoder_flops = 0
     if cfg.train.count_flops:
         # a synthetic batch of the real shapes: the data position is untouched
         kind = "latents" if (built.comps.vae is None or cfg.data.use_latents) else "pixels"
@@ -120,12 +120,10 @@ def train(cfg: Config, source=None) -> int:
             (channels, latent_hw) if kind == "latents" else (3, (latent_hw[0] * vae_scale, latent_hw[1] * vae_scale))
         )
         probe = next(SyntheticClips(cfg, 0, 1, ch, hw[0], hw[1], kind, num_labels, getattr(source, "text_shape", None)))
-        flops_per_micro = step_flops(
-            lambda: objective.loss(built.model, probe, step=-1, micro=0, rank=0),
-            built.model,
-            built.prefix,
-            cfg.stage == "image",
-        )
+        # bf16 activations on a GPU: the count's one forward needs half the memory of an fp32 one, same FLOPs
+        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            counted = train_flops(lambda: objective.loss(built.model, probe, step=-1, micro=0, rank=0)[0])
+        flops_per_micro, encoder_flops = counted.trained, counted.encoders
     ema = EMA(trainable, cfg.train.ema_decay)  # from the fp32 weights, before DeepSpeed casts them
 
     # ---------------------------------------------------------------- engine and resume
@@ -252,6 +250,8 @@ def train(cfg: Config, source=None) -> int:
                     metrics["perf/tflops_per_gpu"] = flops_step / per_step / 1e12
                     if peak:
                         metrics["perf/mfu"] = flops_step / per_step / peak
+                if encoder_flops:  # VAE / text encoder on pixels and captions: not trained, not in MFU
+                    metrics["perf/encoder_tflops_per_gpu"] = encoder_flops * cfg.train.grad_accum / per_step / 1e12
                 logger.log(metrics, state.step)
                 log0(
                     f"step {state.step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} lr {lr:.2e} "
