@@ -62,3 +62,27 @@ def test_encoder_flops_are_counted_apart(tmp_path):
     measured = count_flops(lambda: obj.loss(built.model, batch, 0, 0, 0)[0].backward())
     assert counted.encoders > 0
     assert counted.trained + counted.encoders == measured
+
+
+# ------------------------------------------------------------------------------------------- bring-up
+def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
+    """`bench/gpu_check.py --tiny --device cpu`: every part of the bring-up script runs and reports."""
+    import json
+    import subprocess
+    import sys
+
+    from train_helpers import ROOT
+
+    out = tmp_path / "gpu_check.json"
+    cmd = [sys.executable, "bench/gpu_check.py", "--tiny", "--device", "cpu", "--skip-tests", "--steps", "1"]
+    p = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["level"] for r in report["train"]] == ["off", "temporal", "block"]
+    for r in report["train"]:
+        assert r["status"] == "ok" and r["step_s"] > 0 and 0 <= r["data_wait"] < 1
+        assert r["flops"]["forward"] > 0 and r["mfu"] is None  # no peak FLOP/s for a CPU
+    rec = [r["flops"]["recompute"] for r in report["train"]]
+    assert rec[0] == 0 < rec[1] < rec[2]  # checkpointing recomputes more at each level
+    assert report["sample"]["status"] == "ok" and report["sample"]["s_per_video"] > 0
+    assert "| block |" in p.stdout  # the printed table
