@@ -86,3 +86,46 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     assert rec[0] == 0 < rec[1] < rec[2]  # checkpointing recomputes more at each level
     assert report["sample"]["status"] == "ok" and report["sample"]["s_per_video"] > 0
     assert "| block |" in p.stdout  # the printed table
+
+
+# ------------------------------------------------------------------------------------------- bf16 numerics
+@pytest.mark.parametrize("stage", [0, 2])
+def test_bf16_deepspeed_config_sets_its_numerics_explicitly(stage):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from vldm.train.engine import deepspeed_config
+
+    ds = deepspeed_config(tiny(f"deepspeed.zero_stage={stage}"), world_size=8, precision="bf16")
+    assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}  # non-finite gradients skip the update
+    assert ds["communication_data_type"] == "fp32"
+    # fp32 accumulation where DeepSpeed supports it with a bf16 module (ZeRO 1/2)
+    assert ds.get("data_types") == ({"grad_accum_dtype": "fp32"} if stage else None)
+    parsed = DeepSpeedConfig({**ds, "train_batch_size": ds["train_micro_batch_size_per_gpu"]})  # one process here
+    assert parsed.communication_data_type == torch.float32
+    assert parsed.bfloat16_config.check_grad_overflow is True
+    assert parsed.grad_accum_dtype == ("fp32" if stage else None)
+    fp32 = deepspeed_config(tiny(), 8, "fp32")
+    assert "bf16" not in fp32 and "communication_data_type" not in fp32
+
+
+def test_sampling_state_stays_float32_with_a_bf16_model():
+    from vldm.models.base import SD_SCHEDULER
+    from vldm.sample.guidance import Conditioning, denoise
+
+    seen = []
+
+    def model(dtype):
+        def fn(x, t, encoder_hidden_states):
+            seen.append(x.dtype)
+            return (0.3 * x + encoder_hidden_states.mean()).to(dtype)
+
+        return fn
+
+    ctx = torch.ones(1, 2, 4)
+    cond = Conditioning(cond={"encoder_hidden_states": ctx}, no_text={"encoder_hidden_states": 0 * ctx}, text_scale=5.0)
+    ref = denoise(model(torch.float32), (2, 3, 4, 4), [7], dict(SD_SCHEDULER), cond, steps=30)
+    seen.clear()
+    low = denoise(model(torch.bfloat16), (2, 3, 4, 4), [7], dict(SD_SCHEDULER), cond, steps=30, dtype=torch.bfloat16)
+    assert set(seen) == {torch.bfloat16} and low.dtype == torch.bfloat16  # the model sees its dtype
+    # only the model's own bf16 rounding differs: the 30 updates of x_t run in fp32
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()

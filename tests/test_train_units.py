@@ -113,7 +113,7 @@ def test_deepspeed_config_is_built_from_the_typed_config():
     )
     ds = deepspeed_config(cfg, world_size=8, precision="bf16")
     assert ds["train_batch_size"] == 3 * 4 * 8 and ds["gradient_accumulation_steps"] == 4
-    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True} and "optimizer" not in ds
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and "optimizer" not in ds
     z = ds["zero_optimization"]
     assert z["stage"] == 2 and z["overlap_comm"] is False and z["reduce_bucket_size"] == 1000
     fp16 = deepspeed_config(cfg, 8, "fp16")
