@@ -129,3 +129,37 @@ def test_sampling_state_stays_float32_with_a_bf16_model():
     assert set(seen) == {torch.bfloat16} and low.dtype == torch.bfloat16  # the model sees its dtype
     # only the model's own bf16 rounding differs: the 30 updates of x_t run in fp32
     assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# ------------------------------------------------------------------------------------------- attention
+def test_flash_attention_is_chosen_per_call_only_where_it_can_run():
+    from vldm.models.attention import flash_unsupported
+
+    def qkv(b=2, h=8, s=16, d=40, dtype=torch.bfloat16, kb=None, ks=None, kd=None, kh=None):
+        q = torch.zeros(b, h, s, d, dtype=dtype)
+        k = torch.zeros(kb or b, kh or h, ks or s, kd or d, dtype=dtype)
+        return q, k, torch.zeros_like(k)
+
+    def why(q, k, v, **kw):
+        return flash_unsupported(q, k, v, **{"installed": True, "device_type": "cuda", **kw})
+
+    assert why(*qkv()) == ""  # SD-1.5 spatial self-attention: 8 heads of 40
+    assert why(*qkv(ks=77)) == ""  # cross-attention to 77 text tokens: other k length is fine
+    assert why(*qkv(d=160, h=2)) == ""  # SD-2.1's deepest level (head dim 64) and wide heads up to 256
+    assert "head dim" in why(*qkv(d=20))  # not a multiple of 8
+    assert "head dim" in why(*qkv(d=512))
+    assert "dtype" in why(*qkv(dtype=torch.float32))  # the FLOP count and CPU runs are fp32
+    assert "batch" in why(*qkv(kb=1))  # a k/v batch broadcast from the query's
+    assert "heads" in why(*qkv(kh=3))
+    assert "not installed" in why(*qkv(), installed=False)
+    assert "CUDA" in flash_unsupported(*qkv(), installed=True)  # these CPU tensors themselves: never flash
+
+
+def test_auto_attention_falls_back_to_sdpa_on_cpu():
+    from vldm.models.attention import attention, math_attention, resolve_backend
+
+    q, k, v = (torch.randn(3, 2, 5, 8) for _ in range(3))
+    assert resolve_backend("auto", q, k=k, v=v) == "sdpa"
+    with pytest.raises(RuntimeError, match="cannot run this call"):
+        resolve_backend("flash", q, k=k, v=v)
+    assert torch.allclose(attention(q, k, v, "auto"), math_attention(q, k, v), atol=1e-5)
