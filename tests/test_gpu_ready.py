@@ -163,3 +163,48 @@ def test_auto_attention_falls_back_to_sdpa_on_cpu():
     with pytest.raises(RuntimeError, match="cannot run this call"):
         resolve_backend("flash", q, k=k, v=v)
     assert torch.allclose(attention(q, k, v, "auto"), math_attention(q, k, v), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- host to device
+def test_prefetcher_yields_the_same_batches_and_resumes_exactly():
+    """One batch in flight (ahead=True, as on CUDA) on CPU tensors: same batches; the saved position is the
+    next batch the trainer takes, not the one already drawn into the prefetch slot."""
+    from vldm.train.prefetch import DevicePrefetcher
+
+    cfg = tiny("data.batch_size=2", "data.num_frames=2")
+    plain = SyntheticClips(cfg, 0, 1, 4, 4, 4)
+    expected = [next(plain)["latents"] for _ in range(5)]
+    pre = DevicePrefetcher(SyntheticClips(cfg, 0, 1, 4, 4, 4), torch.device("cpu"), ahead=True)
+    got = [next(pre)["latents"] for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    state = pre.state_dict()
+    assert state["batches"] == 3 and pre.source.batches == 4  # batch 4 is in flight, not consumed
+    resumed = DevicePrefetcher(SyntheticClips(cfg, 0, 1, 4, 4, 4), torch.device("cpu"), ahead=True)
+    resumed.load_state_dict(state)
+    assert torch.equal(next(resumed)["latents"], expected[3]) and torch.equal(next(pre)["latents"], expected[3])
+
+
+def test_uint8_pixels_are_scaled_on_the_device_like_float_ones(tmp_path):
+    """data.pixel_dtype=uint8 (the GPU default): 4x fewer bytes to the device, the same latents there."""
+    from vldm.models.base import build_tiny_base
+
+    base = build_tiny_base(tmp_path / "base")
+    cfg = tiny(f"model.pretrained={base}", "data.num_frames=2", "data.batch_size=1")
+    built = build(cfg)
+    obj = Objective(cfg, built, torch.device("cpu"))
+    u8 = torch.randint(0, 256, (1, 3, 2, 16, 16), dtype=torch.uint8)
+    z8 = obj.latents({"pixels": u8})
+    zf = obj.latents({"pixels": u8.float() / 127.5 - 1.0})
+    assert torch.allclose(z8, zf)
+
+
+def test_noise_drawn_on_the_device_keeps_world_size_independence(tiny_model):
+    cfg, built, obj, _ = tiny_model
+    c4 = tiny("data.batch_size=4", "data.num_frames=4")
+    whole = next(SyntheticClips(c4, 0, 1, 4, 8, 8))
+    halves = [next(SyntheticClips(tiny("data.batch_size=2", "data.num_frames=4"), r, 2, 4, 8, 8)) for r in (0, 1)]
+    with torch.no_grad():
+        a = obj.loss(built.model, whole, step=3, micro=1, rank=0)[0]
+        b = torch.stack([obj.loss(built.model, h, step=3, micro=1, rank=r)[0] for r, h in enumerate(halves)]).mean()
+        again = obj.loss(built.model, whole, step=3, micro=1, rank=0)[0]
+    assert torch.allclose(a, b, rtol=1e-5) and torch.equal(a, again)

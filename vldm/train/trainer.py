@@ -31,7 +31,8 @@ from vldm.train.engine import grad_norm, parallelize, resolve_backend, resolve_p
 from vldm.train.logger import build_logger
 from vldm.train.lr import lr_at
 from vldm.train.objective import Objective
-from vldm.train.perf import peak_memory_gb, peak_tflops, sync, train_flops
+from vldm.train.perf import peak_memory_gb, peak_tflops, train_flops
+from vldm.train.prefetch import DevicePrefetcher
 from vldm.train.signals import ABORT_EXIT, REQUEUE_EXIT, StopRequest, process_exit_code, write_exit_status
 from vldm.train.sources import SyntheticClips, build_source, data_metrics, seed_of
 
@@ -100,6 +101,9 @@ def train(cfg: Config, source=None) -> int:
     source = source or build_source(
         cfg, world.rank, world.world_size, channels, latent_hw, vae_scale, built.comps.vae is not None, num_labels
     )
+    if device.type == "cuda":
+        # pinned batches, the next one copied on a side stream during this step (vldm/train/prefetch.py)
+        source = DevicePrefetcher(source, device)
     trainable = built.trainable()
     n_frozen = count([p for p in built.model.parameters() if not p.requires_grad])
     log0(
@@ -195,15 +199,13 @@ def train(cfg: Config, source=None) -> int:
                 loss_sum += loss.detach().float()
                 clips += n
             # one collective per step: [loss, non-finite ranks, ranks asking to stop]
-            local_loss = loss_sum / cfg.train.grad_accum
-            finite = bool(torch.isfinite(local_loss))
-            agreed = dist.all_reduce(
-                torch.tensor(
-                    [local_loss.item() if finite else 0.0, float(not finite), float(stop.local(steps_this_job + 1))],
-                    dtype=torch.float64,
-                )
-            )
-            sync(device)
+            # built on the device (no .item() of the loss): the one host read of the step is the reduced
+            # vector, which the stop and skip decisions need on every rank; it also ends the step's timing
+            local_loss = (loss_sum / cfg.train.grad_accum).double()
+            finite = torch.isfinite(local_loss)
+            asks_stop = torch.tensor(float(stop.local(steps_this_job + 1)), dtype=torch.float64)
+            vec = torch.stack([torch.where(finite, local_loss, 0.0), (~finite).double(), asks_stop.to(device)])
+            agreed = dist.all_reduce(vec).cpu()
             state.step += 1
             steps_this_job += 1
             step_time = time.perf_counter() - t_step
