@@ -208,3 +208,48 @@ def test_noise_drawn_on_the_device_keeps_world_size_independence(tiny_model):
         b = torch.stack([obj.loss(built.model, h, step=3, micro=1, rank=r)[0] for r, h in enumerate(halves)]).mean()
         again = obj.loss(built.model, whole, step=3, micro=1, rank=0)[0]
     assert torch.allclose(a, b, rtol=1e-5) and torch.equal(a, again)
+
+
+# ------------------------------------------------------------------------------------------- latent recipe
+def _shard(path, exts):
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key in ("abc_0000", "abc_0001"):
+            for ext in exts:
+                data = b"x"
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_preflight_refuses_latent_recipe_on_shards_without_latents(tmp_path):
+    from train_helpers import ROOT
+
+    from vldm.config import ConfigError
+    from vldm.train.preflight import check
+
+    base = tmp_path / "sd15"
+    for sub in ("unet", "vae"):
+        (base / sub).mkdir(parents=True)
+    pixels, latents = tmp_path / "pixels", tmp_path / "latents"
+    pixels.mkdir(), latents.mkdir()
+    _shard(pixels / "shard-000000.tar", ["json", "mp4", "txt"])
+    _shard(latents / "shard-000000.tar", ["json", "mp4", "txt", "latents.npy"])
+
+    def sd15(shards):
+        over = [f"model.pretrained={base}", f"data.shards={shards}", "wandb.mode=offline"]
+        return build_config(Config, [str(ROOT / "configs" / "sd15_t2v.yaml")], over)
+
+    assert sd15(latents).data.use_latents  # the default recipe
+    with pytest.raises(ConfigError, match=r"data\.use_latents.*abc_0000\.latents\.npy"):
+        check(sd15(pixels))
+    # latents, no text embeddings, no text encoder: nothing could encode the captions
+    with pytest.raises(ConfigError, match=r"data\.shards.*text embeddings.*text_encoder"):
+        check(sd15(latents))
+    (base / "text_encoder").mkdir()
+    assert any("every caption at every step" in w for w in check(sd15(latents)))
+    _shard(latents / "shard-000000.tar", ["json", "mp4", "txt", "latents.npy", "text.npy"])
+    assert not any("text embeddings" in w for w in check(sd15(latents)))
