@@ -253,3 +253,35 @@ def test_preflight_refuses_latent_recipe_on_shards_without_latents(tmp_path):
     assert any("every caption at every step" in w for w in check(sd15(latents)))
     _shard(latents / "shard-000000.tar", ["json", "mp4", "txt", "latents.npy", "text.npy"])
     assert not any("text embeddings" in w for w in check(sd15(latents)))
+
+
+# ------------------------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_auto_attention_on_cuda_matches_math(dtype):
+    from vldm.models.attention import attention, flash_unsupported, math_attention, resolve_backend
+
+    q, k, v = (torch.randn(4, 8, 16, 40, device="cuda", dtype=dtype) for _ in range(3))
+    kind = resolve_backend("auto", q, k=k, v=v)
+    assert kind == ("flash" if not flash_unsupported(q, k, v) else "sdpa")
+    if dtype == torch.float32:
+        assert kind == "sdpa"
+    ref = math_attention(q.float(), k.float(), v.float())
+    assert (attention(q, k, v, "auto").float() - ref).abs().max() < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prefetcher_on_cuda_delivers_the_same_batches():
+    from vldm.train.prefetch import DevicePrefetcher
+
+    cfg = tiny("data.batch_size=2", "data.num_frames=2")
+    src = SyntheticClips(cfg, 0, 1, 4, 8, 8)
+    plain = SyntheticClips(cfg, 0, 1, 4, 8, 8)
+    expected = [next(plain)["latents"] for _ in range(4)]
+    pre = DevicePrefetcher(src, torch.device("cuda"))
+    assert pre.ahead and pre.pin
+    for e in expected:
+        got = next(pre)["latents"]
+        assert got.is_cuda and torch.equal(got.cpu(), e)
