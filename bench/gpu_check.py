@@ -209,7 +209,7 @@ def sample_video(built, cfg, device, dtype, steps: int, vae_kw: dict, text_shape
     import torch
     from diffusers import AutoencoderKL
 
-    from vldm.diffusion import decode_latents
+    from vldm.diffusion import decode_latents, encode_pixels
     from vldm.sample.guidance import Conditioning, denoise
 
     model = built.model.eval()
@@ -238,7 +238,7 @@ def sample_video(built, cfg, device, dtype, steps: int, vae_kw: dict, text_shape
     ).to(device, dtype)
     sched = dict(built.comps.scheduler_config)
 
-    def once() -> tuple[float, float]:
+    def once() -> tuple[float, float, float]:
         t0 = time.perf_counter()
         with torch.no_grad():
             lat = denoise(model_fn, (4, f, h, w), [0], sched, cond, steps=steps, device=device)
@@ -249,12 +249,17 @@ def sample_video(built, cfg, device, dtype, steps: int, vae_kw: dict, text_shape
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         assert torch.isfinite(video).all(), "sampled video is not finite"
-        return t1 - t0, time.perf_counter() - t1
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            encode_pixels(vae, video)  # what a pixel-path training step spends on its clip (latent shards: 0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     once()  # warm-up: kernels chosen, memory pools grown
-    denoise_s, decode_s = once()
+    denoise_s, decode_s, encode_s = once()
     from vldm.train.perf import peak_memory_gb
 
     return {
@@ -264,6 +269,7 @@ def sample_video(built, cfg, device, dtype, steps: int, vae_kw: dict, text_shape
         "denoise_s": denoise_s,
         "decode_s": decode_s,
         "s_per_video": denoise_s + decode_s,
+        "vae_encode_s_per_clip": encode_s,
         "peak_mem_gb": peak_memory_gb(device),
         "frames": f,
         "pixels": [h * 2 ** (n - 1), w * 2 ** (n - 1)],
@@ -297,6 +303,16 @@ def table(report: dict) -> str:
             f"\nsampling: {s['s_per_video']:.2f} s/video ({s['steps']} DDIM steps x 2 guidance calls: "
             f"{s['denoise_s']:.2f} s; VAE decode of {s['frames']} frames at {s['pixels'][0]}x{s['pixels'][1]}: "
             f"{s['decode_s']:.2f} s; peak {s['peak_mem_gb']:.1f} GB)"
+        )
+        ok = {r["level"]: r["step_s"] for r in report.get("train", []) if r.get("status") == "ok"}
+        step = ok.get("temporal", next(iter(ok.values()), None))  # the recipe's level
+        share = (
+            f" = {s['vae_encode_s_per_clip'] / (s['vae_encode_s_per_clip'] + step):.0%} of a pixel-path step"
+            if step
+            else ""
+        )
+        rows.append(
+            f"VAE encode of one clip (what latent shards remove from a step): {s['vae_encode_s_per_clip']:.3f} s{share}"
         )
     elif s:
         rows.append(f"\nsampling: {s.get('status')}")
