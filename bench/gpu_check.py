@@ -25,6 +25,7 @@ What it runs and reports (one JSON file + a printed table):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import re
@@ -124,7 +125,7 @@ def train_levels(cfg, device, dtype, levels, steps: int, warmup: int, text_shape
     """The temporal step at each checkpointing level on one model (built once: building SD-1.5 takes a while)."""
     import torch
 
-    from vldm.train.build import build
+    from vldm.train.build import apply_device_options, build
     from vldm.train.engine import build_optimizer
     from vldm.train.objective import Objective
     from vldm.train.perf import peak_memory_gb, peak_tflops, train_flops
@@ -141,11 +142,15 @@ def train_levels(cfg, device, dtype, levels, steps: int, warmup: int, text_shape
     peak = peak_tflops(device) * 1e12
     out = []
     for level in levels:
-        model.set_gradient_checkpointing(level)
+        ckpt, _, fast = level.partition("+")  # e.g. temporal+fast: + train.compile and train.channels_last
+        model.set_gradient_checkpointing(ckpt)
         model.train()
         model.unet.eval()
         res: dict = {"level": level}
         try:
+            if fast:
+                on = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=True, channels_last=True))
+                res["applied"] = apply_device_options(model, on, device)  # in place: keep it the last level
             source = SyntheticClips(cfg, 0, 1, 4, h, w, "latents", 0, text_shape=text_shape)
             probe = next(SyntheticClips(cfg, 0, 1, 4, h, w, "latents", 0, text_shape=text_shape))
             with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
@@ -328,7 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="timed steps per level (default 8; tiny 2)")
     ap.add_argument("--warmup", type=int, default=0, help="untimed first steps per level (default 3; tiny 1)")
     ap.add_argument("--sample-steps", type=int, default=0, help="DDIM steps of the sampling part (default 25; tiny 2)")
-    ap.add_argument("--levels", default="off,temporal,block", help="checkpointing levels to time")
+    ap.add_argument(
+        "--levels",
+        default="off,temporal,block",
+        help="checkpointing levels to time; LEVEL+fast adds train.compile + train.channels_last (GPU only; "
+        "compiling takes a while: e.g. --levels off,temporal,block,temporal+fast when time allows)",
+    )
     ap.add_argument("--skip-tests", action="store_true", help="do not run the gpu tests")
     ap.add_argument("--tests-timeout", type=float, default=150.0, help="seconds for the gpu tests")
     ap.add_argument("--out", default="outputs/gpu_check.json", help="the JSON report")

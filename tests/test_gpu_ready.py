@@ -285,3 +285,29 @@ def test_prefetcher_on_cuda_delivers_the_same_batches():
     for e in expected:
         got = next(pre)["latents"]
         assert got.is_cuda and torch.equal(got.cpu(), e)
+
+
+def test_compile_and_channels_last_are_gpu_only_switches():
+    from vldm.train.build import apply_device_options
+
+    cfg = tiny("train.compile=true", "train.channels_last=true")
+    built = build(cfg)
+    before = {n: p.stride() for n, p in built.model.named_parameters()}
+    assert apply_device_options(built.model, cfg, torch.device("cpu")) == []  # nothing on CPU
+    assert {n: p.stride() for n, p in built.model.named_parameters()} == before
+    assert not any(hasattr(m, "_compiled_call_impl") and m._compiled_call_impl for m in built.model.modules())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_channels_last_model_matches_eager_on_cuda():
+    from vldm.train.build import apply_device_options
+
+    cfg = tiny("train.compile=true", "train.channels_last=true", "model.temporal.merge_init=-1.0")
+    eager, fast = build(cfg), build(cfg)
+    for b in (eager, fast):
+        b.model.to("cuda").eval()
+    assert apply_device_options(fast.model, cfg, torch.device("cuda")) == ["channels_last", "compile"]
+    x, ctx = torch.randn(1, 4, 4, 16, 16, device="cuda"), torch.randn(1, 3, 32, device="cuda")
+    with torch.no_grad():
+        assert torch.allclose(eager.model(x, 10, ctx), fast.model(x, 10, ctx), atol=1e-3)

@@ -89,6 +89,12 @@ class TrainConfig:
         0.0, "per-device peak TFLOP/s for perf/mfu; 0 = the known bf16 dense peak of the GPU (none on CPU)"
     )
     metrics_file: bool = field_(True, "also append every logged step to RUN/logs/metrics.jsonl (rank 0)")
+    compile: bool = field_(
+        False, "regional torch.compile of each temporal layer (GPU only: ignored on CPU, where it is not faster)"
+    )
+    channels_last: bool = field_(
+        False, "channels-last memory format for the UNet's convolutions (GPU only; CPU keeps contiguous NCHW)"
+    )
 
     def validate(self) -> None:
         for name in ("max_steps", "grad_accum", "log_every", "max_bad_steps"):

@@ -24,7 +24,7 @@ from vldm.checkpoint import RUN_CONFIG
 from vldm.config.core import dump_yaml
 from vldm.config.schema import Config
 from vldm.train import dist
-from vldm.train.build import build, count
+from vldm.train.build import apply_device_options, build, count
 from vldm.train.checkpointing import Checkpointer, dir_bytes, plan_resume, restore
 from vldm.train.ema import EMA
 from vldm.train.engine import grad_norm, parallelize, resolve_backend, resolve_precision, set_lr
@@ -114,6 +114,9 @@ def train(cfg: Config, source=None) -> int:
     )
 
     built.model.to(device)
+    applied = apply_device_options(built.model, cfg, device)  # channels-last / regional compile, GPU only
+    if applied:
+        log0(f"device options: {', '.join(applied)}")
     # tokens = latent positions of one clip (of one image in stage=image, where every frame is a sample)
     tokens_per_clip = (1 if cfg.stage == "image" else cfg.data.num_frames) * latent_hw[0] * latent_hw[1]
     flops_per_micro = encoder_flops = 0
