@@ -22,9 +22,9 @@ def tiny(*overrides: str) -> Config:
 # ------------------------------------------------------------------------------------------- MFU count
 @pytest.fixture(scope="module")
 def tiny_model():
-    cfg = tiny("data.num_frames=4", "data.batch_size=1", "model.temporal.attention_backend=math")
+    cfg = tiny("data.num_frames=3", "data.batch_size=1", "model.temporal.attention_backend=math")
     built = build(cfg)
-    return cfg, built, Objective(cfg, built, torch.device("cpu")), next(SyntheticClips(cfg, 0, 1, 4, 8, 8))
+    return cfg, built, Objective(cfg, built, torch.device("cpu")), next(SyntheticClips(cfg, 0, 1, 4, 4, 4))
 
 
 @pytest.mark.parametrize("level", ["off", "temporal", "block"])
@@ -75,6 +75,7 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
 
     out = tmp_path / "gpu_check.json"
     cmd = [sys.executable, "bench/gpu_check.py", "--tiny", "--device", "cpu", "--skip-tests", "--steps", "1"]
+    cmd += ["--sample-steps", "1"]
     p = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -200,9 +201,9 @@ def test_uint8_pixels_are_scaled_on_the_device_like_float_ones(tmp_path):
 
 def test_noise_drawn_on_the_device_keeps_world_size_independence(tiny_model):
     cfg, built, obj, _ = tiny_model
-    c4 = tiny("data.batch_size=4", "data.num_frames=4")
-    whole = next(SyntheticClips(c4, 0, 1, 4, 8, 8))
-    halves = [next(SyntheticClips(tiny("data.batch_size=2", "data.num_frames=4"), r, 2, 4, 8, 8)) for r in (0, 1)]
+    c4 = tiny("data.batch_size=4", "data.num_frames=3")
+    whole = next(SyntheticClips(c4, 0, 1, 4, 4, 4))
+    halves = [next(SyntheticClips(tiny("data.batch_size=2", "data.num_frames=3"), r, 2, 4, 4, 4)) for r in (0, 1)]
     with torch.no_grad():
         a = obj.loss(built.model, whole, step=3, micro=1, rank=0)[0]
         b = torch.stack([obj.loss(built.model, h, step=3, micro=1, rank=r)[0] for r, h in enumerate(halves)]).mean()
