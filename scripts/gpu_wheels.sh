@@ -3,7 +3,8 @@
 # .gpu_wheels/ (git-ignored; carried with the working tree, < 60 MiB). That machine has Python 3.12, torch
 # (CUDA), transformers, einops, safetensors and triton, and reaches no registry: `make gpu-check` installs
 # from this folder offline (pip install --no-index --find-links .gpu_wheels). Only what it lacks is here:
-# diffusers and its few dependencies transformers does not bring, and pytest for the `gpu` tests. Each is a
+# diffusers and its few dependencies transformers may not bring (requests is no longer one of
+# huggingface-hub 1.x), and pytest for the `gpu` tests. Each is a
 # pure-Python wheel or a cp312 manylinux one; --no-deps keeps torch and CUDA packages out (they are there).
 #   bash scripts/gpu_wheels.sh [DEST]
 set -euo pipefail
@@ -14,7 +15,7 @@ mkdir -p "$DEST"
 # versions: the ones this repository is tested with (setup.py pins diffusers); the others, current releases
 # that support Python 3.12
 PKGS=(
-  diffusers==0.42.1 importlib_metadata zipp pillow
+  diffusers==0.42.1 importlib_metadata zipp pillow requests charset_normalizer idna urllib3 certifi
   pytest pluggy iniconfig pygments pytest-timeout
 )
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
