@@ -1,11 +1,13 @@
-# Three commands: `make demo`, `make paper` and `make test`. All create the virtual environment on first use.
+# Two commands: `make demo` and `make test`. Both create the virtual environment on first use.
+# `make paper`: every model of the cascade measured against ground truth (docs/paper.md).
+# `make gpu-check`: the GPU bring-up on a lent GPU machine, with its own Python (docs/gpu.md).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv test test-fast demo paper lint bench clean
+.PHONY: venv test test-fast demo paper lint bench clean gpu-check gpu-wheels
 
 venv: $(VENV)/.installed
 
@@ -37,3 +39,15 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) outputs *.egg-info
+
+# The GPU bring-up (docs/gpu.md): no virtual environment and no registry there. The wheels of .gpu_wheels/
+# (made here by `make gpu-wheels`, carried with the tree) go into .gpu_site/ next to the machine's own torch.
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-wheels:
+	bash scripts/gpu_wheels.sh
+
+gpu-check:
+	@test -d .gpu_wheels || { echo "gpu-check: no .gpu_wheels/ (run 'make gpu-wheels' where PyPI is reachable and carry it)"; exit 2; }
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --upgrade --target .gpu_site .gpu_wheels/*.whl
+	PYTHONPATH=$(abspath .gpu_site) $(GPU_PYTHON) bench/gpu_check.py $(GPU_CHECK_ARGS)

@@ -173,6 +173,52 @@ def cpu_section(steps: int, out: dict) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def vae_share(steps: int = 3) -> dict:
+    """What latent shards save: one training step of the tiny model on pixels (its VAE encodes every clip in
+    the step) against the same step on latents, in this process (time ratio) and in FLOPs (the VAE's share
+    of the step's FLOPs, counted by vldm.train.perf.train_flops). CPU, tiny VAE factor 4 at 64x64 pixels."""
+    import torch
+
+    from vldm.config import Config, build_config
+    from vldm.models.base import build_tiny_base
+    from vldm.train.build import build
+    from vldm.train.objective import Objective
+    from vldm.train.perf import train_flops
+    from vldm.train.sources import SyntheticClips
+
+    work = Path(tempfile.mkdtemp(prefix="bench_vae_"))
+    try:
+        base = build_tiny_base(work / "base")
+        cfg = build_config(Config, [str(TINY)], [f"model.pretrained={base}", "data.size=64", "data.batch_size=2"])
+        built = build(cfg)
+        obj = Objective(cfg, built, torch.device("cpu"))
+        f = cfg.data.num_frames
+        px = next(SyntheticClips(cfg, 0, 1, 3, 64, 64, "pixels"))
+        lat = {**px, "latents": obj.latents(px)}
+        lat.pop("pixels")
+
+        def step(batch) -> float:
+            t0 = time.perf_counter()
+            obj.loss(built.model, batch, 0, 0, 0)[0].backward()
+            built.model.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0
+
+        step(px), step(lat)  # warm-up
+        t_px = statistics.median(step(px) for _ in range(steps))
+        t_lat = statistics.median(step(lat) for _ in range(steps))
+        fl = train_flops(lambda: obj.loss(built.model, px, 0, 0, 0)[0])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "frames": f,
+        "pixels": [64, 64],
+        "step_pixels_s": t_px,
+        "step_latents_s": t_lat,
+        "vae_time_share": 1 - t_lat / t_px,
+        "vae_flop_share": fl.encoders / (fl.encoders + fl.trained),
+    }
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 def gpu_child(level: str, steps: int, sd15: str, result_path: str) -> None:
     """One training process on the GPU at one checkpointing level (DeepSpeed is initialised once per process)."""
@@ -286,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         help="local SD-1.5 diffusers directory for the GPU section (default: random weights, same shape)",
     )
     ap.add_argument("--skip-cpu", action="store_true", help="only the GPU section")
+    ap.add_argument("--vae-share-only", action="store_true", help="only the VAE share of a step (CPU, seconds)")
     ap.add_argument("--out", default="outputs/bench/train.json", help="where the JSON results go")
     ap.add_argument("--gpu-child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -304,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     print("SD-1.5 temporal model, checkpoint budget (from parameter counts):", flush=True)
     out["sd15_budget"] = sd15_budget()
     print("  " + json.dumps({k: round(v, 2) for k, v in out["sd15_budget"].items()}), flush=True)
-    if not a.skip_cpu:
+    if a.vae_share_only or not a.skip_cpu:
+        print("VAE share of a step that latent shards remove (tiny, CPU, in process):", flush=True)
+        out["vae_share"] = vae_share()
+        print("  " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out["vae_share"].items()}))
+    if not a.skip_cpu and not a.vae_share_only:
         print("CPU (DeepSpeed ZeRO-2 over gloo, 1 thread per rank, synthetic latents):", flush=True)
         cpu_section(a.cpu_steps, out)
         print(
@@ -321,8 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{x['data_wait']:.1%} | "
                     f"{x['ckpt_gb'] * 1024:.1f} | {r['full_model_fp32_gb'] * 1024:.1f} | {x['save_s']:.2f} | {tail} |"
                 )
-    print("GPU (SD-1.5 temporal, 16x40x64 latents, bf16, micro-batch 1):", flush=True)
-    gpu_section(a.gpu_steps, a.sd15, out)
+    if not a.vae_share_only:
+        print("GPU (SD-1.5 temporal, 16x40x64 latents, bf16, micro-batch 1):", flush=True)
+        gpu_section(a.gpu_steps, a.sd15, out)
     out["host"]["load_avg_at_end"] = os.getloadavg()[0]  # other processes on the machine skew CPU timings
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))

@@ -113,7 +113,7 @@ def test_deepspeed_config_is_built_from_the_typed_config():
     )
     ds = deepspeed_config(cfg, world_size=8, precision="bf16")
     assert ds["train_batch_size"] == 3 * 4 * 8 and ds["gradient_accumulation_steps"] == 4
-    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True} and "optimizer" not in ds
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] and "optimizer" not in ds
     z = ds["zero_optimization"]
     assert z["stage"] == 2 and z["overlap_comm"] is False and z["reduce_bucket_size"] == 1000
     fp16 = deepspeed_config(cfg, 8, "fp16")
@@ -164,17 +164,6 @@ def test_loss_is_the_same_whichever_rank_holds_a_clip(tiny_objective):
     with torch.no_grad():
         l_other_step, _ = obj.loss(built.model, whole, step=6, micro=0, rank=0)
     assert not torch.allclose(l_whole, l_other_step)  # noise and timesteps change with the step
-
-
-def test_flop_estimate_matches_a_counted_forward_and_backward(tiny_objective):
-    from vldm.train.perf import count_flops, step_flops
-
-    cfg, built, obj = tiny_objective
-    batch = next(SyntheticClips(cfg, 0, 1, 4, 8, 8))
-    estimate = step_flops(lambda: obj.loss(built.model, batch, 0, 0, 0), built.model, built.prefix, all_trainable=False)
-    counted = count_flops(lambda: obj.loss(built.model, batch, 0, 0, 0)[0].backward())
-    # the estimate counts input gradients through every frozen layer (even conv_in, which needs none)
-    assert 0.8 * counted <= estimate <= 1.2 * counted, (estimate, counted)
 
 
 def test_every_section_is_documented_in_the_reference():

@@ -107,6 +107,12 @@ class TrainConfig:
         "multiplied by inf (a gradient-norm spike past what the precision holds); never set it in a real run",
     )
     debug_inject_rank: int = field_(-1, "REHEARSAL AID: the rank the debug_inject_* faults hit; -1 = every rank")
+    compile: bool = field_(
+        False, "regional torch.compile of each temporal layer (GPU only: ignored on CPU, where it is not faster)"
+    )
+    channels_last: bool = field_(
+        False, "channels-last memory format for the UNet's convolutions (GPU only; CPU keeps contiguous NCHW)"
+    )
 
     def validate(self) -> None:
         for name in ("max_steps", "grad_accum", "log_every", "max_bad_steps"):

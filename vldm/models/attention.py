@@ -5,7 +5,8 @@
 - "sdpa": torch.nn.functional.scaled_dot_product_attention (on a GPU it dispatches to its own flash or
   memory-efficient kernel);
 - "math": an explicit softmax(QK^T/sqrt(d))V, the reference the others are tested against;
-- "auto": flash when it can run, else sdpa.
+- "auto": flash when this call suits it (CUDA, fp16/bf16, head dim, equal q/k batch: `flash_unsupported`),
+  else sdpa.
 
 Temporal attention runs on (batch*height*width) short sequences, so its batch is huge at high
 resolution; CUDA kernels fail when batch*heads exceeds 65,535 (pytorch issue 142228). Every call is
@@ -27,19 +28,58 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 BACKENDS = ("auto", "sdpa", "flash", "math")
 
 
-def flash_available(q: torch.Tensor) -> bool:
-    return _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256  # flash-attn 2 kernels exist for head dims up to 256, in multiples of 8
 
 
-def resolve_backend(backend: str, q: torch.Tensor, has_mask: bool = False) -> str:
+def flash_unsupported(
+    q: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    installed: bool | None = None,
+    device_type: str | None = None,
+) -> str:
+    """Why flash-attn cannot take this call ('' when it can). Checked per call: one model mixes spatial
+    attention (head dim 40-160 in SD) and temporal attention, cross-attention has k/v of other lengths,
+    and a caller may pass fp32 (CPU, the FLOP count) or a k/v batch broadcast from the query's.
+    `installed` / `device_type` stand for the real ones (flash-attn importable, the tensors' device) so the
+    decision itself can be tested on CPU tensors."""
+    if not ((_flash_attn_func is not None) if installed is None else installed):
+        return "flash-attn is not installed"
+    k = q if k is None else k
+    v = k if v is None else v
+    if (device_type or q.device.type) != "cuda" or not (q.device == k.device == v.device):
+        return "not CUDA tensors on one device"
+    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype} (flash-attn takes fp16 or bf16, the same for q, k, v)"
+    d = q.shape[-1]
+    if d > FLASH_MAX_HEAD_DIM or d % 8 or k.shape[-1] != d:
+        return f"head dim {d} (flash-attn takes multiples of 8 up to {FLASH_MAX_HEAD_DIM}, equal for q and k)"
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        return f"batch q {q.shape[0]} != k/v {k.shape[0]}/{v.shape[0]}"
+    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]:
+        return f"heads q {q.shape[1]}, k {k.shape[1]}, v {v.shape[1]}"
+    return ""
+
+
+def flash_available(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> bool:
+    return not flash_unsupported(q, k, v)
+
+
+def resolve_backend(
+    backend: str, q: torch.Tensor, has_mask: bool = False, k: torch.Tensor | None = None, v: torch.Tensor | None = None
+) -> str:
+    """The kernel for one call: `auto` takes flash-attn when this call suits it, else torch SDPA (which on a
+    GPU picks its own flash, memory-efficient or cuDNN kernel)."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
     if backend == "auto":
-        return "flash" if (flash_available(q) and not has_mask) else "sdpa"
-    if backend == "flash" and not flash_available(q):
-        raise RuntimeError("attention_backend='flash' needs flash-attn installed, a CUDA tensor and fp16/bf16")
-    if backend == "flash" and has_mask:
-        raise RuntimeError("attention_backend='flash' does not take an attention mask (banded temporal attention)")
+        return "flash" if (not has_mask and flash_available(q, k, v)) else "sdpa"
+    if backend == "flash":
+        why = flash_unsupported(q, k, v)
+        if why:
+            raise RuntimeError(f"attention_backend='flash' cannot run this call: {why}")
+        if has_mask:
+            raise RuntimeError("attention_backend='flash' does not take an attention mask (banded temporal attention)")
     return backend
 
 
@@ -75,7 +115,7 @@ def attention(
     b, h = q.shape[0], q.shape[1]
     if k.shape[0] != b or v.shape[0] != b:
         raise ValueError(f"attention: q, k, v need the same batch, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    kind = resolve_backend(backend, q, has_mask=mask is not None)
+    kind = resolve_backend(backend, q, has_mask=mask is not None, k=k, v=v)
     chunk = max(1, max_batch // h)
     if b <= chunk:
         return _one_call(q, k, v, kind, mask)

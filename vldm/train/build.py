@@ -69,3 +69,27 @@ def build(cfg: Config, load_encoders: bool = True) -> Built:
 
 def count(params: list[nn.Parameter] | list[torch.Tensor]) -> int:
     return sum(p.numel() for p in params)
+
+
+def apply_device_options(model: nn.Module, cfg: Config, device: torch.device) -> list[str]:
+    """`train.channels_last` and `train.compile` on a GPU (after the model is on it); nothing on CPU, where
+    channels-last convs are slower and the model keeps its contiguity workaround. Returns what was applied.
+
+    compile is regional: each temporal layer is compiled on its own (`nn.Module.compile`, in place), so a
+    compile takes seconds, not the minutes of a whole UNet, and the frozen diffusers blocks run eagerly."""
+    if device.type != "cuda":
+        return []
+    done = []
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+        done.append("channels_last")
+    temporal = getattr(model, "temporal", None)
+    if cfg.train.compile and temporal is not None:
+        from vldm.models.motion_module import MotionModule
+        from vldm.models.temporal import TemporalResBlock, TemporalTransformer
+
+        for layer in temporal.values():
+            if isinstance(layer, (TemporalResBlock, TemporalTransformer, MotionModule)):
+                layer.compile(dynamic=False)  # one graph per layer and shape: frames and sizes are fixed
+        done.append("compile")
+    return done

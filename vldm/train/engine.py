@@ -56,9 +56,20 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
         "wall_clock_breakdown": False,
     }
     if precision == "bf16":
-        out["bf16"] = {"enabled": True}
+        # set here, not left to DeepSpeed's version defaults:
+        # - check_grad_overflow: a non-finite gradient skips the update (engine.skipped_steps; the trainer's
+        #   max_bad_steps counts on it);
+        # - communication_data_type fp32: gradients are averaged over ranks in fp32, not bf16 (8 bits of
+        #   mantissa lose small per-rank contributions summed over 8+ GPUs);
+        # - grad_accum_dtype fp32: micro-step gradients accumulate in fp32 (ZeRO 1/2: the fp32 partitions;
+        #   DeepSpeed supports no fp32 accumulation of a bf16 module without ZeRO, so stage 0 stays bf16)
+        out["bf16"] = {"enabled": True, "check_grad_overflow": True}
+        out["communication_data_type"] = "fp32"
+        if d.zero_stage >= 1:
+            out["data_types"] = {"grad_accum_dtype": "fp32"}
     elif precision == "fp16":
         out["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": d.fp16_initial_scale_power}
+        out["communication_data_type"] = "fp32"  # fp16 sums over ranks overflow sooner than the loss scale knows
     return out
 
 

@@ -133,18 +133,22 @@ class Objective:
         inputs = self.built.task.training_inputs(z, task_batch, batch_gen)
         target = inputs.target_latents if inputs.target_latents is not None else z
 
-        # per-clip draws, in a fixed order (see the module docstring)
+        # per-clip draws, in a fixed order (see the module docstring). The noise is drawn on the device by a
+        # generator of the device seeded per clip (no host tensor of the clip's size, no copy); the few
+        # scalars per clip come from a CPU generator of the same per-clip seed, the same on any device
         noise, t, drop_text, drop_label, image_rows = [], [], [], [], []
         for j in range(n):
-            g = torch.Generator().manual_seed(seed_of("clip", cfg.seed, step, micro, rank * n + j))
-            noise.append(torch.randn(target.shape[1:], generator=g))
+            slot = rank * n + j
+            g = torch.Generator().manual_seed(seed_of("clip", cfg.seed, step, micro, slot))
+            g_noise = torch.Generator(device=self.device).manual_seed(seed_of("noise", cfg.seed, step, micro, slot))
+            noise.append(torch.randn(target.shape[1:], generator=g_noise, device=self.device))
             t.append(int(torch.randint(self.scheduler.config.num_train_timesteps, (1,), generator=g)))
             u = torch.rand(3, generator=g)
             drop_text.append(bool(u[0] < cfg.diffusion.text_dropout))
             drop_label.append(bool(u[1] < cfg.diffusion.label_dropout))
             image_rows.append(bool(u[2] < cfg.train.image_ratio))
-        noise_t = torch.stack(noise).to(self.device, target.dtype)
-        timesteps = torch.tensor(t, device=self.device)
+        noise_t = torch.stack(noise).to(target.dtype)
+        timesteps = torch.tensor(t).to(self.device, non_blocking=True)
         # inputs in the dtype the model runs in (DeepSpeed casts it for bf16/fp16; the FLOP count runs it in fp32)
         dtype = next((getattr(model, "module", model)).parameters()).dtype
         ctx = self.context(captions, torch.tensor(drop_text), batch).to(dtype)

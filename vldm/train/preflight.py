@@ -127,6 +127,8 @@ def check(cfg: Config, cuda: bool | None = None) -> list[str]:
             if not (Path(part).exists() or glob.glob(part) or "{" in part):
                 raise ConfigError(f"data.shards: {part} matches nothing")
     _check_buckets(cfg)
+    if shards and cfg.data.use_latents and cfg.stage != "decoder":
+        warnings += check_latent_shards(cfg)
     if cfg.checkpoint.every > cfg.train.max_steps:
         warnings.append(
             f"checkpoint.every={cfg.checkpoint.every} > train.max_steps={cfg.train.max_steps}: only the final "
@@ -169,3 +171,64 @@ def _check_buckets(cfg: Config) -> None:
                 f"data.shards: bucket {name} is not divisible by the VAE factor {factor} of model.pretrained "
                 "(shard with bucket sizes that are multiples of it)"
             )
+
+
+def _first_local_shard(spec: str) -> Path | None:
+    """The first tar of a local `data.shards` (a directory, flat or bucketed, a glob or brace pattern)."""
+    first = spec.split("::")[0]
+    if "://" in first or first.startswith("pipe:"):
+        return None  # remote: read by the loader, which names a shard without latents when it meets one
+    root = Path(first).expanduser()
+    if root.is_dir():
+        tars = sorted(root.rglob("*.tar"))
+        return tars[0] if tars else None
+    from vldm.data.urls import expand
+
+    try:
+        urls = expand(first)
+    except (FileNotFoundError, ValueError):
+        return None
+    return Path(urls[0]) if urls and Path(urls[0]).is_file() else None
+
+
+def check_latent_shards(cfg: Config) -> list[str]:
+    """data.use_latents: the shards must hold the VAE latents (data_prep --encode-latents); without text
+    embeddings in them the text encoder must be in model.pretrained (it then encodes every caption at
+    every step: a warning). Reads the member names of the first sample of the first shard only."""
+    import tarfile
+
+    from vldm.data.format import EXT_LATENTS, EXT_TEXT_EMB
+
+    shard = _first_local_shard(cfg.data.shards)
+    if shard is None:
+        return []
+    try:
+        with tarfile.open(shard) as tar:
+            names, key = [], None
+            for m in tar:
+                k, _, ext = Path(m.name).name.partition(".")
+                if key is not None and k != key:
+                    break
+                key = k
+                names.append(ext)
+    except (tarfile.TarError, OSError) as e:
+        raise ConfigError(f"data.shards: cannot read {shard} ({e})") from None
+    if EXT_LATENTS not in names:
+        raise ConfigError(
+            f"data.use_latents: true, but the shards hold no latents: sample {key!r} of {shard} has no "
+            f"'{key}.{EXT_LATENTS}' (members: {', '.join(names) or 'none'}). Make the shards with "
+            "data_prep/shard_videos.py --encode-latents --vae PATH (and --text-encoder PATH for text embeddings), "
+            "or set data.use_latents=false to decode pixels and encode them with model.pretrained's VAE"
+        )
+    if EXT_TEXT_EMB not in names:
+        root = Path(cfg.model.pretrained).expanduser() if cfg.model.pretrained else None
+        if root is not None and not (root / "text_encoder").is_dir():
+            raise ConfigError(
+                f"data.shards: sample {key!r} of {shard} has no text embeddings ('{key}.{EXT_TEXT_EMB}') and "
+                f"model.pretrained ({root}) has no text_encoder/: nothing can encode its captions"
+            )
+        return [
+            f"data.shards: {shard} holds latents but no text embeddings ('.{EXT_TEXT_EMB}'): the text encoder "
+            "encodes every caption at every step (shard with --text-encoder to precompute them)"
+        ]
+    return []

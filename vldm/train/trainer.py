@@ -24,14 +24,15 @@ from vldm.checkpoint import RUN_CONFIG
 from vldm.config.core import dump_yaml
 from vldm.config.schema import Config
 from vldm.train import dist
-from vldm.train.build import build, count
+from vldm.train.build import apply_device_options, build, count
 from vldm.train.checkpointing import Checkpointer, dir_bytes, plan_resume, restore
 from vldm.train.ema import EMA
 from vldm.train.engine import grad_norm, parallelize, resolve_backend, resolve_precision, set_lr
 from vldm.train.logger import build_logger
 from vldm.train.lr import lr_at
 from vldm.train.objective import Objective
-from vldm.train.perf import peak_memory_gb, peak_tflops, step_flops, sync
+from vldm.train.perf import peak_memory_gb, peak_tflops, train_flops
+from vldm.train.prefetch import DevicePrefetcher
 from vldm.train.signals import ABORT_EXIT, REQUEUE_EXIT, StopRequest, process_exit_code, write_exit_status
 from vldm.train.sources import (
     SyntheticClips,
@@ -122,6 +123,9 @@ def train(cfg: Config, source=None) -> int:
     source = source or build_source(
         cfg, world.rank, world.world_size, channels, latent_hw, vae_scale, built.comps.vae is not None, num_labels
     )
+    if device.type == "cuda":
+        # pinned batches, the next one copied on a side stream during this step (vldm/train/prefetch.py)
+        source = DevicePrefetcher(source, device)
     trainable = built.trainable()
     n_frozen = count([p for p in built.model.parameters() if not p.requires_grad])
     log0(
@@ -136,6 +140,9 @@ def train(cfg: Config, source=None) -> int:
     )
 
     built.model.to(device)
+    applied = apply_device_options(built.model, cfg, device)  # channels-last / regional compile, GPU only
+    if applied:
+        log0(f"device options: {', '.join(applied)}")
     buckets = bucket_geometries(source, vae_scale)
     geometries = list(buckets.values()) or [(cfg.data.num_frames, *latent_hw)]
     if buckets:
@@ -143,7 +150,9 @@ def train(cfg: Config, source=None) -> int:
             "buckets (data/bucket: pixels HxWxF -> latents FxHxW): "
             + ", ".join(f"{i}: {n} -> {'x'.join(map(str, g))}" for i, (n, g) in enumerate(buckets.items()))
         )
-    flops_of: dict[tuple[int, int, int], int] = {}  # micro-batch FLOPs per clip geometry (one per bucket)
+    # micro-batch FLOPs per clip geometry (one per bucket): trained (UNet as it runs) and encoders (VAE/text)
+    flops_of: dict[tuple[int, int, int], int] = {}
+    encoder_flops_of: dict[tuple[int, int, int], int] = {}
     if cfg.train.count_flops:
         kind = "latents" if (built.comps.vae is None or cfg.data.use_latents) else "pixels"
         for f, lh, lw in geometries:
@@ -153,12 +162,12 @@ def train(cfg: Config, source=None) -> int:
             probe = next(
                 SyntheticClips(probe_cfg, 0, 1, ch, hw[0], hw[1], kind, num_labels, getattr(source, "text_shape", None))
             )
-            flops_of[(f, lh, lw)] = step_flops(
-                lambda: objective.loss(built.model, probe, step=-1, micro=0, rank=0),  # noqa: B023 - called at once
-                built.model,
-                built.prefix,
-                cfg.stage == "image",
-            )
+            # bf16 activations on a GPU: the count's one forward needs half the memory of an fp32 one, same FLOPs
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+                counted = train_flops(
+                    lambda: objective.loss(built.model, probe, step=-1, micro=0, rank=0)[0]  # noqa: B023 - called at once
+                )
+            flops_of[(f, lh, lw)], encoder_flops_of[(f, lh, lw)] = counted.trained, counted.encoders
     ema = EMA(trainable, cfg.train.ema_decay)  # from the fp32 weights, before DeepSpeed casts them
 
     # ---------------------------------------------------------------- engine and resume
@@ -238,7 +247,16 @@ def train(cfg: Config, source=None) -> int:
     # ---------------------------------------------------------------- the loop
     data = iter(source)
     steps_this_job, exit_code, job_t0 = 0, 0, time.perf_counter()
-    window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0, "tokens": 0, "flops": 0, "uncounted": 0}
+    window = {
+        "time": 0.0,
+        "wait": 0.0,
+        "steps": 0,
+        "clips": 0,
+        "tokens": 0,
+        "flops": 0,
+        "encoder_flops": 0,
+        "uncounted": 0,
+    }
     try:
         while state.step < cfg.train.max_steps:
             watchdog.arm()
@@ -262,17 +280,16 @@ def train(cfg: Config, source=None) -> int:
                 geom = clip_geometry(batch, vae_scale) or geometries[0]
                 window["tokens"] += n * (1 if cfg.stage == "image" else geom[0]) * geom[1] * geom[2] * world.world_size
                 window["flops"] += flops_of.get(geom, 0)
+                window["encoder_flops"] += encoder_flops_of.get(geom, 0)
                 window["uncounted"] += geom not in flops_of
             # one collective per step: [loss, non-finite ranks, ranks asking to stop]
-            local_loss = loss_sum / cfg.train.grad_accum
-            finite = bool(torch.isfinite(local_loss))
-            agreed = dist.all_reduce(
-                torch.tensor(
-                    [local_loss.item() if finite else 0.0, float(not finite), float(stop.local(steps_this_job + 1))],
-                    dtype=torch.float64,
-                )
-            )
-            sync(device)
+            # built on the device (no .item() of the loss): the one host read of the step is the reduced
+            # vector, which the stop and skip decisions need on every rank; it also ends the step's timing
+            local_loss = (loss_sum / cfg.train.grad_accum).double()
+            finite = torch.isfinite(local_loss)
+            asks_stop = torch.tensor(float(stop.local(steps_this_job + 1)), dtype=torch.float64)
+            vec = torch.stack([torch.where(finite, local_loss, 0.0), (~finite).double(), asks_stop.to(device)])
+            agreed = dist.all_reduce(vec).cpu()
             state.step += 1
             steps_this_job += 1
             step_time = time.perf_counter() - t_step
@@ -319,6 +336,9 @@ def train(cfg: Config, source=None) -> int:
                     metrics["perf/tflops_per_gpu"] = flops_s / 1e12
                     if peak:
                         metrics["perf/mfu"] = flops_s / peak
+                if encoder_flops_of and not window["uncounted"] and window["encoder_flops"]:
+                    # VAE / text encoder on pixels and captions: not trained, not in MFU
+                    metrics["perf/encoder_tflops_per_gpu"] = window["encoder_flops"] / window["time"] / 1e12
                 logger.log(metrics, state.step)
                 log0(
                     f"step {state.step}/{cfg.train.max_steps} loss {metrics['train/loss']:.4f} lr {lr:.2e} "
@@ -326,7 +346,16 @@ def train(cfg: Config, source=None) -> int:
                     f"wait {metrics['perf/data_wait_frac']:.0%} mem {mem.item():.2f} GB"
                     + (" SKIPPED" if skipped else "")
                 )
-                window = {"time": 0.0, "wait": 0.0, "steps": 0, "clips": 0, "tokens": 0, "flops": 0, "uncounted": 0}
+                window = {
+                    "time": 0.0,
+                    "wait": 0.0,
+                    "steps": 0,
+                    "clips": 0,
+                    "tokens": 0,
+                    "flops": 0,
+                    "encoder_flops": 0,
+                    "uncounted": 0,
+                }
 
             if state.bad_streak >= cfg.train.max_bad_steps:
                 # the weights have not changed since the streak began: this is the last good state
