@@ -64,11 +64,16 @@ def step_flops(
     total = int(counter.get_total_flops())
     if all_trainable:
         return 3 * total
-    root = type(model).__name__ + "." + trainable_prefix.rstrip(".")
+    if trainable_prefix:
+        parents = {trainable_prefix.rstrip(".")}
+    else:  # the model's children that hold trainable parameters (VideoLDMUNet: temporal, conditioning)
+        parents = {n.split(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+    roots = [type(model).__name__ + "." + r for r in parents]
     # top-level trainable modules only: a module's count already includes its children
     trainable = sum(
         sum(ops.values())
         for name, ops in counter.get_flop_counts().items()
+        for root in roots
         if name.startswith(root + ".") and "." not in name[len(root) + 1 :]
     )
     return 2 * total + trainable
