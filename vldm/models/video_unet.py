@@ -297,7 +297,8 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ forward
     def _checkpointed(self, level: str, fn, *args):
-        """fn(*args), under activation checkpointing when training at this checkpointing level."""
+        """fn(*args), under activation checkpointing when training at this checkpointing level (non-reentrant: the
+        tensors inside `args`, the context's too, get their gradients)."""
         if self.training and self.opts.gradient_checkpointing == level and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
@@ -462,16 +463,16 @@ class VideoLDMUNet(ModelMixin, ConfigMixin):
         forward_upsample_size = h % up_factor != 0 or w % up_factor != 0
         skips: tuple = (x,)
         for i in range(len(self.unet.down_blocks)):
-            x, outs = self._checkpointed("block", lambda x, i=i: self._down(i, x, ctx), x)
+            x, outs = self._checkpointed("block", self._down, i, x, ctx)
             skips += outs
         if self.unet.mid_block is not None:
-            x = self._checkpointed("block", lambda x: self._mid(x, ctx), x)
+            x = self._checkpointed("block", self._mid, x, ctx)
         for i, blk in enumerate(self.unet.up_blocks):
             n = len(blk.resnets)
             res, skips = skips[-n:], skips[:-n]
             last = i == len(self.unet.up_blocks) - 1
             upsample_size = skips[-1].shape[2:] if (not last and forward_upsample_size) else None
-            x = self._checkpointed("block", lambda x, *r, i=i, us=upsample_size: self._up(i, x, r, us, ctx), x, *res)
+            x = self._checkpointed("block", self._up, i, x, res, upsample_size, ctx)
 
         # 4. out
         if self.unet.conv_norm_out is not None:
