@@ -12,6 +12,9 @@ the model is built: allocator caches make in-process RSS useless for this), and 
 counts of the three designs at the SD-1.5 shape.
 
     python bench/bench_unet.py [--frames 8 --size 32 --batch 1 --iters 3 --channels 64,128,256,256]
+
+Per-head overhead (issue 16 item 8): `--heads 8` (the default: 8 heads per level, head dim 8-32 at these
+channels) against SVD's head layout, `--heads 2,4,8,8` (head dim 32 everywhere).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ def is_temporal_svd(name: str) -> bool:
     return "temporal" in name or "time_mixer" in name or "time_pos_embed" in name
 
 
-def build_models(ch: tuple[int, ...], heads: int, ctx_dim: int, frames: int, which: tuple[str, ...]) -> dict:
+def build_models(
+    ch: tuple[int, ...], heads: int | tuple[int, ...], ctx_dim: int, frames: int, which: tuple[str, ...]
+) -> dict:
     n = len(ch)
     torch.manual_seed(0)
     unet2d = UNet2DConditionModel(
@@ -142,8 +147,13 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def parse_heads(spec: str) -> int | tuple[int, ...]:
+    heads = tuple(int(h) for h in spec.split(","))
+    return heads[0] if len(heads) == 1 else heads
+
+
 def run_child(args, ch) -> None:
-    models = build_models(ch, args.heads, args.ctx_dim, args.frames, (args.child,))
+    models = build_models(ch, parse_heads(args.heads), args.ctx_dim, args.frames, (args.child,))
     model = models[args.child]
     set_ckpt(args.child, model, bool(args.child_ckpt))
     fn = step_fns(models, args.batch, args.frames, args.size, args.ctx_dim, args.ctx_len)[args.child]
@@ -192,7 +202,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--channels", default="64,128,256,256")
-    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--heads", default="8", help="attention heads: one for every level, or one per level (2,4,8,8)")
     ap.add_argument("--ctx-dim", type=int, default=256)
     ap.add_argument("--ctx-len", type=int, default=77)
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -200,14 +210,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     ch = tuple(int(c) for c in args.channels.split(","))
+    if len(args.heads.split(",")) not in (1, len(ch)):
+        ap.error(f"--heads: one value or one per level ({len(ch)}), got {args.heads}")
     if args.child:
         return run_child(args, ch)
-    models = build_models(ch, args.heads, args.ctx_dim, args.frames, NAMES)
+    models = build_models(ch, parse_heads(args.heads), args.ctx_dim, args.frames, NAMES)
     fns = step_fns(models, args.batch, args.frames, args.size, args.ctx_dim, args.ctx_len)
     print(
         f"train step (fwd+bwd, temporal params only), channels {ch}, {args.frames} frames, {args.size}x{args.size} "
         "latents, "
-        f"batch {args.batch}, text {args.ctx_len}x{args.ctx_dim}, {torch.get_num_threads()} threads, {args.iters} iters"
+        f"batch {args.batch}, text {args.ctx_len}x{args.ctx_dim}, heads {args.heads}, "
+        f"{torch.get_num_threads()} threads, {args.iters} iters"
     )
     results = {}
     for name, fn in fns.items():

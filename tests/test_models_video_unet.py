@@ -104,7 +104,13 @@ def test_only_temporal_parameters_train(inputs):
         tiny_unet(), num_class_labels=3, scalar_conds=("fps",), extra_in_channels=2, temporal_cond_channels=5
     )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"temporal.{n}" for n, _ in model.temporal.named_parameters()}
+    expected = {f"temporal.{n}" for n, _ in model.temporal.named_parameters()}
+    expected |= {f"conditioning.{n}" for n, _ in model.conditioning.named_parameters()}
+    assert trainable == expected and {n.split(".")[0] for n in model.state_dict()} == {
+        "unet",
+        "temporal",
+        "conditioning",
+    }
     assert all(not p.requires_grad for p in model.unet.parameters())
     spatial_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     opt = torch.optim.AdamW(model.temporal_parameters(), lr=1e-2)
@@ -190,14 +196,14 @@ def test_temporal_save_load_and_transfer(tmp_path, inputs):
     model.save_temporal(tmp_path / "temporal")
     cfg = json.loads((tmp_path / "temporal" / "temporal_config.json").read_text())
     assert cfg["base_unet_shape"]["block_out_channels"] == [32, 64]
-    assert cfg["num_parameters"] == count_parameters(model.temporal)
+    assert cfg["num_parameters"] == count_parameters(model.temporal) + count_parameters(model.conditioning)
     assert not any(k.startswith("unet") for k in model.temporal_state_dict())
 
     # personalised model: another image UNet of the same shape (a "DreamBooth" fine-tune)
     other = tiny_unet(seed=7)
     moved = VideoLDMUNet.from_unet2d_and_temporal(other, tmp_path / "temporal").eval()
     for k, v in model.temporal_state_dict().items():
-        assert torch.equal(moved.temporal.state_dict()[k], v)
+        assert torch.equal(moved.temporal_state_dict()[k], v)
     with torch.no_grad():
         # spatial layers are the new UNet's: image mode equals it exactly
         assert torch.equal(moved(x, t, ctx, image_only=True), per_frame(other, x, t, ctx))

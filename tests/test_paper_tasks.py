@@ -89,12 +89,15 @@ def test_each_model_trains_a_few_steps_only_temporal_parameters_change(task, opt
     model = stage.model
     z = torch.randn(2, 4, frames, 4, 4)
     batch = {"pixels": torch.rand(2, 3, frames, 16, 16) * 2 - 1} if extra == "pixels" else extra
-    before_unet, before_t = snapshot(model.unet), snapshot(model.temporal)
+    trainable = torch.nn.ModuleDict({"temporal": model.temporal, "conditioning": model.conditioning})
+    before_unet, before_t = snapshot(model.unet), snapshot(trainable)
     losses = train_a_few_steps(model, get_task(task, **options), z, batch, steps=2)
     assert all(map(lambda v: v == v and v < 1e3, losses))
     assert not changed(before_unet, model.unet)  # the frozen image model
-    moved = changed(before_t, model.temporal)
-    assert any(k.startswith("cond_encoder") or k.startswith("extra_in") for k in moved)  # the condition path learns
+    moved = changed(before_t, trainable)
+    assert any(
+        k.startswith(("conditioning.cond_encoder", "conditioning.extra_in")) for k in moved
+    )  # the condition learns
     assert len(moved) > len(before_t) // 2
 
 

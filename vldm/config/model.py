@@ -55,9 +55,14 @@ class UNetSpec:
         return kw
 
 
+# how a run executes the layers, not what they are: not saved with the temporal weights, not re-applied on load
+RUNTIME_OPTIONS = ("gradient_checkpointing", "attention_backend", "attn_max_batch")
+
+
 @dataclass
 class TemporalOptions:
-    """How temporal layers are added to the image UNet (paper §3.1). Saved with the temporal weights."""
+    """How temporal layers are added to the image UNet (paper §3.1). Saved with the temporal weights, except the
+    runtime options (gradient_checkpointing, attention_backend, attn_max_batch)."""
 
     res_blocks: bool = field_(True, "add a 3D-conv residual block after every spatial ResNet block")
     attention: bool = field_(True, "add a temporal transformer after every spatial transformer")
@@ -100,6 +105,13 @@ class TemporalOptions:
             raise ConfigError("model.temporal.attn_max_batch: must be >= 1")
         if self.temporal_block == "animatediff" and self.res_blocks:
             raise ConfigError("model.temporal.temporal_block=animatediff is attention-only: set res_blocks=false")
+        if self.temporal_cond_channels and (not self.res_blocks or self.temporal_block != "vldm"):
+            # the condition enters through the temporal res blocks' cond_proj: without them it would be ignored
+            raise ConfigError(
+                "model.temporal.temporal_cond_channels: a temporal condition (prediction / interpolation) needs "
+                "model.temporal.res_blocks=true and model.temporal.temporal_block=vldm (it enters through the "
+                "temporal res blocks)"
+            )
 
 
 @dataclass

@@ -113,10 +113,14 @@ def load_components(cfg: ModelConfig, load_vae: bool = True, load_text: bool = T
 
 
 def build_video_unet(cfg: ModelConfig, comps: Components):
-    """VideoLDMUNet on the loaded image UNet, temporal layers from `cfg.temporal_weights` if given."""
-    from vldm.models.video_unet import VideoLDMUNet
+    """VideoLDMUNet on the loaded image UNet, temporal layers from `cfg.temporal_weights` if given.
 
-    model = VideoLDMUNet.from_unet2d(comps.unet2d, **to_dict(cfg.temporal))
+    The runtime options of `cfg.temporal` (attention backend, checkpointing) are not applied: they are the
+    training run's (a run trained with flash-attn samples on CPU); the trainer sets them itself.
+    """
+    from vldm.models.video_unet import VideoLDMUNet, architecture_options
+
+    model = VideoLDMUNet.from_unet2d(comps.unet2d, **architecture_options(to_dict(cfg.temporal)))
     if cfg.temporal_weights:
         model.load_temporal(cfg.temporal_weights)
     return model

@@ -38,7 +38,8 @@ def _check_exportable(model) -> None:
             "only temporal_block=animatediff models can be exported to a MotionAdapter "
             "(the paper's 3D convs, merge factors in the wrong place and text cross-attention have no slot)"
         )
-    extra = [k for k in model.temporal.keys() if not isinstance(model.temporal[k], MotionModule)]
+    extra = list(model.conditioning.keys())
+    extra += [k for k in model.temporal.keys() if not isinstance(model.temporal[k], MotionModule)]
     if extra:
         raise ValueError(f"temporal inputs {extra} have no MotionAdapter equivalent")
     heads = {m.heads for m in model.temporal.values()}
@@ -59,7 +60,7 @@ def adapter_config(model, max_seq_length: int = 32) -> dict:
         motion_num_attention_heads=model.opts.motion_num_attention_heads,
         motion_norm_num_groups=cfg.norm_num_groups,
         motion_max_seq_length=max_seq_length,
-        use_motion_mid_block=any(n.startswith("mid_") for n, _ in motion_module_sites(model.unet)),
+        use_motion_mid_block=any(n.startswith("mid_") for n, _, _ in motion_module_sites(model.unet)),
     )
 
 

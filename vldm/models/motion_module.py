@@ -22,7 +22,7 @@ import torch.nn as nn
 from diffusers.models.attention import FeedForward
 from einops import rearrange
 
-from vldm.models.temporal import MergeFactor, TemporalAttention, band_mask, zero_
+from vldm.models.temporal import ForwardContext, MergeFactor, TemporalAttention, zero_
 
 
 def motion_positions(num_frames: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -61,9 +61,17 @@ class MotionModule(nn.Module):
     """One AnimateDiff motion module with a merge factor; takes and returns `(b f) c h w`."""
 
     def __init__(
-        self, channels: int, heads: int, groups: int, num_layers: int = 1, dropout: float = 0.0, merge_init: float = 0.0
+        self,
+        channels: int,
+        heads: int,
+        groups: int,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        merge_init: float = 0.0,
+        level: int = 0,
     ):
         super().__init__()
+        self.level = level
         if channels % heads:
             raise ValueError(f"motion module: {channels} channels are not divisible by {heads} heads")
         self.channels = channels
@@ -74,49 +82,51 @@ class MotionModule(nn.Module):
         self.proj_out = zero_(nn.Linear(channels, channels))  # identity at initialisation, as AnimateDiff
         self.merge = MergeFactor(merge_init)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        context: torch.Tensor | None,
-        image_only: torch.Tensor,
-        num_frames: int,
-        attn_band: int | None = None,
-    ) -> torch.Tensor:
-        del context  # motion modules have no text cross-attention
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        # motion modules have no text cross-attention and no condition input
+        num_frames = ctx.num_frames
         _, _, hh, ww = x.shape
         h = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
         h = self.norm(h)  # statistics span the frames of a video (diffusers' behaviour)
         h = self.proj_in(rearrange(h, "b c f h w -> (b h w) f c"))
         pos = motion_positions(num_frames, self.channels, x.device).to(h.dtype)
-        mask = band_mask(num_frames, attn_band, x.device) if attn_band and attn_band < num_frames else None
+        mask = ctx.band_mask(x.device)
         for blk in self.transformer_blocks:
             h = blk(h, pos, mask)
         delta = rearrange(self.proj_out(h), "(b h w) f c -> (b f) c h w", h=hh, w=ww)
-        return self.merge(x, x + delta, image_only, num_frames)
+        return self.merge(x, x + delta, ctx.image_only, num_frames)
 
 
-def motion_module_sites(unet) -> list[tuple[str, int]]:
-    """(temporal layer name, channels) for every place UNetMotionModel puts a motion module.
+def motion_module_sites(unet) -> list[tuple[str, int, int]]:
+    """(temporal layer name, channels, resolution level) for every place UNetMotionModel puts a motion module.
 
     Blocks with spatial transformers get one after each transformer (`*_attn{j}`), blocks without
     after each ResNet (`*_res{j}`), the mid block after its transformer.
     """
     sites = []
+    n = len(unet.down_blocks)
     for prefix, blocks in (("down", unet.down_blocks), ("up", unet.up_blocks)):
         for i, blk in enumerate(blocks):
             has_attn = getattr(blk, "attentions", None) is not None
+            level = i if prefix == "down" else n - 1 - i
             for j, r in enumerate(blk.resnets):
-                sites.append((f"{prefix}{i}_{'attn' if has_attn else 'res'}{j}", r.out_channels))
+                sites.append((f"{prefix}{i}_{'attn' if has_attn else 'res'}{j}", r.out_channels, level))
         if prefix == "down" and unet.mid_block is not None:
             for j, _ in enumerate(getattr(unet.mid_block, "attentions", None) or []):
-                sites.append((f"mid_attn{j}", unet.mid_block.resnets[0].out_channels))
+                sites.append((f"mid_attn{j}", unet.mid_block.resnets[0].out_channels, n - 1))
     return sites
 
 
-def add_motion_modules(model) -> None:
-    """Populate `model.temporal` (a VideoLDMUNet) with motion modules at UNetMotionModel's positions."""
+def add_motion_modules(model, layers: dict) -> None:
+    """Fill `layers` (the temporal layers of `model`, a VideoLDMUNet) with motion modules at UNetMotionModel's
+    positions."""
     o, cfg = model.opts, model.unet.config
-    for name, ch in motion_module_sites(model.unet):
-        model.temporal[name] = MotionModule(
-            ch, o.motion_num_attention_heads, cfg.norm_num_groups, dropout=o.dropout, merge_init=o.merge_init
+    for name, ch, level in motion_module_sites(model.unet):
+        layers[name] = MotionModule(
+            ch,
+            o.motion_num_attention_heads,
+            cfg.norm_num_groups,
+            dropout=o.dropout,
+            merge_init=o.merge_init,
+            level=level,
         )

@@ -194,6 +194,6 @@ def personalize(
         model = VideoLDMUNet.from_unet2d(image_unet, temporal=temporal.opts)
         if model.temporal_config()["base_unet_shape"] != temporal.temporal_config()["base_unet_shape"]:
             raise ValueError("the fine-tuned UNet's shape differs from the one the temporal layers were trained on")
-        model.temporal.load_state_dict(temporal.temporal.state_dict())
+        model.load_temporal_state_dict(temporal.temporal_state_dict())
         return model.to(temporal.device).eval()
     return VideoLDMUNet.from_unet2d_and_temporal(image_unet, _temporal_dir(Path(temporal))).eval()

@@ -7,17 +7,46 @@ samples in image mode.
 
 Identity at initialisation: the last layer of every temporal branch is zero, so z_temporal ==
 z_spatial and the video model equals the image model applied frame by frame, whatever a is.
+
+Every temporal layer has one call signature, `layer(x, ctx)`: `ctx` is the `ForwardContext` that
+`VideoLDMUNet.forward` builds once per call, and the layer picks what it needs from it. A layer knows its
+resolution `level` from construction (the condition features it reads are per level).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.models.attention import FeedForward
 from diffusers.models.embeddings import get_timestep_embedding
 from einops import rearrange, repeat
 
 from vldm.models.attention import attention
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """Everything the blocks of one `VideoLDMUNet.forward` share, computed once per call.
+
+    The spatial fields are per frame (the image UNet sees `(b f)` images); the temporal ones per video.
+    """
+
+    num_frames: int
+    image_only: torch.Tensor  # (b,) bool: True = the video's frames are independent images (a = 1)
+    spatial_temb: torch.Tensor  # (b f, e) timestep (+ conditioning) embedding for the spatial ResNets
+    spatial_encoder_hidden_states: torch.Tensor  # (b f, l, d) text for the spatial transformers
+    temb: torch.Tensor  # (b, e) the same embedding once per video, for the temporal res blocks
+    encoder_hidden_states: torch.Tensor | None  # (b, l, d) text for temporal cross-attention
+    cond_features: tuple[torch.Tensor, ...] | None = None  # per resolution level, from TemporalCondEncoder
+    attn_band: int | None = None  # temporal self-attention window in frames (long sequences)
+    skip_temporal: bool = False  # every sample is image-only: the temporal layers are not run at all
+
+    def band_mask(self, device: torch.device) -> torch.Tensor | None:
+        f, band = self.num_frames, self.attn_band
+        return band_mask(f, band, device) if band and band < f else None
 
 
 def zero_(module: nn.Module) -> nn.Module:
@@ -60,8 +89,10 @@ class TemporalResBlock(nn.Module):
         dropout: float = 0.0,
         merge_init: float = 0.0,
         cond_channels: int = 0,
+        level: int = 0,
     ):
         super().__init__()
+        self.level = level  # resolution level: which of the condition encoder's outputs this block reads
         pad = (kernel_size // 2, 0, 0)
         self.norm1 = nn.GroupNorm(groups, channels, eps=1e-5)
         self.conv1 = nn.Conv3d(channels, channels, (kernel_size, 1, 1), padding=pad)
@@ -73,37 +104,25 @@ class TemporalResBlock(nn.Module):
         self.cond_proj = zero_(nn.Conv2d(cond_channels, channels, 1)) if cond_channels else None
         self.merge = MergeFactor(merge_init)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        emb: torch.Tensor,
-        image_only: torch.Tensor,
-        num_frames: int,
-        cond: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        f = ctx.num_frames
         h = x
-        if self.cond_proj is not None and cond is not None:
-            h = h + self.cond_proj(cond)
-        h = rearrange(h, "(b f) c h w -> b c f h w", f=num_frames)
+        if self.cond_proj is not None and ctx.cond_features is not None:
+            h = h + self.cond_proj(ctx.cond_features[self.level])
+        h = rearrange(h, "(b f) c h w -> b c f h w", f=f)
         skip = h
         h = self.conv1(F.silu(self.norm1(h)))
-        h = h + self.emb_proj(F.silu(emb))[:, :, None, None, None]  # emb is per video: (b, e)
+        h = h + self.emb_proj(F.silu(ctx.temb))[:, :, None, None, None]  # temb is per video: (b, e)
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         temporal = rearrange(skip + h, "b c f h w -> (b f) c h w")
-        return self.merge(x, temporal, image_only, num_frames)
+        return self.merge(x, temporal, ctx.image_only, f)
 
 
-class GEGLUFeedForward(nn.Module):
-    def __init__(self, dim: int, dim_out: int, mult: int = 4, dropout: float = 0.0):
-        super().__init__()
-        inner = dim * mult
-        self.proj_in = nn.Linear(dim, inner * 2)
-        self.dropout = nn.Dropout(dropout)
-        self.proj_out = nn.Linear(inner, dim_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, gate = self.proj_in(x).chunk(2, dim=-1)
-        return self.proj_out(self.dropout(h * F.gelu(gate)))
+def geglu_feed_forward(dim: int, mult: int, dropout: float) -> FeedForward:
+    """diffusers' GEGLU feed-forward (`net.0.proj`, `net.2`), its output projection zero: identity branch at init."""
+    ff = FeedForward(dim, dim, mult=mult, dropout=dropout, activation_fn="geglu")
+    zero_(ff.net[2])
+    return ff
 
 
 class TemporalAttention(nn.Module):
@@ -164,9 +183,12 @@ class TemporalTransformer(nn.Module):
         frame_embedding: bool = True,
         dropout: float = 0.0,
         merge_init: float = 0.0,
+        level: int = 0,
     ):
         super().__init__()
-        inner = heads * head_dim
+        if heads * head_dim <= 0:
+            raise ValueError(f"temporal transformer: {heads} heads of dim {head_dim}")
+        self.level = level
         self.channels = channels
         if frame_embedding:
             self.frame_embed = nn.Sequential(
@@ -176,8 +198,7 @@ class TemporalTransformer(nn.Module):
         else:
             self.frame_embed = None
         self.norm_in = nn.LayerNorm(channels)
-        self.ff_in = GEGLUFeedForward(channels, channels, ff_mult, dropout)
-        zero_(self.ff_in.proj_out)
+        self.ff_in = geglu_feed_forward(channels, ff_mult, dropout)
         self.norm1 = nn.LayerNorm(channels)
         self.attn1 = TemporalAttention(channels, heads, head_dim, None, dropout)
         zero_(self.attn1.to_out[0])
@@ -188,19 +209,11 @@ class TemporalTransformer(nn.Module):
         else:
             self.norm2 = self.attn2 = None
         self.norm3 = nn.LayerNorm(channels)
-        self.ff = GEGLUFeedForward(channels, channels, ff_mult, dropout)
-        zero_(self.ff.proj_out)
+        self.ff = geglu_feed_forward(channels, ff_mult, dropout)
         self.merge = MergeFactor(merge_init)
-        assert inner > 0
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        context: torch.Tensor | None,
-        image_only: torch.Tensor,
-        num_frames: int,
-        attn_band: int | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        num_frames, context = ctx.num_frames, ctx.encoder_hidden_states
         bf, c, hh, ww = x.shape
         b = bf // num_frames
         h = rearrange(x, "(b f) c h w -> (b h w) f c", f=num_frames)
@@ -208,15 +221,14 @@ class TemporalTransformer(nn.Module):
             # (f, c): the same positions for every token sequence
             h = h + self.frame_embed(frame_index_embedding(num_frames, c, x.device).to(h.dtype))
         h = h + self.ff_in(self.norm_in(h))
-        mask = band_mask(num_frames, attn_band, x.device) if attn_band and attn_band < num_frames else None
-        h = h + self.attn1(self.norm1(h), mask=mask)
+        h = h + self.attn1(self.norm1(h), mask=ctx.band_mask(x.device))
         if self.attn2 is not None and context is not None:
             q = rearrange(h, "(b n) f c -> b (n f) c", b=b)
             q = q + self.attn2(self.norm2(q), context=context)
             h = rearrange(q, "b (n f) c -> (b n) f c", f=num_frames)
         h = h + self.ff(self.norm3(h))
         temporal = rearrange(h, "(b h w) f c -> (b f) c h w", b=b, h=hh, w=ww)
-        return self.merge(x, temporal, image_only, num_frames)
+        return self.merge(x, temporal, ctx.image_only, num_frames)
 
 
 class ScalarEmbedding(nn.Module):

@@ -44,7 +44,7 @@ def stage_model(
     for k, v in t.required_temporal_options().items():
         opts[k] = list(dict.fromkeys(list(opts.get(k) or []) + list(v))) if isinstance(v, tuple) else v
     model = VideoLDMUNet.from_unet2d(unet2d, **opts).eval()
-    perturb(model.temporal, seed=seed)
+    perturb(torch.nn.ModuleList([model.temporal, model.conditioning]), seed=seed)
     return StageModel(
         model=model,
         task=task,

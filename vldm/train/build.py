@@ -64,7 +64,8 @@ def build(cfg: Config, load_encoders: bool = True) -> Built:
     model.train()
     # frozen spatial layers stay in eval mode (no dropout); only the temporal layers train
     model.unet.eval()
-    return Built(model, comps, task, model_cfg, prefix="temporal.")
+    # trainable = temporal.* and conditioning.*: saved under these names (temporal checkpoint format 2)
+    return Built(model, comps, task, model_cfg, prefix="")
 
 
 def count(params: list[nn.Parameter] | list[torch.Tensor]) -> int:

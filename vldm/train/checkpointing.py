@@ -268,7 +268,10 @@ def plan_resume(cfg: Config, world_size: int) -> ResumePlan:
 def _consolidated(path: Path, stage: str, ema: bool) -> dict[str, torch.Tensor]:
     if stage == "image":
         return load_file(str(path / (UNET_EMA_DIR if ema else UNET_DIR) / UNET_WEIGHTS))
-    return load_file(str(path / (TEMPORAL_EMA_WEIGHTS if ema else TEMPORAL_WEIGHTS)))
+    from vldm.models.video_unet import upgrade_temporal_state_dict
+
+    # a format-1 checkpoint (flat temporal keys) resumes into the format-2 parameter names
+    return upgrade_temporal_state_dict(load_file(str(path / (TEMPORAL_EMA_WEIGHTS if ema else TEMPORAL_WEIGHTS))))
 
 
 def restore(plan: ResumePlan, cfg: Config, built: Built, engine, ema: EMA, source, world: dist.World) -> None:
