@@ -75,7 +75,9 @@ def test_format1_checkpoint_loads_with_identical_outputs(tmp_path):
     kw, expected = fixture_inputs()
     with torch.no_grad():
         out = model(**kw)
-    assert (out - expected).abs().max().item() <= 1e-6
+    # equal up to float32 rounding: the attention kernel and thread count of this process may differ from the
+    # fixture's (1.4e-6 seen after other tests); a key mapped wrong would be off by ~1e-1
+    assert (out - expected).abs().max().item() <= 1e-5
     # re-saved as format 2: the model's parameter names, no runtime options; loads back identically
     model.save_temporal(tmp_path)
     cfg = json.loads((tmp_path / "temporal_config.json").read_text())

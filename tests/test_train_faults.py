@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -293,6 +294,26 @@ def test_loader_workers_ignore_stop_signals_and_the_loader_goes_on(data):
     assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
     more = [next(it)["keys"][0] for _ in range(6)]  # no "DataLoader worker ... killed by signal"
     assert len(set(first + more)) == 8
+
+
+def test_a_process_whose_loader_workers_ignore_term_still_exits_with_the_loader_open(data, tmp_path):
+    """The trainer ends with its loader still open (the batch iterator lives as long as the run): at exit,
+    multiprocessing terminates daemonic children with SIGTERM and joins them, which workers that ignore
+    SIGTERM would never answer. The run must exit anyway (seen: a finished run hanging at exit)."""
+    script = tmp_path / "open_loader.py"
+    script.write_text(
+        "import sys\n"
+        "from vldm.config import Config, build_config\n"
+        "from vldm.data import build_loader\n"
+        "cfg = build_config(Config, [sys.argv[1]], sys.argv[2:])\n"
+        "IT = iter(build_loader(cfg.data, rank=0, world_size=1, seed=0))\n"
+        "print(next(IT)['keys'][0], flush=True)\n"
+    )
+    argv = [str(a) for a in args(data, tmp_path / "unused", "data.num_workers=2")]
+    proc = subprocess.run(
+        [sys.executable, str(script), str(REHEARSAL), *argv], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------------------ file system full during a save

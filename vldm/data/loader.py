@@ -12,10 +12,12 @@ commands all work), skips and counts what cannot be read, and refills the batch 
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import signal
 import sys
 import time
@@ -459,6 +461,23 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is the work; intra-op threads would only oversubscribe the cores
 
 
+def _end_workers_at_exit() -> None:
+    """At interpreter exit, kill the daemonic children (loader workers) still alive. multiprocessing's own exit
+    handler ends them with SIGTERM and then joins them: workers that ignore SIGTERM (above) would keep a finished
+    run alive forever, its loader still open in the trainer. Registered after multiprocessing's handler, so it
+    runs before it (atexit is last in, first out)."""
+    # torch's SIGCHLD handler raises in this process when a worker dies of a signal: the run is over, drop it
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    for p in workers:
+        p.kill()
+    for p in workers:
+        p.join(10)
+
+
+_exit_hook = []  # registered once, when the first loader with workers starts
+
+
 class ClipLoader:
     """Batches of clips for one rank: iterate it; save `state_dict()` with your checkpoint.
 
@@ -677,6 +696,8 @@ class ClipLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         c = self.cfg
+        if c.num_workers and not _exit_hook:
+            _exit_hook.append(atexit.register(_end_workers_at_exit))
         dl = DataLoader(
             self._source(),
             batch_size=None,
