@@ -82,6 +82,12 @@ def latent_geometry(cfg: Config, built) -> tuple[int, tuple[int, int], int]:
     return comps.latent_channels, (h // scale, w // scale), scale
 
 
+def _fresh_window() -> dict[str, float]:
+    """The sums of one logging window (the metrics are per window, not since the start)."""
+    keys = ("time", "wait", "steps", "clips", "tokens", "flops", "encoder_flops", "uncounted")
+    return dict.fromkeys(keys, 0)
+
+
 def train(cfg: Config, source=None) -> int:
     """Train until cfg.train.max_steps; returns the process exit code (0 done, 75 stopped for requeue,
     3 aborted after max_bad_steps non-finite steps)."""
@@ -247,16 +253,7 @@ def train(cfg: Config, source=None) -> int:
     # ---------------------------------------------------------------- the loop
     data = iter(source)
     steps_this_job, exit_code, job_t0 = 0, 0, time.perf_counter()
-    window = {
-        "time": 0.0,
-        "wait": 0.0,
-        "steps": 0,
-        "clips": 0,
-        "tokens": 0,
-        "flops": 0,
-        "encoder_flops": 0,
-        "uncounted": 0,
-    }
+    window = _fresh_window()
     try:
         while state.step < cfg.train.max_steps:
             watchdog.arm()
@@ -346,16 +343,7 @@ def train(cfg: Config, source=None) -> int:
                     f"wait {metrics['perf/data_wait_frac']:.0%} mem {mem.item():.2f} GB"
                     + (" SKIPPED" if skipped else "")
                 )
-                window = {
-                    "time": 0.0,
-                    "wait": 0.0,
-                    "steps": 0,
-                    "clips": 0,
-                    "tokens": 0,
-                    "flops": 0,
-                    "encoder_flops": 0,
-                    "uncounted": 0,
-                }
+                window = _fresh_window()
 
             if state.bad_streak >= cfg.train.max_bad_steps:
                 # the weights have not changed since the streak began: this is the last good state
