@@ -205,7 +205,8 @@ def test_decoder_section_is_in_the_schema_and_a_bad_key_fails_before_launch(base
 def test_slurm_usr1_requeues_and_the_decoder_run_resumes(slurm_cluster, base, tmp_path):
     """Under real SLURM (2 nodes x 1 rank): USR1 to the batch shell -> every rank stops at one step and
     rank 0 saves -> `scontrol requeue` -> the requeued job resumes and finishes; every step logged once."""
-    from test_train_runs import SBATCH_OPTS, job_field, wait_job
+    from test_train_runs import wait_job
+    from train_helpers import SBATCH_OPTS, job_field
 
     run = tmp_path / "run"
     out = subprocess.run(

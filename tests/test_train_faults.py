@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_data_loader import shard_corpus
-from train_helpers import ROOT, SBATCH, describe, losses, metrics, run_local, train_env
+from train_helpers import ROOT, describe, job_field, losses, metrics, run_local, submit, train_env
 
 from vldm.checkpoint import COMPLETE, TEMPORAL_EMA_WEIGHTS, TEMPORAL_WEIGHTS, TRAINER_STATE, complete_checkpoints
 from vldm.config import Config, build_config
@@ -40,7 +40,6 @@ INJECT = [
     "train.debug_inject_rank=1",
     "checkpoint.keep_last=4",
 ]
-SBATCH_OPTS = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none"]
 
 
 @pytest.fixture(scope="module")
@@ -125,22 +124,10 @@ def test_rehearsed_nonfinite_loss_and_grad_spike_are_skipped_on_every_rank_at_th
 
 
 # ------------------------------------------------------------------------- SIGTERM to every process, requeue
-def job_field(job: str, name: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30).stdout
-    return next((f.split("=", 1)[1] for f in out.split() if f.startswith(name + "=")), "")
 
 
 def sbatch(tmp: Path, env: dict, *overrides: str) -> str:
-    out = subprocess.run(
-        ["sbatch", "--parsable", *SBATCH_OPTS, f"--output={tmp}/slurm-%j.out", str(SBATCH), str(REHEARSAL), *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return out.stdout.strip().split(";")[0]
+    return submit(REHEARSAL, tmp, env, *overrides)
 
 
 def wait_until(pred, timeout: float, what: str, interval: float = 0.25):

@@ -20,16 +20,17 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import (
     ROOT,
-    SBATCH,
     STEPS,
     TINY,
     TINY_RUN,
     describe,
     free_port,
+    job_field,
     losses,
     metrics,
     run_local,
     spawn_ranks,
+    submit,
     train_env,
 )
 
@@ -212,7 +213,6 @@ def test_non_finite_steps_are_skipped_counted_and_bounded(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- SLURM
-SBATCH_OPTS = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none"]  # the EDIT lines, for CPU nodes
 REQUIRED = (
     "train/loss",
     "train/lr",
@@ -229,21 +229,7 @@ REQUIRED = (
 
 
 def sbatch(tmp_path: Path, env: dict, *args: str) -> str:
-    out = subprocess.run(
-        ["sbatch", "--parsable", *SBATCH_OPTS, f"--output={tmp_path}/slurm-%j.out", str(SBATCH), str(TINY), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return out.stdout.strip().split(";")[0]
-
-
-def job_field(job: str, name: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30).stdout
-    return next((f.split("=", 1)[1] for f in out.split() if f.startswith(name + "=")), "")
+    return submit(TINY, tmp_path, env, *args)
 
 
 def wait_job(job: str, timeout: float, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")) -> str:

@@ -89,3 +89,25 @@ def spawn_ranks(argv: list[str], nproc: int, env: dict, log_dir: Path) -> list[s
         out = open(log_dir / f"rank{r}.log", "w")
         procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=e, stdout=out, stderr=subprocess.STDOUT))
     return procs
+
+
+SBATCH_OPTS = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gres=none"]  # the EDIT lines, for CPU nodes
+
+
+def submit(config: Path, tmp: Path, env: dict, *overrides: str) -> str:
+    """`sbatch slurm/train_temporal.sbatch CONFIG overrides...` on 2 CPU nodes of the local cluster: the job id."""
+    out = subprocess.run(
+        ["sbatch", "--parsable", *SBATCH_OPTS, f"--output={tmp}/slurm-%j.out", str(SBATCH), str(config), *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return out.stdout.strip().split(";")[0]
+
+
+def job_field(job: str, name: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30).stdout
+    return next((f.split("=", 1)[1] for f in out.split() if f.startswith(name + "=")), "")
