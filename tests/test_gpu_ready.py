@@ -8,7 +8,7 @@ import pytest
 import torch
 from train_helpers import TINY
 
-from vldm.config import Config, build_config
+from vldm.config import Config, ConfigError, build_config
 from vldm.train.build import build
 from vldm.train.objective import Objective
 from vldm.train.perf import count_flops, train_flops
@@ -90,23 +90,46 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- bf16 numerics
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_bf16_deepspeed_config_sets_its_numerics_explicitly(stage):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     from vldm.train.engine import deepspeed_config
 
-    ds = deepspeed_config(tiny(f"deepspeed.zero_stage={stage}"), world_size=8, precision="bf16")
+    accum = 1 if stage == 0 else 4  # stage 0 with grad_accum > 1 is refused (next test)
+    ds = deepspeed_config(
+        tiny(f"deepspeed.zero_stage={stage}", f"train.grad_accum={accum}"), world_size=8, precision="bf16"
+    )
     assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}  # non-finite gradients skip the update
     assert ds["communication_data_type"] == "fp32"
     # fp32 accumulation where DeepSpeed supports it with a bf16 module (ZeRO 1/2)
     assert ds.get("data_types") == ({"grad_accum_dtype": "fp32"} if stage else None)
-    parsed = DeepSpeedConfig({**ds, "train_batch_size": ds["train_micro_batch_size_per_gpu"]})  # one process here
+    one_process = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+    parsed = DeepSpeedConfig({**ds, "train_batch_size": one_process})
     assert parsed.communication_data_type == torch.float32
     assert parsed.bfloat16_config.check_grad_overflow is True
     assert parsed.grad_accum_dtype == ("fp32" if stage else None)
     fp32 = deepspeed_config(tiny(), 8, "fp32")
     assert "bf16" not in fp32 and "communication_data_type" not in fp32
+
+
+def test_bf16_gradient_accumulation_without_zero_is_refused_before_launch():
+    # DeepSpeed 0.19.8 has no fp32 accumulation at ZeRO 0 (grad_accum_dtype fp32 there raises
+    # NotImplementedError; without it micro-batch gradients sum in bf16): refused, naming the keys
+    from vldm.train.engine import deepspeed_config
+    from vldm.train.preflight import check
+
+    bad = tiny("deepspeed.zero_stage=0", "train.grad_accum=4", "deepspeed.precision=bf16")
+    for refuse in (lambda: check(bad, cuda=False), lambda: deepspeed_config(bad, 8, "bf16")):
+        with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage.*train\.grad_accum=4.*zero_stage=1"):
+            refuse()
+    # auto precision is bf16 on a GPU only; fp32 accumulates in fp32 anyway; ZeRO 1 accumulates in fp32
+    auto = tiny("deepspeed.zero_stage=0", "train.grad_accum=4", "deepspeed.precision=auto")
+    with pytest.raises(ConfigError, match="zero_stage"):
+        check(auto, cuda=True)
+    check(auto, cuda=False)
+    check(tiny("deepspeed.zero_stage=1", "train.grad_accum=4", "deepspeed.precision=bf16"), cuda=False)
+    check(tiny("deepspeed.zero_stage=0", "train.grad_accum=1", "deepspeed.precision=bf16"), cuda=False)
 
 
 def test_sampling_state_stays_float32_with_a_bf16_model():

@@ -3,7 +3,8 @@
 A save is collective (every rank calls it at the same step):
 1. rank 0 creates `checkpoints/.tmp-step_N/`; every rank writes its ZeRO partition into `deepspeed/`
    with `exclude_frozen_parameters=True` (the frozen image UNet is never written);
-2. the fp32 trainable weights are assembled (collective) and rank 0 writes the consolidated
+2. the fp32 trainable weights and the EMA (sharded over the ZeRO partitions under bf16) are assembled
+   (collective) and rank 0 writes the consolidated
    `temporal.safetensors` + `temporal_ema.safetensors` (stage=temporal, VideoLDMUNet.save_temporal format)
    or `unet/` + `unet_ema/` (stage=image), the resolved `config.yaml` and `trainer_state.json` (step,
    every rank's loader position and RNG states, counters);
@@ -405,9 +406,10 @@ class Checkpointer:
                 exclude_frozen_parameters=True,
             )
         weights = full_fp32_weights(self.built, keep=self.world.is_main)  # collective under bf16/fp16
+        # without EMA, the "EMA" file holds the raw weights: readers can always ask for it
+        ema_weights = ema.full_tensors(self.built.prefix, keep=self.world.is_main) if ema.enabled else weights
         if self.world.is_main:
-            # without EMA, the "EMA" file holds the raw weights: readers can always ask for it
-            self._write_weights(tmp, weights, ema.tensors(strip_prefix=self.built.prefix) if ema.enabled else weights)
+            self._write_weights(tmp, weights, ema_weights)
             # the model section with the task's temporal options merged: enough to rebuild the model
             dump_yaml(dataclasses.replace(self.cfg, model=self.built.model_cfg), tmp / RUN_CONFIG)
             state = {

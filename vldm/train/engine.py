@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from vldm.config import ConfigError
 from vldm.config.schema import Config
 
 
@@ -33,8 +34,28 @@ def model_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+def precision_problem(cfg: Config, precision: str) -> str | None:
+    """Why `cfg` would accumulate gradients in bf16 (unsafe), or None.
+
+    DeepSpeed 0.19.8 picks the bf16 optimizer by ZeRO stage and `grad_accum_dtype`: stage 1 with fp32
+    accumulation -> its BF16_Optimizer (fp32 gradient buffer, sharded fp32 masters); stage 2 -> the ZeRO
+    optimizer with an fp32 `grad_accum` per parameter; stage 0 -> no fp32 accumulation at all (fp32 with a
+    bf16 module raises NotImplementedError; without it the micro-batch gradients are summed in bf16 in
+    `param.grad`). One micro-batch per step sums nothing, so only stage 0 with grad_accum > 1 is refused."""
+    if precision == "bf16" and cfg.deepspeed.zero_stage == 0 and cfg.train.grad_accum > 1:
+        return (
+            f"deepspeed.zero_stage: 0 with bf16 and train.grad_accum={cfg.train.grad_accum} would sum the "
+            "micro-batch gradients in bf16 (DeepSpeed has no fp32 gradient accumulation without ZeRO); use "
+            "deepspeed.zero_stage=1 (fp32 accumulation, optimizer states sharded) or train.grad_accum=1"
+        )
+    return None
+
+
 def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     """The DeepSpeed config dict, entirely derived from the typed config."""
+    problem = precision_problem(cfg, precision)
+    if problem:
+        raise ConfigError(problem)
     d = cfg.deepspeed
     micro = cfg.data.batch_size
     out: dict = {
@@ -61,8 +82,8 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
         #   max_bad_steps counts on it);
         # - communication_data_type fp32: gradients are averaged over ranks in fp32, not bf16 (8 bits of
         #   mantissa lose small per-rank contributions summed over 8+ GPUs);
-        # - grad_accum_dtype fp32: micro-step gradients accumulate in fp32 (ZeRO 1/2: the fp32 partitions;
-        #   DeepSpeed supports no fp32 accumulation of a bf16 module without ZeRO, so stage 0 stays bf16)
+        # - grad_accum_dtype fp32: micro-step gradients accumulate in fp32 at ZeRO 1/2 (precision_problem:
+        #   DeepSpeed has none at stage 0, where one micro-batch per step is required instead)
         out["bf16"] = {"enabled": True, "check_grad_overflow": True}
         out["communication_data_type"] = "fp32"
         if d.zero_stage >= 1:

@@ -114,6 +114,13 @@ def check(cfg: Config, cuda: bool | None = None) -> list[str]:
             raise ConfigError("deepspeed.precision: fp16 needs a GPU (use fp32 or bf16 on CPU)")
         if d.backend == "nccl":
             raise ConfigError("deepspeed.backend: nccl needs GPUs (use gloo or auto)")
+    if d.zero_stage == 0 and cfg.train.grad_accum > 1 and d.precision in ("bf16", "auto"):
+        from vldm.train.engine import precision_problem
+
+        gpu = d.precision == "bf16" or (_has_cuda() if cuda is None else cuda)  # auto: bf16 on a GPU
+        problem = precision_problem(cfg, "bf16") if gpu else None
+        if problem:
+            raise ConfigError(problem)
     if cfg.wandb.mode == "online" and not _wandb_key_available():
         raise ConfigError(
             "wandb.mode: online needs WANDB_API_KEY (or `wandb login`); use offline and `wandb sync` later"

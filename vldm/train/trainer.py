@@ -174,11 +174,11 @@ def train(cfg: Config, source=None) -> int:
                     lambda: objective.loss(built.model, probe, step=-1, micro=0, rank=0)[0]  # noqa: B023 - called at once
                 )
             flops_of[(f, lh, lw)], encoder_flops_of[(f, lh, lw)] = counted.trained, counted.encoders
-    ema = EMA(trainable, cfg.train.ema_decay)  # from the fp32 weights, before DeepSpeed casts them
 
     # ---------------------------------------------------------------- engine and resume
     plan = plan_resume(cfg, world.world_size)
     engine = parallelize(built.model, cfg, world.world_size, device)
+    ema = EMA(trainable, cfg.train.ema_decay, engine)  # of the fp32 masters: each rank its ZeRO partition
     if cfg.stage == "temporal":
         engine.module.unet.eval()  # frozen spatial layers: no dropout
     t0 = time.perf_counter()
