@@ -11,7 +11,9 @@ What it runs and reports (one JSON file + a printed table):
    checkpointing level, chunked high-resolution temporal attention, the attention decision on CUDA tensors;
 2. the SD-1.5-shape temporal training step (SD-1.5 UNet shape with random weights, built from the config:
    nothing downloaded) on 16x40x64 latents with a 77x768 text context, bf16 module with fp32 master weights
-   and fused AdamW (what DeepSpeed's bf16 mode does on one GPU; DeepSpeed itself is not on that machine),
+   and fused AdamW and the EMA updated from the masters (what DeepSpeed's bf16 mode and the trainer do on
+   one GPU; DeepSpeed itself is not on that machine, so the EMA sharded over ZeRO partitions is tested on
+   CPU only: tests/test_ema_masters.py),
    data from the synthetic source through the pinned, prefetching host-to-device path, for each
    checkpointing level (off / temporal / block): s/step, peak memory, MFU of the trained computation
    (vldm.train.perf.train_flops), data wait share;
@@ -126,6 +128,7 @@ def train_levels(cfg, device, dtype, levels, steps: int, warmup: int, text_shape
     import torch
 
     from vldm.train.build import apply_device_options, build
+    from vldm.train.ema import EMA
     from vldm.train.engine import build_optimizer
     from vldm.train.objective import Objective
     from vldm.train.perf import peak_memory_gb, peak_tflops, train_flops
@@ -137,7 +140,8 @@ def train_levels(cfg, device, dtype, levels, steps: int, warmup: int, text_shape
     model = built.model.to(device, dtype)  # the module in the training precision, as DeepSpeed casts it
     build_s = time.perf_counter() - t0
     objective = Objective(cfg, built, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, trainable = [n for n, _ in named], [p for _, p in named]
     h, w = cfg.data.hw
     peak = peak_tflops(device) * 1e12
     out = []
@@ -158,6 +162,8 @@ def train_levels(cfg, device, dtype, levels, steps: int, warmup: int, text_shape
             # fp32 master weights + AdamW on them, the bf16 module updated from them (DeepSpeed's bf16 mode)
             master = [p.detach().float().clone().requires_grad_(True) for p in trainable]
             optim = build_optimizer(master, cfg, device)
+            # the EMA of the fp32 masters, as the trainer keeps it (one GPU: its partition is everything)
+            ema = EMA(list(zip(names, master)), cfg.train.ema_decay)
             data = DevicePrefetcher(source, device, ahead=True, pin=device.type == "cuda")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -174,6 +180,7 @@ def train_levels(cfg, device, dtype, levels, steps: int, warmup: int, text_shape
                     p.grad = None
                 optim.step()
                 optim.zero_grad(set_to_none=True)
+                ema.update()
                 with torch.no_grad():
                     torch._foreach_copy_(trainable, master)
                 if device.type == "cuda":
@@ -194,7 +201,8 @@ def train_levels(cfg, device, dtype, levels, steps: int, warmup: int, text_shape
                 mfu=flops.trained / step_s / peak if peak else None,
                 loss=float(loss.detach()),
             )
-            del master, optim, data, loss
+            res["ema_updates"] = ema.num_updates
+            del master, optim, ema, data, loss
         except torch.cuda.OutOfMemoryError:
             res.update(status="OOM")
         except Exception as e:  # noqa: BLE001 - one level failing must not lose the others' figures
