@@ -1,11 +1,12 @@
 """`make paper`'s cascade row: key frames -> interpolation -> decoder -> upsampler, one mp4 per prompt.
 
-Through the library's cascade (`vldm.sample.api.generate` on `Cascade.from_runs`) with the other rows'
-models: the demo's video model for the key frames (8 frames at 32 px, 8 fps), the interpolation row's run
-(x4: 29 frames at 32 fps), the decoder row's video decoder and the upsampler row's x4 upsampler (128 px). The
-baseline is the same cascade fed image-mode key frames (drawn independently by the image model); the real
-clips are held-out clips generated at the final resolution and length (same seed as the truth: the same
-shapes, colours and directions; a quarter of the speed per frame, as 4x the frame rate gives).
+Through the library's cascade (`vldm.sample.api.generate` on `Cascade.from_runs`, then `stages.upsample` as
+`generate` applies it, with the upsampler row's step count) with the other rows' models: the demo's video
+model for the key frames (8 frames at 32 px, 8 fps), the interpolation row's run (x4: 29 frames at 32 fps),
+the decoder row's video decoder and the upsampler row's x4 upsampler (128 px). The baseline is the same
+cascade fed image-mode key frames (drawn independently by the image model); the real clips are held-out
+clips generated at the final resolution and length (same seed as the truth: the same kinds of shapes,
+colours and directions; a quarter of the speed per frame, as 4x the frame rate gives).
 """
 
 from __future__ import annotations
@@ -62,13 +63,12 @@ def row(paper):
         steps=p.sample_steps,
         guidance_scale=GUIDANCE,
         interp_passes=1,
-        upsample_noise_level=upsampler.NOISE_LEVEL,
-        upsample_guidance_scale=1.0,  # the upsampler has no text encoder: text guidance would change nothing
-        upsample_window=cascade.upsampler.clip_frames,
+        upsample=False,  # upsampled below, as `generate` does, with the upsampler row's fewer steps
     )
     out = generate(cascade, prompts, cfg, seeds=seeds, progress=False)
-    if out.frames.get("upsampler") != frames or tuple(out.videos.shape[-2:]) != (size, size):
-        raise RuntimeError(f"the cascade made {out.frames} frames of {tuple(out.videos.shape[-2:])} px")
+    final = upsampler.upsample(paper, cascade.upsampler, out.videos, seeds, False)
+    if out.frames.get("decoder") != frames or tuple(final.shape[-2:]) != (size, size):
+        raise RuntimeError(f"the cascade made {out.frames} frames of {tuple(final.shape[-2:])} px")
     # the baseline: the same stages from image-mode key frames
     key = cascade.keyframes
     hw = (key.size // cascade.components.vae_scale_factor,) * 2
@@ -79,7 +79,7 @@ def row(paper):
         z = stages.interpolate(cascade.interpolator, text, run, z, 1, cfg.fps * FACTOR)
         low = cascade.decoder.decode(z, cfg.decoder_window, cfg.decoder_overlap)
     image_keys = upsampler.upsample(paper, cascade.upsampler, low, seeds, False)
-    videos = {"cascade": paper.to_u8(out.videos), "image_key_frames": paper.to_u8(image_keys)}
+    videos = {"cascade": paper.to_u8(final), "image_key_frames": paper.to_u8(image_keys)}
     measured, samples = {}, []
     for name, v in videos.items():
         measured[name] = {"identity": M.identity_summary(v, bgs), "motion": M.motion_summary(v, bgs)}

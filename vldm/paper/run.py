@@ -45,7 +45,8 @@ class Plan:
     rollout_frames: int = 32  # the rollout row's length: 4x the training clips
     upsampler_steps: int = 300  # each of the upsampler's two stages (image upscaler, then its temporal layers)
     upsampler_videos: int = 48  # its 128 px training corpus (16 frames each: 2 clips)
-    upsampler_heldout: int = 8  # held-out 128 px clips it is measured on
+    upsampler_heldout: int = 4  # held-out 128 px clips it is measured on
+    upsample_sample_steps: int = 10  # DDIM steps of the upsampler (a 128 px frame costs 16 key frames' pixels)
     personalise_steps: int = 150  # fine-tune of image model A into B on the new concept
     concept_videos: int = 24  # B's training corpus: a few dozen clips of the new colour
     cascade_prompts: int = 4  # videos through the whole cascade (29 frames at 128 px each)
@@ -59,6 +60,7 @@ FAST = dataclasses.replace(
     upsampler_steps=4,
     upsampler_videos=4,
     upsampler_heldout=2,
+    upsample_sample_steps=2,
     personalise_steps=4,
     concept_videos=4,
     cascade_prompts=1,

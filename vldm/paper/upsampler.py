@@ -66,7 +66,7 @@ def upsample(paper, stage, low, seeds: list[int], image_mode: bool):
     from vldm.sample import stages
 
     cfg = SampleConfig(
-        steps=paper.plan.sample_steps,
+        steps=paper.plan.upsample_sample_steps,
         guidance_scale=1.0,
         upsample_noise_level=NOISE_LEVEL,
         upsample_window=stage.clip_frames,
