@@ -249,11 +249,20 @@ def test_personalisation_row_needs_the_concept_and_the_motion(real):
     assert not no_concept.shown and "concept in 0" in no_concept.note
 
 
+def with_area(videos, sides) -> dict:
+    """As the cascade row measures: identity, motion and the shape's area."""
+    return {**measure(videos, sides), "shape_area": M.shape_area(videos, [s["background_rgb"] for s in sides])}
+
+
 def test_cascade_row_needs_motion_and_identity_near_the_real_clips(real):
     rng = np.random.default_rng(5)
     sides = [s for _, s in real]
-    good = measure([v for v, _ in real], sides)
-    bad = measure([image_mode_like(s, rng) for s in sides], sides)
+    good = with_area([v for v, _ in real], sides)
+    bad = with_area([image_mode_like(s, rng) for s in sides], sides)
+    # noise (what a barely trained upsampler outputs) is one frame-sized "shape" that never moves: refused
+    noise = with_area([rng.integers(0, 256, v.shape, dtype=np.uint8) for v, _ in real], sides)
+    fake = cascade_row(cascade=noise, image_keys=noise, real=good)
+    assert not fake.shown and "no shape drawn" in fake.note
     row = cascade_row(cascade=good, image_keys=bad, real=good)
     assert row.shown and row.note == ""
     flipped = cascade_row(cascade=bad, image_keys=good, real=good)
@@ -265,7 +274,7 @@ def test_cascade_row_needs_motion_and_identity_near_the_real_clips(real):
         mask = M.segment(w[4:], s["background_rgb"])
         w[4:][mask] = w[4:][mask][:, ::-1]  # RGB -> BGR from frame 4: another colour, same shape and place
         recoloured.append(w)
-    half = cascade_row(cascade=measure(recoloured, sides), image_keys=bad, real=good)
+    half = cascade_row(cascade=with_area(recoloured, sides), image_keys=bad, real=good)
     assert not half.shown and "colour_drift" in half.note and "accel gap" not in half.note
 
 

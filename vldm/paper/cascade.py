@@ -82,10 +82,18 @@ def row(paper):
     videos = {"cascade": paper.to_u8(final), "image_key_frames": paper.to_u8(image_keys)}
     measured, samples = {}, []
     for name, v in videos.items():
-        measured[name] = {"identity": M.identity_summary(v, bgs), "motion": M.motion_summary(v, bgs)}
+        measured[name] = {
+            "identity": M.identity_summary(v, bgs),
+            "motion": M.motion_summary(v, bgs),
+            "shape_area": M.shape_area(v, bgs),
+        }
         samples += paper.save_videos("cascade", name, v, fps=out.fps)
     gt = [v for v, _ in real]
-    measured["real"] = {"identity": M.identity_summary(gt, bgs), "motion": M.motion_summary(gt, bgs)}
+    measured["real"] = {
+        "identity": M.identity_summary(gt, bgs),
+        "motion": M.motion_summary(gt, bgs),
+        "shape_area": M.shape_area(gt, bgs),
+    }
     samples += paper.save_videos("cascade", "real", gt, fps=out.fps)
     res = cascade_row(measured["cascade"], measured["image_key_frames"], measured["real"])
     res.metrics.update(frames=frames, size=size, fps=out.fps, stage_frames=out.frames)

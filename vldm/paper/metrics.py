@@ -195,3 +195,13 @@ def colour_fraction(video, target, palette, background=None, **kw) -> float:
         if here and np.linalg.norm(col - target) < np.linalg.norm(others - col, axis=1).min():
             hit += 1
     return hit / len(s["present"]) if len(s["present"]) else 0.0
+
+
+def shape_area(videos, backgrounds=None) -> float | None:
+    """Median over the videos of the median fraction of the frame the shape covers (frames with a shape)."""
+    bgs = backgrounds if backgrounds is not None else [None] * len(videos)
+    per = []
+    for v, b in zip(videos, bgs):
+        s = shape_features(v, b)
+        per.append(float(np.median(s["area"][s["present"]])) if s["present"].any() else None)
+    return median(per)

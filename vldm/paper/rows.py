@@ -316,14 +316,20 @@ NEAR_REAL = {"accel": 0.01, "colour_drift": 0.03, "area_drift": 0.05}
 def cascade_row(cascade: dict, image_keys: dict, real: dict, margin: float = 0.5) -> Row:
     """cascade / image_keys / real: {"identity", "motion"} of the whole cascade's final videos, of the same
     cascade fed image-mode key frames (drawn independently), and of real clips at the final resolution and
-    length. Shown when, for acceleration and colour and area drift, the cascade's distance to the real clips is
-    at most `margin` x the image-key-frame cascade's, or within NEAR_REAL of the real clips."""
+    length, each also with "shape_area" (median fraction of the frame the shape covers). Shown when the shape's
+    area is 0.5-2x the real clips' (a shape is drawn at all) and, for acceleration and colour and area drift,
+    the cascade's distance to the real clips is at most `margin` x the image-key-frame cascade's, or within
+    NEAR_REAL of the real clips."""
 
     def figures(m: dict) -> dict:
         return {"accel": m["motion"]["accel"], **{k: m["identity"][k] for k in ("colour_drift", "area_drift")}}
 
     c, b, r = figures(cascade), figures(image_keys), figures(real)
     gaps, ok = {}, {}
+    # a shape at all: noise (an untrained upsampler) segments as one frame-sized "shape" that never moves or
+    # changes, which every figure below would call near the real clips
+    area = _ratio(cascade.get("shape_area"), real.get("shape_area"))
+    ok["shape_area"] = area is not None and 0.5 <= area <= 2.0
     for k in NEAR_REAL:
         if None in (c[k], b[k], r[k]):
             gaps[k], ok[k] = None, False
@@ -338,9 +344,12 @@ def cascade_row(cascade: dict, image_keys: dict, real: dict, margin: float = 0.5
         baselines={"image_key_frames": image_keys, "real_clips": real},
         shown=all(ok.values()),
     )
-    bad = [k for k, v in ok.items() if not v]
+    row.metrics["shape_area_ratio_vs_real"] = area
+    bad = [k for k, v in ok.items() if not v and k != "shape_area"]
+    if not ok["shape_area"]:
+        row.note = f"shape area {fmt(area)}x the real clips' (need 0.5-2: no shape drawn); "
     if bad:
-        row.note = (
+        row.note += (
             "not near the real clips: "
             + ", ".join(
                 f"{k} gap {fmt(gaps[k]['cascade']) if gaps[k] else 'n/a'}"
