@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from vldm.config.data import SyntheticConfig
 from vldm.data.codec import decode_all
 from vldm.data.sources import list_inputs
-from vldm.data.synthetic import DIRECTIONS, PALETTE, make_video, write_corpus
+from vldm.data.synthetic import ALL_COLOURS, DIRECTIONS, NEW_COLOURS, PALETTE, make_video, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -202,3 +203,24 @@ def test_fsspec_inputs_directory_manifest_and_sidecars_give_clips(tmp_path):
         assert {m["source"] for m in metas} == {r.path for r in records} and all(m["source_size"] > 0 for m in metas)
     finally:
         fs.rm("/corpus", recursive=True)
+
+
+def test_colors_option_keeps_the_default_corpus_and_draws_a_new_colour_only_by_name():
+    """--colors: the default corpus is the same videos as before the option (naming the 8 PALETTE colours in
+    their order draws the same); a NEW_COLOURS colour appears only when named, rendered in its own RGB."""
+    from vldm.config.core import ConfigError
+
+    base = dict(output="", count=6, size="32", frames=4, seed=5)
+    default = [make_video(SyntheticConfig(**base), i) for i in range(6)]
+    named = [make_video(SyntheticConfig(**base, colors=",".join(PALETTE)), i) for i in range(6)]
+    assert all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(default, named))
+    assert not any(s["color"] in NEW_COLOURS for _, side in default for s in side["shapes"])
+    cfg = SyntheticConfig(**base, colors="pink", max_shapes=1)
+    cfg.validate()
+    for i in range(3):
+        frames, side = make_video(cfg, i)
+        assert side["shapes"][0]["color"] == "pink" and side["caption"].startswith("a pink ")
+        inside = np.abs(frames[0].astype(int) - ALL_COLOURS["pink"]).max(axis=-1) < 8
+        assert inside.sum() > 20  # solid pink pixels where the shape is
+    with pytest.raises(ConfigError, match="colors: unknown"):
+        SyntheticConfig(**base, colors="pink,mauve").validate()

@@ -20,19 +20,22 @@ import pytest
 
 from vldm.config.data import SyntheticConfig
 from vldm.data.codec import decode_all
-from vldm.data.synthetic import PALETTE, Track, make_video, render
+from vldm.data.synthetic import ALL_COLOURS, PALETTE, Track, make_video, render
 from vldm.io import encode_frames
 from vldm.paper import metrics as M
 from vldm.paper.rows import (
     ROWS,
     ablation_row,
+    cascade_row,
     decoder_row,
     interpolation_row,
     keyframes_row,
     not_built,
+    personalisation_row,
     prediction_row,
     rollout_row,
     table,
+    upsampler_row,
     write_summary,
 )
 
@@ -49,12 +52,12 @@ def real():
     return out
 
 
-def image_mode_like(side: dict, rng: np.random.Generator) -> np.ndarray:
+def image_mode_like(side: dict, rng: np.random.Generator, colours: tuple[str, ...] = tuple(PALETTE)) -> np.ndarray:
     """What an image model drawn frame by frame looks like: every frame its own colour, shape and place."""
     t = side["shapes"][0]
     frames = []
     for _ in range(side["frames"]):
-        c = list(PALETTE)[int(rng.integers(len(PALETTE)))]
+        c = colours[int(rng.integers(len(colours)))]
         s = ("square", "circle", "triangle")[int(rng.integers(3))]
         p = rng.uniform(t["radius"], 32 - t["radius"], size=(1, 2))
         frames.append(render([Track(s, c, t["radius"], (0, 0), "right", p, [])], tuple(side["background_rgb"]), 32, 32))
@@ -163,12 +166,14 @@ def test_ablation_row_prefers_the_variant_closer_to_real_clips(real):
     assert not row.shown and "accel gap" in row.note
 
 
-def test_decoder_row_needs_less_flicker_at_no_real_psnr_loss(real):
+def noisy_figures(real) -> tuple[dict, dict, dict]:
+    """PSNR / temporal-difference error / flicker vs the true clips of: the same noise power fresh in every frame
+    (a per-frame model's flicker), fixed over time, and a blur-like loss without flicker."""
     clips = np.stack([v for v, _ in real]).astype(np.float32)
     rng = np.random.default_rng(0)
-    # the same noise power: fresh in every frame (an image decoder's flicker) or fixed over time
     fresh = np.clip(clips + rng.normal(0, 6, clips.shape), 0, 255).astype(np.uint8)
     fixed = np.clip(clips + rng.normal(0, 6, (len(clips), 1, *clips.shape[2:])), 0, 255).astype(np.uint8)
+    blurred = np.clip(clips * 0.7 + 40, 0, 255).astype(np.uint8)
     truth = clips.astype(np.uint8)
 
     def figures(decoded):
@@ -178,12 +183,99 @@ def test_decoder_row_needs_less_flicker_at_no_real_psnr_loss(real):
             "flicker": float(np.mean([M.flicker(a) for a in decoded])),
         }
 
-    img, vid = figures(fresh), figures(fixed)
+    return figures(fresh), figures(fixed), figures(blurred)
+
+
+def test_decoder_row_needs_less_flicker_at_no_real_psnr_loss(real):
+    img, vid, blurred = noisy_figures(real)
     assert decoder_row(img, vid).shown
     assert not decoder_row(vid, img).shown
-    blurred = figures(np.clip(clips * 0.7 + 40, 0, 255).astype(np.uint8))  # no flicker, but a real PSNR loss
-    row = decoder_row(img, blurred)
+    row = decoder_row(img, blurred)  # no flicker, but a real PSNR loss
     assert not row.shown and "PSNR loss" in row.note
+
+
+def test_upsampler_row_needs_less_flicker_than_image_mode_at_no_real_psnr_loss(real):
+    fresh, fixed, blurred = noisy_figures(real)
+    row = upsampler_row(image=fresh, video=fixed, bicubic=blurred)
+    assert row.shown and row.note == "" and row.metrics["tde_reduction"] > 0.5
+    flipped = upsampler_row(image=fixed, video=fresh, bicubic=blurred)
+    assert not flipped.shown and "than image mode" in flipped.note
+    lossy = upsampler_row(image=fresh, video=blurred, bicubic=blurred)  # steady but a real PSNR loss
+    assert not lossy.shown and "PSNR loss" in lossy.note
+
+
+def concept_clips(colour: str, count: int = 6) -> list[tuple]:
+    cfg = SyntheticConfig(
+        output="", count=count, size="32", frames=8, max_shapes=1, min_speed=0.04, max_speed=0.08, colors=colour
+    )
+    return [(decode_all(encode_frames(f, 8.0, crf=12)), s) for f, s in (make_video(cfg, i) for i in range(count))]
+
+
+def test_colour_fraction_finds_the_new_colour_in_codec_clips(real):
+    pink = concept_clips("pink")
+    target = ALL_COLOURS["pink"]
+    assert all(M.colour_fraction(v, target, ALL_COLOURS, s["background_rgb"]) == 1.0 for v, s in pink)
+    assert all(M.colour_fraction(v, target, ALL_COLOURS, s["background_rgb"]) == 0.0 for v, s in real)
+    half = np.concatenate([pink[0][0][:4], real[0][0][4:]])  # pink for 4 frames, then a palette colour
+    assert M.colour_fraction(half, target, ALL_COLOURS, (0, 0, 0)) == 0.5
+    blank = np.zeros_like(pink[0][0])  # no shape is not the concept
+    assert M.colour_fraction(blank, target, ALL_COLOURS, (0, 0, 0)) == 0.0
+
+
+def test_personalisation_row_needs_the_concept_and_the_motion(real):
+    from vldm.data.synthetic import ALL_COLOURS as COLOURS
+
+    rng = np.random.default_rng(4)
+    pink = concept_clips("pink")
+
+    def figures(videos, sides):
+        f = measure(videos, sides)
+        f["concept_fraction"] = float(
+            np.mean(
+                [M.colour_fraction(v, COLOURS["pink"], COLOURS, s["background_rgb"]) for v, s in zip(videos, sides)]
+            )
+        )
+        return f
+
+    sides = [s for _, s in pink]
+    good = figures([v for v, _ in pink], sides)  # the new colour, moving smoothly
+    jumpy = figures([image_mode_like(s, rng, ("pink",)) for s in sides], sides)  # the colour, no motion
+    a = figures([v for v, _ in real], [s for _, s in real])  # smooth, but A's own colours
+    row = personalisation_row(a_video=a, b_image=jumpy, b_video=good)
+    assert row.shown and row.note == "" and good["concept_fraction"] == 1.0 and a["concept_fraction"] == 0.0
+    no_motion = personalisation_row(a_video=a, b_image=jumpy, b_video=jumpy)
+    assert not no_motion.shown and "accel ratio" in no_motion.note
+    no_concept = personalisation_row(a_video=a, b_image=jumpy, b_video=a)
+    assert not no_concept.shown and "concept in 0" in no_concept.note
+
+
+def with_area(videos, sides) -> dict:
+    """As the cascade row measures: identity, motion and the shape's area."""
+    return {**measure(videos, sides), "shape_area": M.shape_area(videos, [s["background_rgb"] for s in sides])}
+
+
+def test_cascade_row_needs_motion_and_identity_near_the_real_clips(real):
+    rng = np.random.default_rng(5)
+    sides = [s for _, s in real]
+    good = with_area([v for v, _ in real], sides)
+    bad = with_area([image_mode_like(s, rng) for s in sides], sides)
+    # noise (what a barely trained upsampler outputs) is one frame-sized "shape" that never moves: refused
+    noise = with_area([rng.integers(0, 256, v.shape, dtype=np.uint8) for v, _ in real], sides)
+    fake = cascade_row(cascade=noise, image_keys=noise, real=good)
+    assert not fake.shown and "no shape drawn" in fake.note
+    row = cascade_row(cascade=good, image_keys=bad, real=good)
+    assert row.shown and row.note == ""
+    flipped = cascade_row(cascade=bad, image_keys=good, real=good)
+    assert not flipped.shown and "not near the real clips" in flipped.note and "accel" in flipped.note
+    # the same shapes moving smoothly but changing colour half-way: motion near the real clips, identity not
+    recoloured = []
+    for v, s in real:
+        w = v.copy()
+        mask = M.segment(w[4:], s["background_rgb"])
+        w[4:][mask] = w[4:][mask][:, ::-1]  # RGB -> BGR from frame 4: another colour, same shape and place
+        recoloured.append(w)
+    half = cascade_row(cascade=with_area(recoloured, sides), image_keys=bad, real=good)
+    assert not half.shown and "colour_drift" in half.note and "accel gap" not in half.note
 
 
 def test_summary_has_every_row_and_refuses_a_missing_one(tmp_path):
@@ -198,15 +290,15 @@ def test_summary_has_every_row_and_refuses_a_missing_one(tmp_path):
     assert not (tmp_path / "other.json").exists()
 
 
-def test_rows_option_refuses_an_unbuilt_row():
+def test_rows_option_refuses_an_unknown_row():
     proc = subprocess.run(
-        [sys.executable, "-m", "vldm.paper", "--rows", "keyframes,upsampler", "--out", "/nonexistent"],
+        [sys.executable, "-m", "vldm.paper", "--rows", "keyframes,upsampling", "--out", "/nonexistent"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 2 and "upsampler" in proc.stderr and "not built" in proc.stderr
+    assert proc.returncode == 2 and "upsampling" in proc.stderr and "not built" in proc.stderr
 
 
 def test_demo_dir_must_be_a_finished_demo(tmp_path):

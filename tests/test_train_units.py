@@ -226,6 +226,23 @@ def test_prediction_type_of_a_frozen_image_unet_cannot_change(tmp_path):
     check(build_config(Config, [str(TINY)], v + ["stage=image"]), cuda=False)  # the image UNet trains: allowed
 
 
+def test_pixel_space_model_needs_no_vae_and_refuses_one(tmp_path):
+    """model.pixel_space (the pixel-space upsampler): a base directory without vae/ trains on pixel shards (its
+    targets are the pixels); a vae/ or latent shards contradict it and are refused naming the key."""
+    export = tmp_path / "upscaler"  # what `python -m vldm.train.export` writes for a pixel-space image stage
+    (export / "unet").mkdir(parents=True)
+    up = ROOT / "configs" / "paper_upsample.yaml"
+    temporal = ["stage=temporal", f"model.pretrained={export}"]
+    check(build_config(Config, [str(up)], temporal), cuda=False)
+    with pytest.raises(ConfigError, match=r"data\.use_latents: false needs a VAE"):
+        check(build_config(Config, [str(up)], temporal + ["model.pixel_space=false"]), cuda=False)
+    with pytest.raises(ConfigError, match=r"model\.pixel_space"):
+        check(build_config(Config, [str(up)], temporal + ["data.use_latents=true"]), cuda=False)
+    (export / "vae").mkdir()
+    with pytest.raises(ConfigError, match=r"model\.pixel_space"):
+        check(build_config(Config, [str(up)], temporal), cuda=False)
+
+
 def test_bad_config_fails_before_any_rank_starts(tmp_path):
     t0 = time.time()
     proc = subprocess.run(

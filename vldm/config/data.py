@@ -352,6 +352,10 @@ class SyntheticConfig:
     shape_size: float = field_(0.28, "shape size as a fraction of the short side")
     min_speed: float = field_(0.02, "slowest speed, as a fraction of the short side per frame")
     max_speed: float = field_(0.05, "fastest speed, as a fraction of the short side per frame")
+    colors: str = field_(
+        "",
+        "comma-separated shape colours to draw from (default: the 8 of PALETTE; NEW_COLOURS, e.g. pink, only by name)",
+    )
     background: str = field_("black", "background colour name, or 'random' (a dark colour per video)")
     texture: float = field_(
         0.0,
@@ -363,6 +367,9 @@ class SyntheticConfig:
     container: str = field_("mp4", "file extension / container: mp4, mkv, webm, avi, mov")
     prefix: str = field_("syn", "file names: {prefix}_{index:05d}.{container}")
 
+    def color_names(self) -> list[str]:
+        return [c.strip() for c in self.colors.split(",") if c.strip()]
+
     def validate(self) -> None:
         parse_size(self.size)
         if self.count < 0 or self.frames < 1 or self.fps <= 0:
@@ -371,5 +378,10 @@ class SyntheticConfig:
             raise ConfigError("texture: must be in 0..255")
         if self.max_shapes not in (1, 2):
             raise ConfigError("max_shapes: 1 or 2")
+        from vldm.data.synthetic import ALL_COLOURS
+
+        unknown = [c for c in self.color_names() if c not in ALL_COLOURS]
+        if unknown:
+            raise ConfigError(f"colors: unknown {unknown} (known: {', '.join(ALL_COLOURS)})")
         if not 0 < self.min_speed <= self.max_speed:
             raise ConfigError("need 0 < min_speed <= max_speed")

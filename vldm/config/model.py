@@ -123,6 +123,11 @@ class ModelConfig:
     )
     unet: UNetSpec = field_(default_factory=UNetSpec, help="image UNet architecture when not pretrained")
     temporal: TemporalOptions = field_(default_factory=TemporalOptions, help="temporal layer options")
+    pixel_space: bool = field_(
+        False,
+        "the UNet denoises pixels, no VAE (the driving model's x4 upsampler, paper §3.4): the shards' decoded clips "
+        "are its training targets",
+    )
     temporal_weights: str = field_(
         "", "initialise temporal layers from this directory (temporal.safetensors + temporal_config.json)"
     )

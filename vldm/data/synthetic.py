@@ -32,6 +32,10 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 30),
     "white": (240, 240, 240),
 }
+# colours no default corpus draws (they are not in PALETTE, so the default draws stay as they were): a concept a
+# model trained on the default corpus never saw, for `--colors pink` (personalisation, docs/paper.md)
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {"pink": (255, 150, 190)}  # >= 104 from every PALETTE colour
+ALL_COLOURS = {**PALETTE, **NEW_COLOURS}
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {"black": (0, 0, 0), "gray": (90, 90, 90), "navy": (10, 20, 60)}
 SHAPES = ("square", "circle", "triangle")
 # 8 directions, counter-clockwise from "right"; image y grows downwards so "up" is -y
@@ -62,7 +66,7 @@ class Track:
         return {
             "shape": self.shape,
             "color": self.color,
-            "rgb": list(PALETTE[self.color]),
+            "rgb": list(ALL_COLOURS[self.color]),
             "radius": round(self.radius, 4),
             "velocity": [round(v, 6) for v in self.velocity],
             "direction": self.direction,
@@ -142,7 +146,7 @@ def render(
     if texture is not None:
         out += texture
     for t in tracks:
-        rgb = np.asarray(PALETTE[t.color], np.float32)
+        rgb = np.asarray(ALL_COLOURS[t.color], np.float32)
         for i, (cx, cy) in enumerate(t.positions):
             sy, sx, cov = _coverage(t.shape, cx, cy, t.radius, height, width)
             region = out[i, sy, sx]
@@ -161,7 +165,9 @@ def make_video(cfg: SyntheticConfig, index: int) -> tuple[np.ndarray, dict]:
     height, width = parse_size(cfg.size)
     rng = np.random.default_rng([cfg.seed, index])
     n = 1 if cfg.max_shapes == 1 else int(rng.integers(1, 3))
-    colors = rng.choice(len(PALETTE), size=n, replace=False)
+    names = cfg.color_names() or list(PALETTE)  # the same draw as before for the default palette
+    colors = rng.choice(len(names), size=min(n, len(names)), replace=False)
+    n = len(colors)
     short = min(height, width)
     if cfg.background == "random":
         bg_name, bg = "random", tuple(int(v) for v in rng.integers(0, 60, size=3))
@@ -178,7 +184,7 @@ def make_video(cfg: SyntheticConfig, index: int) -> tuple[np.ndarray, dict]:
         vx, vy = speed * math.cos(angle), -speed * math.sin(angle)
         x, y = float(rng.uniform(r, width - r)), float(rng.uniform(r, height - r))
         pos, bounces = simulate(x, y, vx, vy, r, width, height, cfg.frames)
-        tracks.append(Track(shape, list(PALETTE)[int(colors[j])], r, (vx, vy), DIRECTIONS[d], pos, bounces))
+        tracks.append(Track(shape, names[int(colors[j])], r, (vx, vy), DIRECTIONS[d], pos, bounces))
     # drawn from its own stream: texture=0 leaves every other random draw (and file) as it was
     tex = (
         panning_texture(np.random.default_rng([cfg.seed, index, 1]), cfg.texture, cfg.frames, height, width)

@@ -181,3 +181,27 @@ def motion_summary(videos, backgrounds=None) -> dict:
         "flicker": float(np.mean([flicker(v) for v in videos])) if len(videos) else None,
         "num_triples": int(allacc.size),
     }
+
+
+def colour_fraction(video, target, palette, background=None, **kw) -> float:
+    """Fraction of the frames whose shape's median colour is nearer (RGB) to `target` than to any other
+    colour of `palette` (a name -> RGB dict that holds the target's value too, or not); a frame without a
+    shape counts as not the target: a model cannot show a concept by drawing nothing."""
+    s = shape_features(video, background, **kw)
+    target = np.asarray(target, np.float64)
+    others = np.asarray([c for c in palette.values() if not np.array_equal(np.asarray(c), target)], np.float64)
+    hit = 0
+    for col, here in zip(s["colour"], s["present"]):
+        if here and np.linalg.norm(col - target) < np.linalg.norm(others - col, axis=1).min():
+            hit += 1
+    return hit / len(s["present"]) if len(s["present"]) else 0.0
+
+
+def shape_area(videos, backgrounds=None) -> float | None:
+    """Median over the videos of the median fraction of the frame the shape covers (frames with a shape)."""
+    bgs = backgrounds if backgrounds is not None else [None] * len(videos)
+    per = []
+    for v, b in zip(videos, bgs):
+        s = shape_features(v, b)
+        per.append(float(np.median(s["area"][s["present"]])) if s["present"].any() else None)
+    return median(per)

@@ -256,6 +256,111 @@ def decoder_row(image: dict, video: dict, max_psnr_loss: float = 0.5, min_gain: 
     return row
 
 
+def upsampler_row(image: dict, video: dict, bicubic: dict, max_psnr_loss: float = 0.5, min_gain: float = 0.1) -> Row:
+    """image / video / bicubic: {"psnr", "tde", "flicker"} of the x4 upsampler in image mode (temporal layers
+    off), the same model in video mode and bicubic upsampling, on the same 4x-downsampled held-out clips vs the
+    true high-res clips. Shown when video mode's temporal-difference error is at least `min_gain` (relative)
+    lower than image mode's at a PSNR at most `max_psnr_loss` dB below it (bicubic is the floor, not a bar)."""
+    gain = 1 - video["tde"] / image["tde"] if image["tde"] > 0 else 0.0
+    psnr_loss = image["psnr"] - video["psnr"]
+    shown = gain >= min_gain and psnr_loss <= max_psnr_loss
+    row = Row(
+        "upsampler",
+        CLAIMS["upsampler"],
+        metrics={**video, "tde_reduction": gain, "psnr_loss_db": psnr_loss},
+        baselines={"image_mode": image, "bicubic": bicubic},
+        shown=bool(shown),
+    )
+    if not shown:
+        row.note = (
+            f"temporal-difference error {gain:.1%} lower than image mode (need >= {min_gain:.0%}) at"
+            f" {psnr_loss:+.2f} dB PSNR loss (allowed <= {max_psnr_loss} dB)"
+        )
+    return row
+
+
+def personalisation_row(
+    a_video: dict, b_image: dict, b_video: dict, min_fraction: float = 0.5, min_lift: float = 0.25, accel: float = 0.5
+) -> Row:
+    """a_video: image model A + its temporal layers; b_image: B (A fine-tuned on a concept A never saw) in image
+    mode; b_video: B + A's temporal layers; each {"concept_fraction", "identity", "motion"} on prompts naming the
+    concept. Shown when the concept appears (B + temporal draws it in >= `min_fraction` of the frames and in
+    `min_lift` more of them than A + temporal) and motion holds (B + temporal's acceleration <= `accel` x B's
+    image mode's, the issue's bar)."""
+    fb, fa = b_video["concept_fraction"], a_video["concept_fraction"]
+    acc_v, acc_i = b_video["motion"]["accel"], b_image["motion"]["accel"]
+    ratio = _ratio(acc_v, acc_i)
+    concept = fb >= min_fraction and fb - fa >= min_lift
+    motion = ratio is not None and ratio <= accel
+    row = Row(
+        "personalisation",
+        CLAIMS["personalisation"],
+        metrics={**b_video, "accel_ratio_vs_image_mode": ratio},
+        baselines={"A_plus_temporal": a_video, "B_image_mode": b_image},
+        shown=bool(concept and motion),
+    )
+    why = []
+    if not concept:
+        why.append(f"concept in {fmt(fb)} of B+temporal's frames vs A+temporal {fmt(fa)}")
+        why[-1] += f" (need >= {min_fraction} and {min_lift} more)"
+    if not motion:
+        why.append(f"accel ratio vs B's image mode {fmt(ratio)} (need <= {accel})")
+    row.note = "; ".join(why)
+    return row
+
+
+# below these a figure is at the level of the real clips (codec noise, the metrics' own tolerances)
+NEAR_REAL = {"accel": 0.01, "colour_drift": 0.03, "area_drift": 0.05}
+
+
+def cascade_row(cascade: dict, image_keys: dict, real: dict, margin: float = 0.5) -> Row:
+    """cascade / image_keys / real: {"identity", "motion"} of the whole cascade's final videos, of the same
+    cascade fed image-mode key frames (drawn independently), and of real clips at the final resolution and
+    length, each also with "shape_area" (median fraction of the frame the shape covers). Shown when the shape's
+    area is 0.5-2x the real clips' (a shape is drawn at all) and, for acceleration and colour and area drift,
+    the cascade's distance to the real clips is at most `margin` x the image-key-frame cascade's, or within
+    NEAR_REAL of the real clips."""
+
+    def figures(m: dict) -> dict:
+        return {"accel": m["motion"]["accel"], **{k: m["identity"][k] for k in ("colour_drift", "area_drift")}}
+
+    c, b, r = figures(cascade), figures(image_keys), figures(real)
+    gaps, ok = {}, {}
+    # a shape at all: noise (an untrained upsampler) segments as one frame-sized "shape" that never moves or
+    # changes, which every figure below would call near the real clips
+    area = _ratio(cascade.get("shape_area"), real.get("shape_area"))
+    ok["shape_area"] = area is not None and 0.5 <= area <= 2.0
+    for k in NEAR_REAL:
+        if None in (c[k], b[k], r[k]):
+            gaps[k], ok[k] = None, False
+            continue
+        gc, gb = abs(c[k] - r[k]), abs(b[k] - r[k])
+        gaps[k] = {"cascade": gc, "image_key_frames": gb}
+        ok[k] = gc <= NEAR_REAL[k] or gc <= margin * gb
+    row = Row(
+        "cascade",
+        CLAIMS["cascade"],
+        metrics={**cascade, "gap_to_real": gaps},
+        baselines={"image_key_frames": image_keys, "real_clips": real},
+        shown=all(ok.values()),
+    )
+    row.metrics["shape_area_ratio_vs_real"] = area
+    bad = [k for k, v in ok.items() if not v and k != "shape_area"]
+    if not ok["shape_area"]:
+        row.note = f"shape area {fmt(area)}x the real clips' (need 0.5-2: no shape drawn); "
+    if bad:
+        row.note += (
+            "not near the real clips: "
+            + ", ".join(
+                f"{k} gap {fmt(gaps[k]['cascade']) if gaps[k] else 'n/a'}"
+                f" vs image key frames {fmt(gaps[k]['image_key_frames']) if gaps[k] else 'n/a'}"
+                for k in bad
+            )
+            + f" (need <= {margin}x or within {', '.join(f'{k} {NEAR_REAL[k]}' for k in bad)})"
+        )
+    return row
+
+
 # ---------------------------------------------------------------------------------------------- pictures
 def bars_png(path: str | Path, title: str, groups: dict[str, dict[str, float | None]], width: int = 520) -> Path:
     """A bar chart without matplotlib: one block per metric (`groups`: metric -> {source: value}), each
@@ -342,6 +447,27 @@ def headline(row: Row) -> str:
         return (
             f"tde {fmt(m['tde'])} vs image {fmt(d['tde'])} ({m['tde_reduction']:.0%} lower);"
             f" PSNR {fmt(m['psnr'])} vs {fmt(d['psnr'])} dB"
+        )
+    if row.name == "upsampler" and m:
+        i, bc = b["image_mode"], b["bicubic"]
+        return (
+            f"tde {fmt(m['tde'])} vs image mode {fmt(i['tde'])} ({m['tde_reduction']:.0%} lower), bicubic"
+            f" {fmt(bc['tde'])}; PSNR {fmt(m['psnr'])} vs {fmt(i['psnr'])}, bicubic {fmt(bc['psnr'])} dB"
+        )
+    if row.name == "personalisation" and m:
+        a, bi = b["A_plus_temporal"], b["B_image_mode"]
+        return (
+            f"concept in {fmt(m['concept_fraction'])} of frames vs A+temporal {fmt(a['concept_fraction'])};"
+            f" accel {fmt(m['motion']['accel'])} vs B image mode {fmt(bi['motion']['accel'])}"
+            f" (x{fmt(m['accel_ratio_vs_image_mode'])})"
+        )
+    if row.name == "cascade" and m:
+        ik, r = b["image_key_frames"], b["real_clips"]
+        return (
+            f"{m.get('frames')} frames at {m.get('size')} px: accel {fmt(m['motion']['accel'])} vs image keys"
+            f" {fmt(ik['motion']['accel'])}, real {fmt(r['motion']['accel'])}; colour drift"
+            f" {fmt(m['identity']['colour_drift'])} vs {fmt(ik['identity']['colour_drift'])},"
+            f" real {fmt(r['identity']['colour_drift'])}"
         )
     return row.note or "-"
 

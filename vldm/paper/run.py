@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vldm.paper.rows import ROWS
+
 ROOT = Path(__file__).resolve().parents[2]
 GUIDANCE = 3.0  # the demo's text guidance scale, so that the key-frame row measures the demo's own samples
 
@@ -41,12 +43,30 @@ class Plan:
     decoder_steps: int
     temporal_steps: int  # steps of each extra temporal model (prediction, interpolation): the demo's 800
     rollout_frames: int = 32  # the rollout row's length: 4x the training clips
+    upsampler_steps: int = 300  # each of the upsampler's two stages (image upscaler, then its temporal layers)
+    upsampler_videos: int = 48  # its 128 px training corpus (16 frames each: 2 clips)
+    upsampler_heldout: int = 4  # held-out 128 px clips it is measured on
+    upsample_sample_steps: int = 10  # DDIM steps of the upsampler (a 128 px frame costs 16 key frames' pixels)
+    personalise_steps: int = 150  # fine-tune of image model A into B on the new concept
+    concept_videos: int = 24  # B's training corpus: a few dozen clips of the new colour
+    cascade_prompts: int = 4  # videos through the whole cascade (29 frames at 128 px each)
 
 
 FULL = Plan("full", heldout_videos=16, clip_frames=8, sample_steps=25, decoder_steps=300, temporal_steps=800)
 FAST = Plan("fast", heldout_videos=2, clip_frames=8, sample_steps=4, decoder_steps=4, temporal_steps=4)
+# the upsampler, personalisation and cascade rows (vldm/paper/{upsampler,personalisation,cascade}.py)
+FAST = dataclasses.replace(
+    FAST,
+    upsampler_steps=4,
+    upsampler_videos=4,
+    upsampler_heldout=2,
+    upsample_sample_steps=2,
+    personalise_steps=4,
+    concept_videos=4,
+    cascade_prompts=1,
+)
 HELDOUT_SEED = 1  # the demo's corpus is seed 0: seed 1 gives other shapes, colours and trajectories
-BUILT = ("keyframes", "prediction", "rollout", "interpolation", "decoder", "ablation")
+BUILT = ROWS  # every row of issue 13 is built
 CONTEXT_GUIDANCE = (1.0, 1.5, 3.0)  # context guidance scales of the prediction row (1 = off; 1.5 = the default)
 
 
@@ -104,7 +124,7 @@ class Paper:
     def run_demo(self) -> None:
         if self.reuse_demo:
             need = [self.demo / "shards", self.image_ldm / "unet", self.demo / "models" / "base" / "vae"]
-            if "keyframes" in self.rows_wanted or "ablation" in self.rows_wanted:
+            if {"keyframes", "ablation", "personalisation", "cascade"} & set(self.rows_wanted):
                 need.append(self.demo / "summary.json")  # these rows sample the demo's video model
             missing = [str(p.relative_to(self.demo)) for p in need if not p.exists()]
             if missing:
@@ -606,6 +626,21 @@ class Paper:
         )
         return row
 
+    def row_upsampler(self):
+        from vldm.paper import upsampler
+
+        return upsampler.row(self)
+
+    def row_personalisation(self):
+        from vldm.paper import personalisation
+
+        return personalisation.row(self)
+
+    def row_cascade(self):
+        from vldm.paper import cascade
+
+        return cascade.row(self)
+
     def rows(self) -> list:
         from vldm.paper.rows import ROWS, not_built
 
@@ -644,7 +679,12 @@ class Paper:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        rows = self.rows()
+        try:
+            rows = self.rows()
+        finally:
+            from vldm.paper.corpora import ray_down
+
+            ray_down(self)  # the Ray cluster the extra corpora's shards started, if any
         wall = round(time.perf_counter() - t_start, 1)
         # CPU seconds of this process and every process it waited for (trainer ranks, the demo and its
         # children; not the Ray daemons' workers): a load-independent size of the run on a shared machine
@@ -691,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
         help="measure again without training again: keep a row's run in OUT/runs that has the plan's step count",
     )
     ap.add_argument("--decoder-steps", type=int, default=None, help="steps of the video decoder (default: the plan's)")
+    ap.add_argument("--upsampler-steps", type=int, default=None, help="steps of each upsampler stage (default: 300)")
+    ap.add_argument("--personalise-steps", type=int, default=None, help="steps of B's fine-tune (default: 150)")
     a = ap.parse_args(argv)
     rows = tuple(r for r in a.rows.split(",") if r)
     unknown = [r for r in rows if r not in BUILT]
@@ -698,7 +740,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--rows: {unknown} not built (built: {', '.join(BUILT)})")
     try:
         plan = FAST if a.fast else FULL
-        for field, v in (("temporal_steps", a.temporal_steps), ("decoder_steps", a.decoder_steps)):
+        for field, v in (
+            ("temporal_steps", a.temporal_steps),
+            ("decoder_steps", a.decoder_steps),
+            ("upsampler_steps", a.upsampler_steps),
+            ("personalise_steps", a.personalise_steps),
+        ):
             if v is not None:
                 if v < 1:
                     ap.error(f"--{field.replace('_', '-')}: must be >= 1")

@@ -245,13 +245,20 @@ def interp_windows(stage: StageModel, num_keys: int) -> int:
 
 
 def upsample(
-    stage: StageModel, text: TextInputs, run: Run, pixels: torch.Tensor, out_hw: tuple[int, int], low_res_scheduler=None
+    stage: StageModel,
+    text: TextInputs,
+    run: Run,
+    pixels: torch.Tensor,
+    out_hw: tuple[int, int],
+    low_res_scheduler=None,
+    image_mode: bool = False,
 ) -> torch.Tensor:
     """Low-res pixels (b, 3, f, H, W) -> high-res latents (b, c, f, h', w') (paper §3.4).
 
     The low-res frames are noise-augmented to `upsample_noise_level` and concatenated to the input at
     every step; the noise level is a condition. The model runs fully convolutionally on the whole frame
-    and over overlapping windows of `upsample_window` frames.
+    and over overlapping windows of `upsample_window` frames; with `image_mode` every frame on its own (the
+    image upscaler: temporal layers skipped).
     """
     o = from_dict(UpsampleOptions, stage.task_options, prefix="task_options")
     cfg = run.cfg
@@ -263,6 +270,8 @@ def upsample(
     aug = initial_noise(tuple(lowres.shape[1:]), [subseed(s, "upsample-noise") for s in run.seeds], "cpu")
     lowres = noise_augment(lowres, level, scheduler=low_res_scheduler, noise=aug)
     extra = noise_level_inputs(o.condition_via, level)
+    if image_mode:
+        extra["image_only"] = True
     cond = run.guidance(text, m, extra, text_scale=cfg.upsample_guidance_scale or cfg.guidance_scale)
     model_fn = windowed(m, cfg.upsample_window, cfg.upsample_overlap)
     return denoise(

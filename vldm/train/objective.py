@@ -66,6 +66,10 @@ class Objective:
         if "latents" in batch:
             return torch.as_tensor(batch["latents"]).to(self.device, torch.float32)
         vae = self.built.comps.vae
+        if vae is None and self.cfg.model.pixel_space:
+            # a pixel-space model: its "latents" are the clip's pixels in [-1, 1]
+            pixels = torch.as_tensor(batch["pixels"]).to(self.device, non_blocking=True)
+            return (pixels.float() / 127.5 - 1.0) if pixels.dtype == torch.uint8 else pixels.float()
         if vae is None:
             raise RuntimeError(
                 "batch has pixels but the base model has no vae/ (set data.use_latents=true for latent shards)"
@@ -129,6 +133,8 @@ class Objective:
         n = z.shape[0]
         labels = self.labels(meta)
         task_batch = self.task_batch(batch, labels)
+        if cfg.model.pixel_space:
+            task_batch["latents"] = z  # the pixels in [-1, 1] (what the upsample task reads with pixels_key: latents)
         batch_gen = torch.Generator().manual_seed(seed_of("task", cfg.seed, step, micro, rank))
         inputs = self.built.task.training_inputs(z, task_batch, batch_gen)
         target = inputs.target_latents if inputs.target_latents is not None else z

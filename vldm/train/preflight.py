@@ -42,7 +42,7 @@ def check(cfg: Config, cuda: bool | None = None) -> list[str]:
                 f"model.pretrained: {root} has no unet/ (diffusers layout: unet/, vae/, text_encoder/, tokenizer/, "
                 "scheduler/)"
             )
-        if not cfg.data.use_latents and not (root / "vae").is_dir():
+        if not cfg.data.use_latents and not m.pixel_space and not (root / "vae").is_dir():
             raise ConfigError(
                 f"data.use_latents: false needs a VAE, and {root} has no vae/ (use latent shards or add the VAE)"
             )
@@ -53,6 +53,12 @@ def check(cfg: Config, cuda: bool | None = None) -> list[str]:
             check_parameterisation(cfg.diffusion, json.loads(sched.read_text()), image_unet_trained=False)
     if m.temporal_weights and not Path(m.temporal_weights).exists():
         raise ConfigError(f"model.temporal_weights: {m.temporal_weights} does not exist")
+    if m.pixel_space and (
+        (m.pretrained and (Path(m.pretrained).expanduser() / "vae").is_dir()) or cfg.data.use_latents
+    ):
+        raise ConfigError(
+            "model.pixel_space: a pixel-space model has no VAE: no vae/ in model.pretrained and data.use_latents=false"
+        )
     if cfg.stage == "decoder":
         # the decoder fine-tunes the autoencoder on pixels: no diffusion task, no latent shards
         if not m.pretrained or not (Path(m.pretrained).expanduser() / "vae").is_dir():
