@@ -552,7 +552,7 @@ class Paper:
                 [
                     "bash",
                     "slurm/train_temporal.sbatch",
-                    "configs/paper_decoder.yaml",
+                    "configs/decoder_tiny.yaml",
                     f"run_dir={run}",
                     f"model.pretrained={self.demo / 'models' / 'base'}",
                     f"data.shards={self.demo / 'shards'}",
