@@ -111,3 +111,24 @@ def test_upsampler_on_an_upscaler_unet_trains():
         stage.model, get_task("upsample", patch_size=2), z, {"pixels": torch.rand(1, 3, 3, 16, 16)}, steps=2
     )
     assert all(v == v for v in losses) and not changed(before, stage.model.unet)
+
+
+def test_context_gap_sees_whether_a_prediction_model_reads_its_context():
+    from vldm.paper.context_gap import context_gap
+
+    stage = stage_model(tiny_unet(), "predict", clip_frames=6, size=16)
+    z, text = torch.randn(2, 4, 6, 4, 4), torch.randn(2, 3, 32)
+    projs = [b.cond_proj for b in stage.model.temporal.values() if getattr(b, "cond_proj", None) is not None]
+    assert projs
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a condition path of a trained model's size: the context changes the loss
+        for p in projs:
+            p.weight.copy_(torch.randn(p.weight.shape, generator=g) * 0.3)
+    used = context_gap(stage, z, text, s=2, repeats=1)
+    assert all(b["context"] != b["no_context"] for b in used.values())
+    with torch.no_grad():  # no path from the condition to the features: identical losses with and without it
+        for p in projs:
+            p.weight.zero_()
+            p.bias.zero_()
+    ignored = context_gap(stage, z, text, s=2, repeats=1)
+    assert all(b["context"] == b["no_context"] and b["ratio"] == 1.0 for b in ignored.values())

@@ -126,6 +126,8 @@ class Paper:
             need = [self.demo / "shards", self.image_ldm / "unet", self.demo / "models" / "base" / "vae"]
             if {"keyframes", "ablation", "personalisation", "cascade"} & set(self.rows_wanted):
                 need.append(self.demo / "summary.json")  # these rows sample the demo's video model
+            if "interpolation" in self.rows_wanted:
+                need.append(self.demo / "runs" / "image")  # the interpolator's cascade starts on the image LDM run
             missing = [str(p.relative_to(self.demo)) for p in need if not p.exists()]
             if missing:
                 raise FileNotFoundError(f"--demo-dir {self.demo} lacks {', '.join(missing)} (not a finished demo)")
@@ -499,9 +501,9 @@ class Paper:
         run = self.train_stage(
             "configs/paper_interpolate.yaml", "interpolation", self.plan.temporal_steps, self.image_ldm
         )
-        # the interpolator on the prediction model's cascade (same image LDM, text encoder and VAE): no need of
-        # the demo's video run
-        cascade = Cascade.from_runs(str(self.prediction_run()), interp_run=str(run), ema=True, device="cpu")
+        # the interpolator on the demo's image LDM run as the cascade's first stage (not sampled here; it brings
+        # the same text encoder and VAE): the row needs no other temporal model trained
+        cascade = Cascade.from_runs(str(self.demo / "runs" / "image"), interp_run=str(run), ema=True, device="cpu")
         comps, stage = cascade.components, cascade.interpolator
         factor = stages.interp_options(stage).factor
         n = factor + 1  # one window: key frames 0 and factor given, the frames between them generated
