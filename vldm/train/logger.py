@@ -135,6 +135,13 @@ class WandbLogger:
         if t.is_alive():
             # a wedged service would also block W&B's own exit hook (it waits for the process): end it now
             kill_wandb_service()
+        # W&B's exit hook would otherwise talk to the dead service and print a traceback at exit: tear the
+        # connection down now (it unregisters that hook first), bounded, its errors expected and ignored
+        import wandb
+
+        t = threading.Thread(target=lambda: _quietly(wandb.teardown), name="wandb-teardown", daemon=True)
+        t.start()
+        t.join(timeout_s)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._bounded("log", self.call_timeout_s, self.run.log, {**metrics, STEP_METRIC: step})
@@ -147,11 +154,22 @@ class WandbLogger:
         self._bounded("finish", self.finish_timeout_s, self.run.finish, exit_code=exit_code)
 
 
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - the service is gone: its connection cannot close cleanly
+        pass
+
+
 def wandb_service_pids() -> list[int]:
     """The W&B service processes (wandb-core) started by this process: its children that run wandb-core."""
     pids = []
     for children in Path("/proc/self/task").glob("*/children"):
-        for pid in children.read_text().split():
+        try:
+            listed = children.read_text().split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for pid in listed:
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
