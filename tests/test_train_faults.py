@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_data_loader import shard_corpus
-from train_helpers import ROOT, describe, job_field, losses, metrics, run_local, submit, train_env
+from train_helpers import ROOT, SBATCH, SBATCH_OPTS, describe, job_field, losses, metrics, run_local, submit, train_env
 
 from vldm.checkpoint import COMPLETE, TEMPORAL_EMA_WEIGHTS, TEMPORAL_WEIGHTS, TRAINER_STATE, complete_checkpoints
 from vldm.config import Config, build_config
@@ -550,4 +550,49 @@ def test_wandb_service_killed_or_hung_mid_run_training_finishes_the_same_and_met
     print(
         f"\nMEASURED wandb {sig} at step {step_at}: exit 0, {total_s:.1f} s from signal to exit, "
         f"{after_last_step:.1f} s from the last metrics line to exit; W&B file has steps 1..{len(steps)}"
+    )
+
+
+# ----------------------------------------------------------------------------------- the SLURM time limit itself
+def log_times(text: str, what: str) -> list[float]:
+    """Seconds of the day of the sbatch script's log lines that contain `what` ([train_temporal HH:MM:SS] ...)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("[train_temporal ") and what in line:
+            h, m, s = line[16:24].split(":")
+            out.append(int(h) * 3600 + int(m) * 60 + int(s))
+    return out
+
+
+def test_a_real_time_limit_with_the_early_warning_stops_requeues_and_resumes_the_same_trajectory(
+    slurm_cluster, data, ref, tmp_path
+):
+    """`sbatch --time=1 --signal=B:USR1@50`: SLURM itself sends the warning 50 s before the job's 1-minute limit
+    (slurmctld checks limits every ~30 s, so it comes 10-40 s into the job); every rank stop-checkpoints, the job
+    is requeued with a fresh limit, and so on until max_steps: the losses are the uninterrupted run's."""
+    env = train_env(tmp_path)
+    run = tmp_path / "run"
+    cmd = ["sbatch", "--parsable", *SBATCH_OPTS, "--time=1", "--signal=B:USR1@50", f"--output={tmp_path}/slurm-%j.out"]
+    cmd += [str(SBATCH), str(REHEARSAL), *args(data, run, *INJECT, "wandb.mode=disabled")]
+    job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    job = job.strip().split(";")[0]
+    log = tmp_path / f"slurm-{job}.out"
+    try:
+        wait_until(lambda: job_field(job, "JobState") == "COMPLETED", 1200, "not completed: " + str(log))
+    finally:
+        if job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED"):
+            subprocess.run(["scancel", job], timeout=30)
+    text = log.read_text()
+    assert "Traceback" not in text, text[-4000:]
+    restarts = int(job_field(job, "Restarts"))
+    assert restarts >= 1, text[-4000:]  # SLURM's own warning stopped at least one job of the run
+    rows = [m for m in metrics(run) if "train/loss" in m]
+    assert [m["step"] for m in rows] == list(range(1, STEPS + 1))  # each step once: 0 steps lost at each stop
+    assert same_losses({m["step"]: m["train/loss"] for m in rows}, losses(ref["run"]))
+    assert equal(weights(complete_checkpoints(run)[-1]), weights(complete_checkpoints(ref["run"])[-1]))
+    warned, requeued = log_times(text, "got USR1"), log_times(text, "requeueing job")
+    assert len(requeued) == restarts and len(warned) >= restarts
+    print(
+        f"\nMEASURED time limit (--time=1, USR1@50): {restarts} requeue(s), 0 steps lost, "
+        f"{[r - w for w, r in zip(warned, requeued)]} s from SLURM's warning to the requeue"
     )
