@@ -568,12 +568,12 @@ def log_times(text: str, what: str) -> list[float]:
 def test_a_real_time_limit_with_the_early_warning_stops_requeues_and_resumes_the_same_trajectory(
     slurm_cluster, data, ref, tmp_path
 ):
-    """`sbatch --time=1 --signal=B:USR1@50`: SLURM itself sends the warning 50 s before the job's 1-minute limit
-    (slurmctld checks limits every ~30 s, so it comes 10-40 s into the job); every rank stop-checkpoints, the job
+    """`sbatch --time=1 --signal=B:USR1@30`: SLURM itself sends the warning 30 s before the job's 1-minute limit
+    (slurmctld checks limits every ~30 s, so it comes 30-60 s into the job, 30 s before the kill); every rank stop-checkpoints, the job
     is requeued with a fresh limit, and so on until max_steps: the losses are the uninterrupted run's."""
     env = train_env(tmp_path)
     run = tmp_path / "run"
-    cmd = ["sbatch", "--parsable", *SBATCH_OPTS, "--time=1", "--signal=B:USR1@50", f"--output={tmp_path}/slurm-%j.out"]
+    cmd = ["sbatch", "--parsable", *SBATCH_OPTS, "--time=1", "--signal=B:USR1@30", f"--output={tmp_path}/slurm-%j.out"]
     cmd += [str(SBATCH), str(REHEARSAL), *args(data, run, *INJECT, "wandb.mode=disabled")]
     job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
     job = job.strip().split(";")[0]
@@ -594,6 +594,6 @@ def test_a_real_time_limit_with_the_early_warning_stops_requeues_and_resumes_the
     warned, requeued = log_times(text, "got USR1"), log_times(text, "requeueing job")
     assert len(requeued) == restarts and len(warned) >= restarts
     print(
-        f"\nMEASURED time limit (--time=1, USR1@50): {restarts} requeue(s), 0 steps lost, "
+        f"\nMEASURED time limit (--time=1, USR1@30): {restarts} requeue(s), 0 steps lost, "
         f"{[r - w for w, r in zip(warned, requeued)]} s from SLURM's warning to the requeue"
     )
