@@ -568,9 +568,10 @@ def log_times(text: str, what: str) -> list[float]:
 def test_a_real_time_limit_with_the_early_warning_stops_requeues_and_resumes_the_same_trajectory(
     slurm_cluster, data, ref, tmp_path
 ):
-    """`sbatch --time=1 --signal=B:USR1@30`: SLURM itself sends the warning 30 s before the job's 1-minute limit
-    (slurmctld checks limits every ~30 s, so it comes 30-60 s into the job, 30 s before the kill); every rank stop-checkpoints, the job
-    is requeued with a fresh limit, and so on until max_steps: the losses are the uninterrupted run's."""
+    """`sbatch --time=1 --signal=B:USR1@30`: SLURM itself sends the warning 30 s before the job's 1-minute
+    limit (slurmctld checks limits every ~30 s: it comes 30-60 s into the job, 30 s before the kill); every rank
+    stop-checkpoints, the job is requeued with a fresh limit, and so on until max_steps: the losses are the
+    uninterrupted run's."""
     env = train_env(tmp_path)
     run = tmp_path / "run"
     cmd = ["sbatch", "--parsable", *SBATCH_OPTS, "--time=1", "--signal=B:USR1@30", f"--output={tmp_path}/slurm-%j.out"]
