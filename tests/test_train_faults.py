@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_data_loader import shard_corpus
-from train_helpers import ROOT, describe, job_field, losses, metrics, run_local, submit, train_env
+from train_helpers import ROOT, SBATCH, SBATCH_OPTS, describe, job_field, losses, metrics, run_local, submit, train_env
 
 from vldm.checkpoint import COMPLETE, TEMPORAL_EMA_WEIGHTS, TEMPORAL_WEIGHTS, TRAINER_STATE, complete_checkpoints
 from vldm.config import Config, build_config
@@ -175,6 +175,70 @@ def test_sigterm_to_every_process_with_loader_workers_stops_requeues_and_resumes
     assert same_losses({m["step"]: m["train/loss"] for m in rows}, losses(ref["run"]))
     assert equal(weights(complete_checkpoints(run)[-1]), weights(complete_checkpoints(ref["run"])[-1]))
     print(f"\nMEASURED sigterm: stop at step {first[-1]}, steps lost 0, {stop_s:.1f} s from signal to requeue")
+
+
+# ------------------------------------------------------------- a finite gradient-norm spike: skipped, K abort
+SPIKE_NORM = 1e3  # optim.skip_grad_norm of the test; the rehearsal's norms are far below, an injected spike far above
+
+
+def test_finite_grad_norm_spikes_are_skipped_on_every_rank_and_k_in_a_row_abort_under_sbatch(
+    slurm_cluster, data, tmp_path
+):
+    """2 ranks under sbatch, batch 1, 2 loader workers, grad_accum 2: rank 1's gradients x1e6 (finite) at steps
+    3, 4 (skipped, the run goes on) and 6, 7, 8 (train.max_bad_steps=3 in a row: abort, exit 3, no requeue)."""
+    env = train_env(tmp_path)
+    run = tmp_path / "run"
+    spikes = [3, 4, 6, 7, 8]
+    job = sbatch(
+        tmp_path,
+        env,
+        *args(
+            data,
+            run,
+            "wandb.mode=disabled",
+            "train.max_steps=10",
+            f"optim.skip_grad_norm={SPIKE_NORM}",
+            "train.debug_inject_finite_spike_steps=[" + ",".join(map(str, spikes)) + "]",
+            "train.debug_inject_rank=1",
+            "checkpoint.keep_last=4",
+        ),
+    )
+    log = tmp_path / f"slurm-{job}.out"
+    try:
+        state = wait_until(
+            lambda: (st := job_field(job, "JobState")) in ("FAILED", "CANCELLED", "COMPLETED") and st,
+            1500,
+            "the job did not end: " + (log.read_text()[-3000:] if log.exists() else ""),
+        )
+    finally:
+        if job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED"):
+            subprocess.run(["scancel", job], timeout=30)
+    text = log.read_text()
+    assert state == "FAILED" and job_field(job, "Restarts") == "0", text[-3000:]  # exit 3: not requeued
+    assert job_field(job, "ExitCode").startswith("3:"), job_field(job, "ExitCode")
+    assert json.loads((run / "logs" / "last_exit.json").read_text())["status"] == "aborted"
+    assert "3 consecutive steps had a non-finite loss or gradient, or a gradient norm above" in text
+    by_step = {m["step"]: m for m in metrics(run) if "train/loss" in m}
+    assert sorted(by_step) == list(range(1, 9))
+    assert [by_step[s]["train/skipped_steps"] for s in range(1, 9)] == [0, 0, 1, 2, 2, 3, 4, 5]
+    assert [by_step[s]["train/grad_spike_steps"] for s in range(1, 9)] == [0, 0, 1, 2, 2, 3, 4, 5]
+    # the logged norm of a skipped spike is the global one (rank 1's x1e6 over both ranks), not DeepSpeed's inf
+    assert all(
+        math.isfinite(by_step[s]["train/grad_norm"]) and by_step[s]["train/grad_norm"] > SPIKE_NORM for s in spikes
+    )
+    assert all(by_step[s]["train/grad_norm"] < SPIKE_NORM / 10 for s in (1, 2, 5))
+    assert all(math.isfinite(by_step[s]["train/loss"]) for s in by_step)  # the loss stays finite: a pure norm spike
+    assert "SKIPPED (gradient norm above optim.skip_grad_norm=1000)" in text
+    ck = {int(c.name[5:]): c for c in complete_checkpoints(run)}
+    assert sorted(ck) == [2, 4, 6, 8], sorted(ck)
+    # ZeRO-2: each rank updates its own partition, so equal consolidated weights = no rank applied the spike
+    assert equal(weights(ck[2]), weights(ck[4])) and equal(weights(ck[6]), weights(ck[8]))
+    assert not equal(weights(ck[4]), weights(ck[6]))  # step 5 trained
+    state8 = json.loads((ck[8] / TRAINER_STATE).read_text())
+    assert state8["reason"].startswith("abort") and state8["bad_streak"] == 3 and state8["grad_spike_steps"] == 5
+    print(
+        f"\nMEASURED finite spike: norms {[round(by_step[s]['train/grad_norm']) for s in spikes]} skipped; abort at 8"
+    )
 
 
 # ------------------------------------------- corrupt newest checkpoints, world-size change, K non-finite in a row
@@ -427,3 +491,110 @@ def test_a_stop_signal_during_start_up_is_honoured_at_the_first_step(tmp_path):
     assert proc.returncode == 75, out[-4000:]
     assert "stopped at step 1 (signal SIGUSR1)" in out, out[-4000:]
     assert [c.name for c in complete_checkpoints(run)] == ["step_00000001"]
+
+
+# ------------------------------------------------------------------ W&B's service process dies or hangs mid-run
+def wandb_core_of(run: Path) -> int | None:
+    """The wandb-core process started by the run's rank 0 (its parent's command line names the run dir)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if b"wandb-core" not in (d / "cmdline").read_bytes():
+                continue
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if f"run_dir={run}".encode() in Path(f"/proc/{ppid}/cmdline").read_bytes():
+                return int(d.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
+def test_wandb_service_killed_or_hung_mid_run_training_finishes_the_same_and_metrics_stay_on_disk(
+    data, ref, tmp_path, sig
+):
+    """The W&B service process (wandb-core) of rank 0 SIGKILLed (dies) or SIGSTOPped (hangs) at step 3 of a
+    rehearsal run with W&B offline files: the run reaches max_steps with the reference's losses, exits 0 within
+    the bounds (wandb.call_timeout_s / finish_timeout_s), and every step is in metrics.jsonl."""
+    from vldm.eval.wandb_reader import history
+
+    run = tmp_path / "run"
+    env = {**train_env(tmp_path, wandb=True), "NPROC": "2"}
+    over = ["wandb.mode=offline", "wandb.call_timeout_s=5", "wandb.finish_timeout_s=10"]
+    cmd = ["bash", "slurm/train_temporal.sbatch", str(REHEARSAL), *args(data, run, *INJECT, *over)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: len(logged_steps(run)) >= 3, 1200, "no step 3")
+        pid = wait_until(lambda: wandb_core_of(run), 30, "no wandb-core process of rank 0")
+        os.kill(pid, getattr(signal, sig))
+        t_sig, step_at = time.time(), max(logged_steps(run))
+        out, _ = proc.communicate(timeout=600)
+        after_last_step = time.time() - (run / "logs" / "metrics.jsonl").stat().st_mtime
+        total_s = time.time() - t_sig
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if sig == "SIGSTOP" and wandb_core_of(run):
+            os.kill(wandb_core_of(run), signal.SIGKILL)
+    assert proc.returncode == 0, out[-6000:]
+    assert "Traceback" not in out, out[-6000:]
+    assert same_losses(losses(run), losses(ref["run"]))  # training unaffected
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))  # every step on disk, those after the kill too
+    if sig == "SIGSTOP":
+        assert "W&B is OFF for the rest of this job" in out, out[-4000:]
+    files = sorted((tmp_path / "wandb_home" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    steps = [r["trainer/global_step"] for r in history(files[0]) if "train/loss" in r]
+    # what W&B had written when it stopped, each step once; a stopped service keeps what was in flight
+    assert steps == list(range(1, len(steps) + 1)) and (sig == "SIGSTOP" or len(steps) >= step_at - 1)
+    print(
+        f"\nMEASURED wandb {sig} at step {step_at}: exit 0, {total_s:.1f} s from signal to exit, "
+        f"{after_last_step:.1f} s from the last metrics line to exit; W&B file has steps 1..{len(steps)}"
+    )
+
+
+# ----------------------------------------------------------------------------------- the SLURM time limit itself
+def log_times(text: str, what: str) -> list[float]:
+    """Seconds of the day of the sbatch script's log lines that contain `what` ([train_temporal HH:MM:SS] ...)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("[train_temporal ") and what in line:
+            h, m, s = line[16:24].split(":")
+            out.append(int(h) * 3600 + int(m) * 60 + int(s))
+    return out
+
+
+def test_a_real_time_limit_with_the_early_warning_stops_requeues_and_resumes_the_same_trajectory(
+    slurm_cluster, data, ref, tmp_path
+):
+    """`sbatch --time=1 --signal=B:USR1@30`: SLURM itself sends the warning 30 s before the job's 1-minute
+    limit (slurmctld checks limits every ~30 s: it comes 30-60 s into the job, 30 s before the kill); every rank
+    stop-checkpoints, the job is requeued with a fresh limit, and so on until max_steps: the losses are the
+    uninterrupted run's."""
+    env = train_env(tmp_path)
+    run = tmp_path / "run"
+    cmd = ["sbatch", "--parsable", *SBATCH_OPTS, "--time=1", "--signal=B:USR1@30", f"--output={tmp_path}/slurm-%j.out"]
+    cmd += [str(SBATCH), str(REHEARSAL), *args(data, run, *INJECT, "wandb.mode=disabled")]
+    job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    job = job.strip().split(";")[0]
+    log = tmp_path / f"slurm-{job}.out"
+    try:
+        wait_until(lambda: job_field(job, "JobState") == "COMPLETED", 1200, "not completed: " + str(log))
+    finally:
+        if job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED"):
+            subprocess.run(["scancel", job], timeout=30)
+    text = log.read_text()
+    assert "Traceback" not in text, text[-4000:]
+    restarts = int(job_field(job, "Restarts"))
+    assert restarts >= 1, text[-4000:]  # SLURM's own warning stopped at least one job of the run
+    rows = [m for m in metrics(run) if "train/loss" in m]
+    assert [m["step"] for m in rows] == list(range(1, STEPS + 1))  # each step once: 0 steps lost at each stop
+    assert same_losses({m["step"]: m["train/loss"] for m in rows}, losses(ref["run"]))
+    assert equal(weights(complete_checkpoints(run)[-1]), weights(complete_checkpoints(ref["run"])[-1]))
+    warned, requeued = log_times(text, "got USR1"), log_times(text, "requeueing job")
+    assert len(requeued) == restarts and len(warned) >= restarts
+    print(
+        f"\nMEASURED time limit (--time=1, USR1@30): {restarts} requeue(s), 0 steps lost, "
+        f"{[r - w for w, r in zip(warned, requeued)]} s from SLURM's warning to the requeue"
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from vldm.config.core import field_
+from vldm.config.core import ConfigError, field_
 from vldm.config.data import DataConfig
 from vldm.config.decoder import DecoderConfig
 from vldm.config.model import ModelConfig
@@ -51,6 +51,12 @@ class Config:
     decoder: DecoderConfig = field_(default_factory=DecoderConfig, help="video decoder fine-tuning (stage=decoder)")
 
     def validate(self) -> None:
+        if self.optim.skip_grad_norm and (self.stage == "decoder" or self.deepspeed.zero_stage not in (1, 2)):
+            # the skip hooks the global norm of DeepSpeed's ZeRO 1/2 optimizer (vldm.train.engine)
+            raise ConfigError(
+                "optim.skip_grad_norm: needs deepspeed.zero_stage 1 or 2 and stage image/temporal "
+                f"(got zero_stage={self.deepspeed.zero_stage}, stage={self.stage})"
+            )
         if self.stage == "decoder":
             # only a decoder run needs its LPIPS file: every other run carries the section's defaults
             self.decoder.validate_for_training()

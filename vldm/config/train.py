@@ -47,6 +47,12 @@ class OptimConfig:
     schedule: Literal["constant", "cosine"] = field_("constant", "LR schedule after warm-up")
     min_lr_ratio: float = field_(0.0, "cosine: final LR as a fraction of lr")
     grad_clip: float = field_(1.0, "gradient norm clip (0 = off)")
+    skip_grad_norm: float = field_(
+        0.0,
+        "skip the update of a step whose global gradient norm (before clipping, over all ranks) exceeds this, on "
+        "every rank, like a non-finite one (counted in train/skipped_steps and train/grad_spike_steps; "
+        "train.max_bad_steps in a row abort); 0 = off (a finite spike is only clipped). DeepSpeed ZeRO 1/2 only",
+    )
     rewarmup_steps: int = field_(
         0,
         "after a resume at another world size (fresh Adam moments): ramp the LR linearly from 0 to the schedule's "
@@ -62,6 +68,8 @@ class OptimConfig:
             raise ConfigError("optim.min_lr_ratio: must be in [0, 1]")
         if self.grad_clip < 0:
             raise ConfigError("optim.grad_clip: must be >= 0")
+        if not self.skip_grad_norm >= 0:  # also rejects nan
+            raise ConfigError("optim.skip_grad_norm: must be >= 0 (0 = off)")
         if self.rewarmup_steps < 0:
             raise ConfigError("optim.rewarmup_steps: must be >= 0")
 
@@ -75,7 +83,9 @@ class TrainConfig:
     ema_decay: float = field_(0.999, "EMA decay of trainable parameters (0 = no EMA)")
     log_every: int = field_(1, "log metrics every n steps")
     max_bad_steps: int = field_(
-        5, "abort after this many consecutive steps with a non-finite loss or gradient (each one is skipped)"
+        5,
+        "abort after this many consecutive skipped steps (non-finite loss or gradient, or a gradient norm above "
+        "optim.skip_grad_norm)",
     )
     image_ratio: float = field_(
         0.0,
@@ -106,6 +116,11 @@ class TrainConfig:
         "REHEARSAL AID: at these steps the loss stays finite but its gradients on debug_inject_rank are "
         "multiplied by inf (a gradient-norm spike past what the precision holds); never set it in a real run",
     )
+    debug_inject_finite_spike_steps: tuple[int, ...] = field_(
+        (),
+        "REHEARSAL AID: at these steps the gradients on debug_inject_rank are multiplied by 1e6 (a finite "
+        "gradient-norm spike, for optim.skip_grad_norm); never set it in a real run",
+    )
     debug_inject_rank: int = field_(-1, "REHEARSAL AID: the rank the debug_inject_* faults hit; -1 = every rank")
     compile: bool = field_(
         False, "regional torch.compile of each temporal layer (GPU only: ignored on CPU, where it is not faster)"
@@ -124,7 +139,11 @@ class TrainConfig:
             raise ConfigError("train.image_ratio: must be in [0, 1)")
         if self.stop_after_steps < 0 or self.stop_after_minutes < 0:
             raise ConfigError("train.stop_after_steps / stop_after_minutes: must be >= 0")
-        for name in ("debug_inject_nonfinite_steps", "debug_inject_grad_spike_steps"):
+        for name in (
+            "debug_inject_nonfinite_steps",
+            "debug_inject_grad_spike_steps",
+            "debug_inject_finite_spike_steps",
+        ):
             if any(s < 1 for s in getattr(self, name)):
                 raise ConfigError(f"train.{name}: steps are 1-based (>= 1)")
 
@@ -198,7 +217,19 @@ class WandbConfig:
         "online: wait at most this long for the W&B server at start, then warn and log to offline files "
         "(`wandb sync` them later); training never waits longer",
     )
+    call_timeout_s: float = field_(
+        30.0,
+        "each W&B call of the training loop (log, mark_preempting) may take at most this long; a call that hangs or "
+        "fails (the W&B service process died or stopped) turns W&B off for the rest of the job with one warning; "
+        "every step stays in RUN/logs/metrics.jsonl (train.metrics_file)",
+    )
+    finish_timeout_s: float = field_(
+        120.0,
+        "wandb.finish at the end of a job (it waits for the upload) may take at most this long; then the run exits "
+        "anyway and the run's local W&B files stay for `wandb sync`",
+    )
 
     def validate(self) -> None:
-        if self.init_timeout_s <= 0:
-            raise ConfigError("wandb.init_timeout_s: must be > 0")
+        for name in ("init_timeout_s", "call_timeout_s", "finish_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"wandb.{name}: must be > 0")

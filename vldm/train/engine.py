@@ -135,3 +135,40 @@ def grad_norm(engine) -> float:
     if n is None:
         return float("nan")
     return float(n.item() if isinstance(n, torch.Tensor) else n)
+
+
+class GradNormSkip:
+    """optim.skip_grad_norm: a finite gradient-norm spike skips the update like a non-finite gradient.
+
+    DeepSpeed's ZeRO 1/2 optimizer computes the global norm once per step (all-reduced over the data-parallel
+    group, so every rank holds the same value) and skips the update on every rank when it is invalid. This
+    wraps that norm: above the threshold it is reported as inf, so DeepSpeed's own skip path runs (gradients
+    dropped, no Adam update, engine.skipped_steps + 1) at the same step on every rank. The decision stays a
+    device tensor: no host read beyond the one DeepSpeed already makes for its overflow check. fp16: the skip
+    also halves the loss scale, as an overflow would."""
+
+    def __init__(self, engine, threshold: float):
+        opt = engine.optimizer
+        if not hasattr(opt, "scaled_global_norm"):
+            raise RuntimeError(
+                f"optim.skip_grad_norm: the DeepSpeed optimizer {type(opt).__name__} has no scaled_global_norm "
+                "(ZeRO stage 1 or 2 is needed)"
+            )
+        self.threshold = threshold
+        self.spiked: torch.Tensor | None = None  # this step's decision (a 0-d bool tensor), None if not computed
+        self.norm: torch.Tensor | None = None  # this step's unscaled global norm
+        original = opt.scaled_global_norm
+
+        def scaled_global_norm(norm_type=2):
+            scaled = original(norm_type)
+            self.norm = scaled / opt.loss_scale
+            self.spiked = torch.isfinite(self.norm) & (self.norm > threshold)
+            return torch.where(self.spiked, torch.full_like(scaled, float("inf")), scaled)
+
+        opt.scaled_global_norm = scaled_global_norm
+
+    def take(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(spiked as a float64 0/1 device tensor, the unscaled norm or None) of the step just done; resets."""
+        spiked = torch.zeros((), dtype=torch.float64, device=device) if self.spiked is None else self.spiked.double()
+        norm, self.spiked, self.norm = self.norm, None, None
+        return spiked, norm

@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -57,6 +59,8 @@ class WandbLogger:
         name = Path(cfg.run_dir).resolve().name
         self.run_id = run_id_for(cfg)
         self.mode = cfg.wandb.mode
+        self.call_timeout_s, self.finish_timeout_s = cfg.wandb.call_timeout_s, cfg.wandb.finish_timeout_s
+        self.broken = False  # a call hung or failed: W&B is off for the rest of this job
         kwargs = dict(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity or None,
@@ -100,14 +104,87 @@ class WandbLogger:
         # init_timeout bounds the wait for the server (W&B's default is 90 s, and it retried for ~120 s here)
         return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=timeout_s), **kwargs)
 
+    def _bounded(self, what: str, timeout_s: float, fn, *args, **kwargs) -> None:
+        """Run one W&B call in a daemon thread, waiting at most timeout_s. The SDK talks to its service process
+        (wandb-core) over a socket: if that process died, calls raise; if it is stopped or wedged, they (and
+        wandb.finish, which waits for the upload) block without bound. Either way W&B is turned off for the
+        rest of the job, once, and training goes on; metrics.jsonl keeps every step."""
+        if self.broken:
+            return
+        error: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - reported below, in the caller's thread
+                error.append(e)
+
+        t = threading.Thread(target=call, name=f"wandb-{what}", daemon=True)
+        t.start()
+        t.join(timeout_s)
+        if not t.is_alive() and not error:
+            return
+        self.broken = True
+        why = f"did not return within {timeout_s:g} s" if t.is_alive() else f"failed ({type(error[0]).__name__})"
+        warnings.warn(
+            f"W&B: {what} {why}; W&B is OFF for the rest of this job (run id {self.run_id}). Every step is still in "
+            f"{METRICS_FILE} of the run dir; what W&B wrote before is in its local run files (`wandb sync`)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        if t.is_alive():
+            # a wedged service would also block W&B's own exit hook (it waits for the process): end it now
+            kill_wandb_service()
+        # W&B's exit hook would otherwise talk to the dead service and print a traceback at exit: tear the
+        # connection down now (it unregisters that hook first), bounded, its errors expected and ignored
+        import wandb
+
+        t = threading.Thread(target=lambda: _quietly(wandb.teardown), name="wandb-teardown", daemon=True)
+        t.start()
+        t.join(timeout_s)
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        self.run.log({**metrics, STEP_METRIC: step})
+        self._bounded("log", self.call_timeout_s, self.run.log, {**metrics, STEP_METRIC: step})
 
     def preempting(self) -> None:
-        self.run.mark_preempting()  # the W&B UI shows "preempted", not "crashed"
+        # the W&B UI shows "preempted", not "crashed"
+        self._bounded("mark_preempting", self.call_timeout_s, self.run.mark_preempting)
 
     def finish(self, exit_code: int = 0) -> None:
-        self.run.finish(exit_code=exit_code)
+        self._bounded("finish", self.finish_timeout_s, self.run.finish, exit_code=exit_code)
+
+
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - the service is gone: its connection cannot close cleanly
+        pass
+
+
+def wandb_service_pids() -> list[int]:
+    """The W&B service processes (wandb-core) started by this process: its children that run wandb-core."""
+    pids = []
+    for children in Path("/proc/self/task").glob("*/children"):
+        try:
+            listed = children.read_text().split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for pid in listed:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"wandb-core" in cmd:
+                pids.append(int(pid))
+    return pids
+
+
+def kill_wandb_service() -> None:
+    for pid in wandb_service_pids():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 class JsonlLogger:

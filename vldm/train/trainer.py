@@ -27,7 +27,7 @@ from vldm.train import dist
 from vldm.train.build import apply_device_options, build, count
 from vldm.train.checkpointing import Checkpointer, dir_bytes, plan_resume, restore
 from vldm.train.ema import EMA
-from vldm.train.engine import grad_norm, parallelize, resolve_backend, resolve_precision, set_lr
+from vldm.train.engine import GradNormSkip, grad_norm, parallelize, resolve_backend, resolve_precision, set_lr
 from vldm.train.logger import build_logger
 from vldm.train.lr import lr_at
 from vldm.train.objective import Objective
@@ -49,24 +49,27 @@ class TrainState:
     """Counters that survive a restart (saved in trainer_state.json)."""
 
     step: int = 0  # optimizer steps done
-    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient)
+    skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient, or a norm spike)
+    grad_spike_steps: int = 0  # of those, skipped for a finite gradient norm above optim.skip_grad_norm
     bad_streak: int = 0  # consecutive skipped steps
     clips_seen: int = 0  # clips (images in stage=image) consumed by all ranks
     elapsed_s: float = 0.0  # training wall time over all jobs
     rewarmup_from: int = -1  # optim.rewarmup_steps: the step of the last resume at another world size
 
 
-class InfGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by inf: a finite loss whose gradient norm is
-    beyond what the precision holds (train.debug_inject_grad_spike_steps, a rehearsal aid)."""
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by `factor`: a finite loss whose gradient norm
+    spikes, past what the precision holds with inf (train.debug_inject_grad_spike_steps) or finite
+    (train.debug_inject_finite_spike_steps). A rehearsal aid."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, factor: float):
+        ctx.factor = factor
         return x.clone()
 
     @staticmethod
     def backward(ctx, g):
-        return g * float("inf")
+        return g * ctx.factor, None
 
 
 def latent_geometry(cfg: Config, built) -> tuple[int, tuple[int, int], int]:
@@ -179,6 +182,7 @@ def train(cfg: Config, source=None) -> int:
     plan = plan_resume(cfg, world.world_size)
     engine = parallelize(built.model, cfg, world.world_size, device)
     ema = EMA(trainable, cfg.train.ema_decay, engine)  # of the fp32 masters: each rank its ZeRO partition
+    norm_skip = GradNormSkip(engine, cfg.optim.skip_grad_norm) if cfg.optim.skip_grad_norm else None
     if cfg.stage == "temporal":
         engine.module.unet.eval()  # frozen spatial layers: no dropout
     t0 = time.perf_counter()
@@ -188,7 +192,8 @@ def train(cfg: Config, source=None) -> int:
     state = TrainState(
         **{
             k: plan.state[k]
-            for k in ("step", "skipped_steps", "bad_streak", "clips_seen", "elapsed_s", "rewarmup_from")
+            for k in ("step", "skipped_steps", "grad_spike_steps", "bad_streak", "clips_seen", "elapsed_s")
+            + ("rewarmup_from",)
             if k in plan.state
         }
     )
@@ -235,10 +240,12 @@ def train(cfg: Config, source=None) -> int:
     inject_hits = cfg.train.debug_inject_rank in (-1, world.rank)
     inject_nan = set(cfg.train.debug_inject_nonfinite_steps) if inject_hits else set()
     inject_spike = set(cfg.train.debug_inject_grad_spike_steps) if inject_hits else set()
-    if inject_nan or inject_spike:
+    inject_finite = set(cfg.train.debug_inject_finite_spike_steps) if inject_hits else set()
+    if inject_nan or inject_spike or inject_finite:
         print(
             f"[vldm.train] rank {world.rank} REHEARSAL: injecting non-finite losses at steps {sorted(inject_nan)}, "
-            f"gradient spikes at steps {sorted(inject_spike)} (train.debug_inject_*)",
+            f"inf gradient spikes at steps {sorted(inject_spike)}, finite (x1e6) gradient spikes at steps "
+            f"{sorted(inject_finite)} (train.debug_inject_*)",
             flush=True,
         )
 
@@ -247,7 +254,9 @@ def train(cfg: Config, source=None) -> int:
         if step in inject_nan:
             return loss * float("nan")
         if step in inject_spike:
-            return InfGrad.apply(loss)
+            return ScaleGrad.apply(loss, float("inf"))
+        if step in inject_finite:
+            return ScaleGrad.apply(loss, 1e6)
         return loss
 
     # ---------------------------------------------------------------- the loop
@@ -279,23 +288,28 @@ def train(cfg: Config, source=None) -> int:
                 window["flops"] += flops_of.get(geom, 0)
                 window["encoder_flops"] += encoder_flops_of.get(geom, 0)
                 window["uncounted"] += geom not in flops_of
-            # one collective per step: [loss, non-finite ranks, ranks asking to stop]
+            # one collective per step: [loss, non-finite ranks, ranks asking to stop, ranks that saw a norm spike]
             # built on the device (no .item() of the loss): the one host read of the step is the reduced
             # vector, which the stop and skip decisions need on every rank; it also ends the step's timing
             local_loss = (loss_sum / cfg.train.grad_accum).double()
             finite = torch.isfinite(local_loss)
             asks_stop = torch.tensor(float(stop.local(steps_this_job + 1)), dtype=torch.float64)
-            vec = torch.stack([torch.where(finite, local_loss, 0.0), (~finite).double(), asks_stop.to(device)])
+            # the spike decision is already the same on every rank (a global norm); summed here it costs nothing
+            spiked, spike_norm = norm_skip.take(device) if norm_skip else (torch.zeros((), device=device), None)
+            vec = torch.stack(
+                [torch.where(finite, local_loss, 0.0), (~finite).double(), asks_stop.to(device), spiked.double()]
+            )
             agreed = dist.all_reduce(vec).cpu()
             state.step += 1
             steps_this_job += 1
             step_time = time.perf_counter() - t_step
             state.elapsed_s += step_time
-            nonfinite_ranks, stopping = int(agreed[1]), agreed[2] > 0
+            nonfinite_ranks, stopping, norm_spike = int(agreed[1]), agreed[2] > 0, bool(agreed[3] > 0)
             skipped = engine.skipped_steps > skipped_before
-            # fp16 overflows of the loss scale are routine and not "bad"; a non-finite loss always is
-            bad = nonfinite_ranks > 0 or (skipped and precision != "fp16")
+            # fp16 overflows of the loss scale are routine and not "bad"; a non-finite loss or a norm spike is
+            bad = nonfinite_ranks > 0 or norm_spike or (skipped and precision != "fp16")
             state.skipped_steps += int(skipped)
+            state.grad_spike_steps += int(norm_spike)
             state.bad_streak = state.bad_streak + 1 if bad else 0
             state.clips_seen += clips * world.world_size
             if not skipped:
@@ -313,8 +327,10 @@ def train(cfg: Config, source=None) -> int:
                     # mean of the ranks' losses; NaN (not a partial mean) when any rank's was not finite
                     "train/loss": agreed[0].item() / world.world_size if nonfinite_ranks == 0 else float("nan"),
                     "train/lr": lr,
-                    "train/grad_norm": grad_norm(engine),
+                    # a skipped spike: the norm that was too large (DeepSpeed reports inf for any skipped step)
+                    "train/grad_norm": spike_norm.item() if norm_spike else grad_norm(engine),
                     "train/skipped_steps": state.skipped_steps,
+                    "train/grad_spike_steps": state.grad_spike_steps,
                     "train/clips_seen": state.clips_seen,
                     "perf/step_time_s": per_step,
                     "perf/clips_per_s": clips_per_s,
@@ -342,14 +358,20 @@ def train(cfg: Config, source=None) -> int:
                     f"gnorm {metrics['train/grad_norm']:.3f} {per_step:.3f} s/step {clips_per_s:.2f} clips/s "
                     f"wait {metrics['perf/data_wait_frac']:.0%} mem {mem.item():.2f} GB"
                     + (" SKIPPED" if skipped else "")
+                    + (
+                        f" (gradient norm above optim.skip_grad_norm={cfg.optim.skip_grad_norm:g})"
+                        if norm_spike
+                        else ""
+                    )
                 )
                 window = _fresh_window()
 
             if state.bad_streak >= cfg.train.max_bad_steps:
                 # the weights have not changed since the streak began: this is the last good state
-                path = save(f"abort after {state.bad_streak} non-finite steps")
+                path = save(f"abort after {state.bad_streak} skipped steps")
                 log0(
-                    f"ERROR: {state.bad_streak} consecutive steps had a non-finite loss or gradient "
+                    f"ERROR: {state.bad_streak} consecutive steps had a non-finite loss or gradient, or a gradient "
+                    "norm above optim.skip_grad_norm "
                     f"(train.max_bad_steps={cfg.train.max_bad_steps}); stopped at step {state.step}. The weights of "
                     "the "
                     f"last good step are in {path}. Lower optim.lr, check the data, or raise train.max_bad_steps."
