@@ -223,4 +223,4 @@ def test_colors_option_keeps_the_default_corpus_and_draws_a_new_colour_only_by_n
         inside = np.abs(frames[0].astype(int) - ALL_COLOURS["pink"]).max(axis=-1) < 8
         assert inside.sum() > 20  # solid pink pixels where the shape is
     with pytest.raises(ConfigError, match="colors: unknown"):
-        SyntheticConfig(**base, colors="pink,mauve").validate()
+        make_video(SyntheticConfig(**base, colors="pink,mauve"), 0)

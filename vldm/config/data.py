@@ -378,10 +378,5 @@ class SyntheticConfig:
             raise ConfigError("texture: must be in 0..255")
         if self.max_shapes not in (1, 2):
             raise ConfigError("max_shapes: 1 or 2")
-        from vldm.data.synthetic import ALL_COLOURS
-
-        unknown = [c for c in self.color_names() if c not in ALL_COLOURS]
-        if unknown:
-            raise ConfigError(f"colors: unknown {unknown} (known: {', '.join(ALL_COLOURS)})")
         if not 0 < self.min_speed <= self.max_speed:
             raise ConfigError("need 0 < min_speed <= max_speed")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vldm.config.core import ConfigError
 from vldm.config.data import SyntheticConfig, parse_size
 from vldm.io import atomic_write_bytes, encode_frames
 
@@ -160,12 +161,21 @@ def caption(tracks: list[Track]) -> str:
     )
 
 
+def colour_names(cfg: SyntheticConfig) -> list[str]:
+    """The colours to draw from (cfg.colors, default the PALETTE: the same draw as before the option). Checked
+    here, not in the config (which imports nothing of vldm): the first video fails before anything is written."""
+    unknown = [c for c in cfg.color_names() if c not in ALL_COLOURS]
+    if unknown:
+        raise ConfigError(f"colors: unknown {unknown} (known: {', '.join(ALL_COLOURS)})")
+    return cfg.color_names() or list(PALETTE)
+
+
 def make_video(cfg: SyntheticConfig, index: int) -> tuple[np.ndarray, dict]:
     """Frames and sidecar of video `index`: a pure function of (cfg, index)."""
     height, width = parse_size(cfg.size)
     rng = np.random.default_rng([cfg.seed, index])
     n = 1 if cfg.max_shapes == 1 else int(rng.integers(1, 3))
-    names = cfg.color_names() or list(PALETTE)  # the same draw as before for the default palette
+    names = colour_names(cfg)
     colors = rng.choice(len(names), size=min(n, len(names)), replace=False)
     n = len(colors)
     short = min(height, width)
