@@ -546,8 +546,9 @@ def test_wandb_service_killed_or_hung_mid_run_training_finishes_the_same_and_met
     files = sorted((tmp_path / "wandb_home" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
     steps = [r["trainer/global_step"] for r in history(files[0]) if "train/loss" in r]
-    # what W&B had written when it stopped, each step once; a stopped service keeps what was in flight
-    assert steps == list(range(1, len(steps) + 1)) and (sig == "SIGSTOP" or len(steps) >= step_at - 1)
+    # what W&B had written when it stopped, each step once, in order. How many depends on when the service last
+    # flushed its records (0 to step_at - 1 seen for both signals): the guarantee is metrics.jsonl, asserted above
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) <= step_at, steps
     print(
         f"\nMEASURED wandb {sig} at step {step_at}: exit 0, {total_s:.1f} s from signal to exit, "
         f"{after_last_step:.1f} s from the last metrics line to exit; W&B file has steps 1..{len(steps)}"
