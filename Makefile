@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: venv
 	bash scripts/demo.sh

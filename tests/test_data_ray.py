@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from conftest import RAY_GCS
 
 from vldm.config.data import DataConfig, SyntheticConfig
 from vldm.data import build_loader
@@ -231,11 +233,17 @@ def test_ray_job_submit_bad_input_latents_rerun_and_retry(ray_cluster, mixed, tm
     )
 
 
-def _worker_pids() -> list[int]:
+def _worker_pids(driver: int) -> list[int]:
+    """The shard tasks of this test's job: a worker of this session's Ray (its raylet names the GCS address)
+    or of a private Ray the driver started; never one of another suite's Ray (`pytest -n 2`: one per worker)."""
+    ours = re.compile(re.escape(RAY_GCS) + r"(?![0-9])")
     pids = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if "ray::write_shard" in " ".join(p.info["cmdline"] or []):
+            if "ray::write_shard" not in " ".join(p.info["cmdline"] or []):
+                continue
+            up = p.parents()
+            if any(a.pid == driver or ours.search(" ".join(a.cmdline())) for a in up):
                 pids.append(p.pid)
         except psutil.Error:
             pass
@@ -272,7 +280,7 @@ def test_kill_9_of_a_worker_and_the_driver_then_rerun_gives_every_clip_once(ray_
     deadline = time.time() + 120
     while time.time() < deadline and done() < 4 and driver.poll() is None:
         if not killed_worker and done() >= 2:
-            for pid in _worker_pids():  # a shard task mid-way: Ray retries it
+            for pid in _worker_pids(driver.pid):  # a shard task mid-way: Ray retries it
                 os.kill(pid, signal.SIGKILL)
                 killed_worker = True
         time.sleep(0.02)

@@ -86,8 +86,9 @@ def ray_down(paper) -> None:
 
 
 def train_run(paper, config: str, name: str, steps: int, overrides: list[str]) -> Path:
-    """OUT/runs/NAME: `config` + `overrides` for `steps` steps through slurm/train_temporal.sbatch (bash: 2
-    local ranks, DeepSpeed ZeRO-2), W&B offline; kept with --reuse-runs when it has exactly `steps` steps."""
+    """OUT/runs/NAME: `config` + `overrides` for `steps` steps through slurm/train_temporal.sbatch (bash:
+    plan.ranks local ranks, DeepSpeed ZeRO-2), W&B offline; kept with --reuse-runs when it has exactly `steps`
+    steps."""
     import shutil
 
     run = paper.out / "runs" / name

@@ -50,6 +50,9 @@ class Plan:
     personalise_steps: int = 150  # fine-tune of image model A into B on the new concept
     concept_videos: int = 24  # B's training corpus: a few dozen clips of the new colour
     cascade_prompts: int = 4  # videos through the whole cascade (29 frames at 128 px each)
+    # ranks of each training (slurm/train_temporal.sbatch's NPROC without SLURM); the fast variant's few steps
+    # take 1: a rank costs its start-up (imports, DeepSpeed) on the same 2 cores and shows nothing more there
+    ranks: int = 2
 
 
 FULL = Plan("full", heldout_videos=16, clip_frames=8, sample_steps=25, decoder_steps=300, temporal_steps=800)
@@ -64,6 +67,7 @@ FAST = dataclasses.replace(
     personalise_steps=4,
     concept_videos=4,
     cascade_prompts=1,
+    ranks=1,
 )
 HELDOUT_SEED = 1  # the demo's corpus is seed 0: seed 1 gives other shapes, colours and trajectories
 BUILT = ROWS  # every row of issue 13 is built
@@ -95,6 +99,7 @@ class Paper:
         self.env = dict(os.environ)
         self.env["PATH"] = str(Path(self.py).parent) + os.pathsep + self.env.get("PATH", "")
         self.env["PYTHON"] = self.py  # slurm/train_temporal.sbatch runs $PYTHON
+        self.env.setdefault("NPROC", str(plan.ranks))  # the ranks of a local (non-SLURM) training
         self.env.setdefault("WANDB_MODE", "offline")
         for var, sub in (("WANDB_DIR", ""), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache")):
             self.env.setdefault(var, str(self.out / "wandb" / sub))
@@ -292,7 +297,7 @@ class Paper:
     # ------------------------------------------------------------------ shared by the rows
     def train_stage(self, config: str, name: str, steps: int, pretrained: Path) -> Path:
         """A temporal model on the demo's image LDM and shards, through slurm/train_temporal.sbatch (bash:
-        2 local ranks, DeepSpeed ZeRO-2), W&B offline. Returns its run directory."""
+        plan.ranks local ranks, DeepSpeed ZeRO-2), W&B offline. Returns its run directory."""
         run = self.out / "runs" / name
         if self.reuse_runs and self.trained(run, steps):
             self.say(f"  reusing {run} ({steps} steps, --reuse-runs)")
@@ -567,7 +572,7 @@ class Paper:
 
         steps = self.plan.decoder_steps
         run = self.out / "runs" / "decoder"
-        # the decoder stage through the same launcher as every stage (2 local ranks, DDP over gloo)
+        # the decoder stage through the same launcher as every stage (plan.ranks local ranks, DDP over gloo)
         if not (self.reuse_runs and self.trained(run, steps)):
             shutil.rmtree(run, ignore_errors=True)
             self.run(
