@@ -5,11 +5,12 @@ itself (set VLDM_KEEP_CLUSTERS=1 to leave what it started running, e.g. while de
 
 VLDM_TEST_CLUSTER_ID=K (1-9) gives this checkout's test session clusters of its own, so that several
 checkouts (or the workers of `pytest -n 2`, which take K+1, K+2) can run their suites on one machine at once
-without sharing (or stopping) each other's: a Ray
-on ports 61000+400K.. (scripts/ray_local_up.sh's VLDM_RAY_PORT_BASE) and a SLURM cluster with its own
-slurmctld, slurmd, ports and state under /tmp/slurm_vldm_K (SLURM_PORT_BASE, SLURM_ROOT, SLURM_CONF, set
-in this process's environment so that every sbatch/scontrol/srun of the session talks to it). Unset
-(CI, `make test`): Ray's and SLURM's default ports, /tmp/slurm, /etc/slurm/slurm.conf.
+without sharing (or stopping) each other's: a Ray on ports 61000+400K.. (scripts/ray_local_up.sh's
+VLDM_RAY_PORT_BASE) and a SLURM cluster with its own slurmctld, slurmd, ports and state under /tmp/slurm_vldm_K
+(SLURM_PORT_BASE, SLURM_ROOT, SLURM_CONF, set in this process's environment so that every
+sbatch/scontrol/srun of the session talks to it). `make test` (-n 2) thus runs on clusters 1 and 2. Unset and
+without -n (a plain `pytest tests`): Ray's and SLURM's default ports, /tmp/slurm, /etc/slurm/slurm.conf.
+See docs/testing.md.
 """
 
 from __future__ import annotations

@@ -23,16 +23,14 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vldm.demo.local_ray import RAY_ADDRESS, ray_answers, start_local_ray, stop_local_ray
+
 ROOT = Path(__file__).resolve().parents[2]
-# the job server of scripts/ray_local_up.sh: its default port, or its private block under VLDM_RAY_PORT_BASE
-VLDM_RAY_PORT_BASE = os.environ.get("VLDM_RAY_PORT_BASE", "")
-RAY_ADDRESS = f"http://127.0.0.1:{int(VLDM_RAY_PORT_BASE) + 1 if VLDM_RAY_PORT_BASE else 8265}"
 # trainer lines worth showing on the console (rank 0 logs every train.log_every steps)
 TRAIN_PROGRESS = (
     r"\[vldm\.train .*\] (step |done|checkpoint .*final|stage=)|\[train_temporal .*\] (job|local)|Error|error:"
@@ -205,25 +203,10 @@ class Demo:
 
     # ------------------------------------------------------------------ 2. Ray + shards
     def ray_up(self) -> None:
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(f"{RAY_ADDRESS}/api/version", timeout=2).read()
+        if ray_answers():
             self.say(f"  Ray already up at {RAY_ADDRESS}: reusing it")
             return
-        except OSError:
-            pass
-        env = dict(self.env)
-        env.setdefault("RAY_NUM_CPUS", "2")
-        env.setdefault("RAY_OBJECT_STORE_BYTES", str(300 * 1024 * 1024))  # small blocks only: never frames
-        subprocess.run(
-            ["bash", "scripts/ray_local_up.sh"],
-            check=True,
-            env=env,
-            cwd=str(ROOT),
-            timeout=180,
-            stdout=subprocess.DEVNULL,
-        )
+        start_local_ray(self.env)
         self.started_ray = True
         if self.mem is not None:
             self.mem.add_ray()
@@ -600,9 +583,7 @@ class Demo:
 
     def ray_down(self) -> None:
         if self.started_ray and os.environ.get("VLDM_KEEP_CLUSTERS") != "1":
-            # `ray stop` would stop every Ray of the machine; a private one is stopped by its ports alone
-            cmd = ["bash", "scripts/ray_local_down.sh"] if VLDM_RAY_PORT_BASE else ["ray", "stop", "--force"]
-            subprocess.run(cmd, env=self.env, cwd=str(ROOT), capture_output=True, timeout=120)
+            stop_local_ray(self.env)
             self.say("  stopped the Ray cluster the demo started")
 
 

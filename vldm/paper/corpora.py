@@ -9,16 +9,9 @@ Ray cluster of scripts/ray_local_up.sh (started here when none answers, stopped 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import urllib.request
 from pathlib import Path
 
-from vldm.paper.run import ROOT
-
-# the job server of scripts/ray_local_up.sh: its default port, or its private block under VLDM_RAY_PORT_BASE
-PORT_BASE = os.environ.get("VLDM_RAY_PORT_BASE", "")
-RAY_ADDRESS = f"http://127.0.0.1:{int(PORT_BASE) + 1 if PORT_BASE else 8265}"
+from vldm.demo.local_ray import RAY_ADDRESS, ray_answers, start_local_ray, stop_local_ray
 
 
 def synthetic(paper, name: str, count: int, size: int, frames: int, seed: int, **options) -> Path:
@@ -41,30 +34,13 @@ def decoded(corpus: Path) -> list[tuple]:
     return [(decode_all(str(p)), json.loads(p.with_suffix(".json").read_text())) for p in sorted(corpus.glob("*.mp4"))]
 
 
-def _ray_answers() -> bool:
-    try:
-        urllib.request.urlopen(f"{RAY_ADDRESS}/api/version", timeout=2).read()
-        return True
-    except OSError:
-        return False
-
-
 def shards(paper, corpus: Path, name: str, size: int, frames: int) -> Path:
     """OUT/shards/NAME: WebDataset shards of `frames`-frame clips of `corpus` at `size` px, by a Ray job."""
     out = paper.out / "shards" / name
     if (out / "_stats.json").exists() and list(out.glob("*.tar")):
         return out
-    if not _ray_answers():
-        env = {**paper.env, "RAY_NUM_CPUS": paper.env.get("RAY_NUM_CPUS", "2")}
-        env.setdefault("RAY_OBJECT_STORE_BYTES", str(300 * 1024 * 1024))  # small blocks only: never frames
-        subprocess.run(
-            ["bash", "scripts/ray_local_up.sh"],
-            check=True,
-            env=env,
-            cwd=str(ROOT),
-            timeout=180,
-            stdout=subprocess.DEVNULL,
-        )
+    if not ray_answers():
+        start_local_ray(paper.env)
         paper.started_ray = True
         paper.say(f"  started a local Ray head ({RAY_ADDRESS})")
     # a job's driver gets the cluster's environment, not ours: W&B's settings are passed explicitly
@@ -79,9 +55,8 @@ def shards(paper, corpus: Path, name: str, size: int, frames: int) -> Path:
 
 def ray_down(paper) -> None:
     """Stop the Ray cluster `shards` started (a private one by its ports alone: `ray stop` stops them all)."""
-    if getattr(paper, "started_ray", False) and os.environ.get("VLDM_KEEP_CLUSTERS") != "1":
-        cmd = ["bash", "scripts/ray_local_down.sh"] if PORT_BASE else ["ray", "stop", "--force"]
-        subprocess.run(cmd, env=paper.env, cwd=str(ROOT), capture_output=True, timeout=120)
+    if getattr(paper, "started_ray", False):
+        stop_local_ray(paper.env)
         paper.started_ray = False
 
 
