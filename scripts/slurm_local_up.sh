@@ -19,6 +19,9 @@
 #   SLURM_PORT_BASE  ports of this cluster: slurmctld B, slurmd B+1, fake node i B+10+i (default: SLURM's
 #                6817/6818 and 17000+i). With their own SLURM_ROOT and SLURM_CONF, clusters of different
 #                bases run side by side on one machine (tests/conftest.py: one per checkout).
+#   SLURM_FIRST_JOB_ID  the first job id (default 1). Clusters side by side on one host's loopback take
+#                different ranges (tests/conftest.py: 1000 K + 1): slurm/train_temporal.sbatch derives its
+#                rendezvous port from the job id, so two clusters' job 1 would both listen on 127.0.0.1:20001.
 set -euo pipefail
 
 SLURM_ROOT=${SLURM_ROOT:-/tmp/slurm}
@@ -153,6 +156,7 @@ SlurmdTimeout=60
 InactiveLimit=0
 MinJobAge=300
 KillWait=5
+FirstJobId=${SLURM_FIRST_JOB_ID:-1}
 Waittime=0
 JobRequeue=1
 $NODELINES

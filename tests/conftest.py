@@ -42,6 +42,8 @@ if CLUSTER_ID:
     os.environ["SLURM_PORT_BASE"] = str(_base + 200)
     os.environ["SLURM_ROOT"] = f"/tmp/slurm_vldm_{CLUSTER_ID}"
     os.environ["SLURM_CONF"] = f"/tmp/slurm_vldm_{CLUSTER_ID}/slurm.conf"
+    # job ids (and so the sbatch script's rendezvous port 20000 + id) of their own: clusters share loopback
+    os.environ["SLURM_FIRST_JOB_ID"] = str(1000 * int(CLUSTER_ID) + 1)
 VLDM_RAY_PORT_BASE = os.environ.get("VLDM_RAY_PORT_BASE", "")
 RAY_GCS_PORT = int(VLDM_RAY_PORT_BASE) if VLDM_RAY_PORT_BASE else 6379
 RAY_ADDRESS = f"http://127.0.0.1:{int(VLDM_RAY_PORT_BASE) + 1 if VLDM_RAY_PORT_BASE else 8265}"  # the job server

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vldm.demo.local_ray import RAY_ADDRESS, ray_answers, start_local_ray, stop_local_ray
+from vldm.local_ray import RAY_ADDRESS, ray_answers, start_local_ray, stop_local_ray
 
 ROOT = Path(__file__).resolve().parents[2]
 # trainer lines worth showing on the console (rank 0 logs every train.log_every steps)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vldm.demo.local_ray import RAY_ADDRESS, ray_answers, start_local_ray, stop_local_ray
+from vldm.local_ray import RAY_ADDRESS, ray_answers, start_local_ray, stop_local_ray
 
 
 def synthetic(paper, name: str, count: int, size: int, frames: int, seed: int, **options) -> Path:

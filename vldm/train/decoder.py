@@ -367,7 +367,7 @@ def run_decoder(cfg: Config) -> int:
     stop = StopRequest(cfg.train.stop_after_steps, cfg.train.stop_after_minutes)
     watchdog = dist.Watchdog(cfg.deepspeed.timeout_s)
     dist.set_barrier_timeout(cfg.deepspeed.timeout_s)
-    watchdog.arm(max(cfg.deepspeed.timeout_s, 600.0))  # start-up: rendezvous and model loading
+    watchdog.arm(max(cfg.deepspeed.timeout_s, dist.STARTUP_BOUND_S))  # start-up: rendezvous and model loading
     try:
         trainer = DecoderTrainer(cfg, world=world, stop=stop, watchdog=watchdog)
         dist.print0(

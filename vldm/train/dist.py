@@ -203,6 +203,11 @@ def shutdown() -> None:
         tdist.destroy_process_group()
 
 
+# start-up after the rendezvous (model loading, the DeepSpeed engine: its first call imports torch._dynamo, tens of
+# seconds on a loaded node) is not a collective: it gets this bound, not deepspeed.timeout_s, which is sized for a step
+STARTUP_BOUND_S = 600.0
+
+
 class Watchdog:
     """Ends the process (exit 1, stacks on stderr) if it is not re-armed within the timeout.
 

@@ -120,7 +120,8 @@ def train(cfg: Config, source=None) -> int:
     # makes every later run wait on it; the rendezvous itself is bounded by the process-group timeout
     watchdog.arm(max(cfg.deepspeed.timeout_s, 1800.0))
     dist.init_process_group(world, resolve_backend(cfg, device), cfg.deepspeed.timeout_s)
-    watchdog.arm()  # from here on, start-up (model loading, DeepSpeed engine) is bounded
+    # from here on, start-up (model loading, DeepSpeed engine, resume) is bounded; the loop arms the step bound
+    watchdog.arm(max(cfg.deepspeed.timeout_s, dist.STARTUP_BOUND_S))
     torch.manual_seed(seed_of("init", cfg.seed))  # identical temporal-layer init on every rank
 
     # ---------------------------------------------------------------- model, objective, data

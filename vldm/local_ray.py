@@ -10,7 +10,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 # the job server of scripts/ray_local_up.sh: its default port, or its private block under VLDM_RAY_PORT_BASE
 PORT_BASE = os.environ.get("VLDM_RAY_PORT_BASE", "")
 RAY_ADDRESS = f"http://127.0.0.1:{int(PORT_BASE) + 1 if PORT_BASE else 8265}"
