@@ -619,7 +619,8 @@ def test_wandb_server_gone_mid_run_finish_is_bounded_and_the_online_run_file_hol
     print(
         f"\nMEASURED W&B server (stand-in) gone at step {step_at}: exit 0, {total_s:.1f} s from the stop to exit, "
         f"{after_last_step:.1f} s from the last metrics line to exit; online run file steps 1..{len(rows[0])}, "
-        f"offline fallback {len(steps) - len(rows[0])} rows; stand-in saw {len(server.requests)} requests"
+        f"offline fallback {len(steps) - len(rows[0])} rows; the stand-in got {len(server.requests)} requests, "
+        f"{len(server.history)} history rows before it stopped"
     )
 
 

@@ -75,7 +75,7 @@ class WandbStandIn:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, GraphQL operation)
-        self.history_lines = 0  # history rows the file stream delivered
+        self.history: list[tuple[str, int, dict]] = []  # (run path, line offset, row) the file streams delivered
         self.lock = threading.Lock()
         stand_in = self
 
@@ -111,9 +111,11 @@ class WandbStandIn:
                     return
                 stand_in._record("POST", self.path, None)
                 if self.path.endswith("/file_stream"):
-                    files = json.loads(body or b"{}").get("files", {})
+                    part = json.loads(body or b"{}").get("files", {}).get("wandb-history.jsonl", {})
+                    run = self.path[len("/files/") : -len("/file_stream")]
                     with stand_in.lock:
-                        stand_in.history_lines += len(files.get("wandb-history.jsonl", {}).get("content", []))
+                        for i, line in enumerate(part.get("content", [])):
+                            stand_in.history.append((run, part.get("offset", 0) + i, json.loads(line)))
                 self._send({})
 
             def log_message(self, *args) -> None:  # quiet: pytest shows the test's own output

@@ -6,7 +6,8 @@ disabled, get loggers that do nothing, so the loop never asks "is logging on?".
 W&B: the run id is derived from the absolute run_dir (or `wandb.id`), and `resume="allow"`, so a
 requeued or restarted job continues the same run; every metric is plotted against
 `trainer/global_step` (define_metric), which stays correct when a resumed job logs again from the
-checkpoint's step.
+checkpoint's step. A W&B failure mid-run (its service dead or hung, a call failing or not returning) never
+stops training: the job goes on in a fresh offline W&B run under the same run id (docs/failure-behaviour.md).
 """
 
 from __future__ import annotations
@@ -249,8 +250,9 @@ class WandbLogger:
         self._log_row({**metrics, STEP_METRIC: step})
 
     def preempting(self) -> None:
-        # the W&B UI shows "preempted", not "crashed"
-        self._bounded("mark_preempting", self.call_timeout_s, self.run.mark_preempting)
+        # the W&B UI shows "preempted", not "crashed"; after a fail-over, the fallback run is the one to mark
+        while not self.broken and not self._bounded("mark_preempting", self.call_timeout_s, self.run.mark_preempting):
+            pass
 
     def finish(self, exit_code: int = 0) -> None:
         # a finish that fails over re-logs what the service had not written into the offline run: finish that one
