@@ -601,7 +601,7 @@ def test_wandb_server_gone_mid_run_finish_is_bounded_and_the_online_run_file_hol
                 proc.kill()
     assert proc.returncode == 0, out[-6000:]
     assert "Traceback" not in out, out[-6000:]
-    assert {"Viewer", "UpsertBucket"} <= ops, ops  # the init went through the stand-in: an online run
+    assert "UpsertBucket" in ops, ops  # the init created the run on the stand-in: an online run
     assert "could not reach the server" not in out, out[-4000:]
     assert same_losses(losses(run), losses(ref["run"]))  # training unaffected
     assert sorted(losses(run)) == list(range(1, STEPS + 1))

@@ -23,6 +23,7 @@ SCRIPT = textwrap.dedent(
 
     fault, root = sys.argv[1], Path(sys.argv[2])
     server = None
+    extra = sys.argv[4:]
     over = [f"run_dir={root}/run", "wandb.call_timeout_s=3", "wandb.finish_timeout_s=5", "wandb.init_timeout_s=20"]
     if fault == "server-gone":
         from wandb_standin import WandbStandIn
@@ -34,7 +35,7 @@ SCRIPT = textwrap.dedent(
     else:
         over.append("wandb.mode=offline")
     warnings.simplefilter("always")
-    logger = WandbLogger(build_config(Config, [], over), {"seed": 1})
+    logger = WandbLogger(build_config(Config, [], over + extra), {"seed": 1})
     for step in range(1, 4):
         logger.log({"train/loss": 1.0 / step}, step)
     t0 = time.time()
@@ -53,12 +54,12 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run_logger(tmp: Path, fault: str) -> tuple[dict, str]:
+def run_logger(tmp: Path, fault: str, *overrides: str) -> tuple[dict, str]:
     import json
 
     env = {**train_env(tmp, wandb=True), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, fault, str(tmp), str(ROOT)],
+        [sys.executable, "-c", SCRIPT, fault, str(tmp), str(ROOT), *overrides],
         env=env,
         capture_output=True,
         text=True,
@@ -138,3 +139,20 @@ def test_service_hung_the_rest_goes_to_an_offline_run_and_no_wandb_core_is_left_
         f"\nMEASURED service SIGSTOPped: rows per file {parts}, finish {res['finish_s']:.1f} s "
         "(5 s finish_timeout_s + up to 3 s teardown + the fallback's init, replay and finish)"
     )
+
+
+def test_rows_older_than_replay_rows_are_named_as_a_gap_and_the_kept_ones_re_logged(tmp_path):
+    """wandb.replay_rows=2: when the killed service had flushed no row, the rows beyond the 2 kept are only in
+    metrics.jsonl, and the warning says how many; the kept rows and every later one are in the fallback run."""
+    res, out = run_logger(tmp_path, "SIGKILL", "wandb.replay_rows=2")
+    files = sorted((tmp_path / "wandb_home" / "wandb").glob(f"offline-run-*-{res['run_id']}/run-*.wandb"))
+    parts = steps_in(files)
+    if parts[0]:  # the service had flushed some rows before it died: no gap then
+        assert [s for p in parts for s in p] == list(range(1, 9)), parts
+        return
+    # the failure shows at the first log() after the kill or a later one (the socket may take a row or two
+    # first): the 2 rows before and including it are kept, every later one follows
+    first = parts[1][0]
+    assert parts[1] == list(range(first, 9)) and 3 <= first <= 7, parts
+    assert f"{first - 1} older rows are only in logs/metrics.jsonl" in out, out[-3000:]
+    print(f"\nMEASURED replay_rows=2: fallback rows {parts[1]}, rows 1-{first - 1} only in metrics.jsonl")

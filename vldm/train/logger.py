@@ -172,9 +172,9 @@ class WandbLogger:
         except Exception as e:  # noqa: BLE001 - an unreadable file: re-log what is kept rather than lose it
             warnings.warn(f"W&B: cannot read {self.files[-1]} ({e}); re-logging the kept rows", RuntimeWarning, 3)
             written = 0
-        unsent = self.sent - len(self.replay)  # rows too old to re-log (beyond wandb.replay_rows)
-        redo = list(self.replay)[max(0, written - unsent) :]
-        gap = f"; {unsent - written} older rows are only in {METRICS_FILE}" if written < unsent else ""
+        not_kept = self.sent - len(self.replay)  # rows too old to re-log (beyond wandb.replay_rows)
+        redo = list(self.replay)[max(0, written - not_kept) :]
+        gap = f"; {not_kept - written} older rows are only in {METRICS_FILE}" if written < not_kept else ""
         if what == "finish" and not redo:
             # every row is in the run's file (an unreachable server: the service wrote the file and kept retrying
             # the upload); nothing to go on with: the file is for `wandb sync`
