@@ -15,7 +15,7 @@ FRAMEWORK_HOMES = {
     "wandb": ("vldm/train/logger.py", "vldm/eval/wandb_log.py", "vldm/eval/wandb_reader.py"),
 }
 # vldm package -> vldm packages it must never import ("*": any but the leaf helpers in ALWAYS_ALLOWED)
-ALWAYS_ALLOWED = {"io"}  # vldm/io.py: atomic writes and the mp4 writer, importing nothing of vldm
+ALWAYS_ALLOWED = {"io"}  # vldm/io.py: atomic writes, the mp4 writer, W&B run-file framing; imports nothing of vldm
 FORBIDDEN = {
     "io": {"*"},
     "config": {"*"},

@@ -1,4 +1,6 @@
-"""Writing files, for every stage: atomic writes and the one video encoder / mp4 writer.
+"""Writing files, for every stage: atomic writes and the one video encoder / mp4 writer; and the one reader of
+the record framing of W&B's run files (`leveldb_log_records`: training's W&B fallback and evaluation's reader
+both count what a W&B service wrote, and neither may import the other).
 
 Atomic: data goes to a temp file beside the target, is fsynced, then renamed over it, so a reader (the
 loader, the eval pool, a resumed run) sees the old file or the whole new one, and an exception removes
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -166,3 +169,36 @@ def write_mp4(path: str | os.PathLike, frames: Any, fps: float = 8.0, crf: int =
     with atomic_path(path) as tmp:  # `.NAME.*.tmp.mp4`: the eval coordinator's cleanup pattern
         tmp.write_bytes(data)
     return path
+
+
+LOG_BLOCK = 32768
+
+
+def leveldb_log_records(path: str | os.PathLike, magic: bytes) -> Iterator[bytes]:
+    """The records of a LevelDB-style log file (W&B's `.wandb` run files): a 7-byte header starting with `magic`,
+    then 32 KiB blocks of records framed as (crc32 u32, length u16, type u8); type 1 is a whole record, 2/3/4 the
+    first/middle/last piece of one split across blocks. A record cut short (its writer killed mid-write) ends
+    the log: a file whose writer died reads up to its last whole record."""
+    data = Path(path).read_bytes()
+    if data[: len(magic)] != magic:
+        raise ValueError(f"{path} is not a {magic.decode(errors='replace')} log file (header {data[:7]!r})")
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        left = LOG_BLOCK - pos % LOG_BLOCK
+        if left < 7:  # a block tail too short for a record header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        if (kind == 0 and length == 0) or pos + length > len(data):
+            break
+        chunk = data[pos : pos + length]
+        pos += length
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+        elif kind == 4:
+            yield buf + chunk

@@ -220,16 +220,23 @@ class WandbConfig:
     call_timeout_s: float = field_(
         30.0,
         "each W&B call of the training loop (log, mark_preempting) may take at most this long; a call that hangs or "
-        "fails (the W&B service process died or stopped) turns W&B off for the rest of the job with one warning; "
-        "every step stays in RUN/logs/metrics.jsonl (train.metrics_file)",
+        "fails (the W&B service process died or stopped) makes the job go on in a fresh OFFLINE W&B run under the "
+        "same run id, with one warning (if that fails too: W&B off); every step stays in RUN/logs/metrics.jsonl",
     )
     finish_timeout_s: float = field_(
         120.0,
         "wandb.finish at the end of a job (it waits for the upload) may take at most this long; then the run exits "
         "anyway and the run's local W&B files stay for `wandb sync`",
     )
+    replay_rows: int = field_(
+        10000,
+        "rows kept in memory to re-log into the offline fallback run those that W&B's failed service had not "
+        "written to its run file (older rows are assumed written; the warning names any gap)",
+    )
 
     def validate(self) -> None:
         for name in ("init_timeout_s", "call_timeout_s", "finish_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"wandb.{name}: must be > 0")
+        if self.replay_rows < 1:
+            raise ConfigError("wandb.replay_rows: must be >= 1")

@@ -2,8 +2,9 @@
 
 wandb 0.31 has no Python reader for it. The file is a LevelDB-style log: a 7-byte header (":W&B",
 version), then 32 KiB blocks of records framed as (crc32 u32, length u16, type u8); type 1 is a full
-record, 2/3/4 the first/middle/last piece of one split across blocks. Each record is a
-`wandb_internal_pb2.Record` protobuf.
+record, 2/3/4 the first/middle/last piece of one split across blocks (`vldm.io.leveldb_log_records`, shared
+with the trainer's W&B fallback). Each record is a `wandb_internal_pb2.Record` protobuf. A file whose writer
+was killed mid-record reads up to its last whole record.
 
     python -m vldm.eval.wandb_reader path/to/run-xyz.wandb     # history keys and counts
 """
@@ -12,40 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-BLOCK = 32768
-HEADER = 7
+from vldm.io import leveldb_log_records
 
 
 def raw_records(path: str | Path) -> Iterator[bytes]:
-    data = Path(path).read_bytes()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{path} is not a W&B run file (header {data[:7]!r})")
-    pos, buf = HEADER, b""
-    while pos + 7 <= len(data):
-        left = BLOCK - pos % BLOCK
-        if left < 7:  # a block tail too short for a record header is padding
-            pos += left
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        pos += 7
-        if kind == 0 and length == 0:
-            break
-        chunk = data[pos : pos + length]
-        pos += length
-        if kind == 1:
-            yield chunk
-        elif kind == 2:
-            buf = chunk
-        elif kind == 3:
-            buf += chunk
-        elif kind == 4:
-            yield buf + chunk
+    return leveldb_log_records(path, b":W&B")
 
 
 def records(path: str | Path) -> Iterator:

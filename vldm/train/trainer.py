@@ -211,6 +211,11 @@ def train(cfg: Config, source=None) -> int:
     checkpointer.clean_partial(plan.skipped)
     if plan.mode != "fresh":
         checkpointer.last_saved_step = state.step  # the checkpoint we resumed from is this step's
+    # rank 0's W&B start has a bound of its own (wandb.init_timeout_s for the server, then an offline start): the
+    # start-up watchdog must not cut it (it did, at deepspeed.timeout_s=60 on a loaded machine), and the other
+    # ranks wait for it at the barrier below, under the same bound, rather than in step 1's collective
+    wandb_start_s = 2 * cfg.wandb.init_timeout_s if cfg.wandb.mode != "disabled" else 0.0
+    watchdog.arm(cfg.deepspeed.timeout_s + wandb_start_s)
     logger = build_logger(dataclasses.replace(cfg, model=built.model_cfg), world.is_main)
     if world.is_main:
         dump_yaml(dataclasses.replace(cfg, model=built.model_cfg), Path(cfg.run_dir) / RUN_CONFIG)
@@ -219,6 +224,7 @@ def train(cfg: Config, source=None) -> int:
                 {"ckpt/restore_s": restore_s, "ckpt/resumed_with_fresh_optimizer": float(plan.mode == "consolidated")},
                 state.step,
             )
+    dist.barrier(cfg.deepspeed.timeout_s + wandb_start_s)
     peak = peak_tflops(device, cfg.train.peak_tflops) * 1e12
     micro_bs = cfg.data.batch_size * (cfg.data.num_frames if cfg.stage == "image" else 1)
 
