@@ -215,7 +215,7 @@ def train(cfg: Config, source=None) -> int:
     # start-up watchdog must not cut it (it did, at deepspeed.timeout_s=60 on a loaded machine), and the other
     # ranks wait for it at the barrier below, under the same bound, rather than in step 1's collective
     wandb_start_s = 2 * cfg.wandb.init_timeout_s if cfg.wandb.mode != "disabled" else 0.0
-    watchdog.arm(cfg.deepspeed.timeout_s + wandb_start_s)
+    watchdog.arm(max(cfg.deepspeed.timeout_s, dist.STARTUP_BOUND_S) + wandb_start_s)
     logger = build_logger(dataclasses.replace(cfg, model=built.model_cfg), world.is_main)
     if world.is_main:
         dump_yaml(dataclasses.replace(cfg, model=built.model_cfg), Path(cfg.run_dir) / RUN_CONFIG)
