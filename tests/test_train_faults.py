@@ -646,7 +646,7 @@ def test_a_real_time_limit_without_the_early_warning_stops_at_the_term_requeues_
     the local cluster). The batch shell sees the limit (squeue's reason TimeLimit) and requeues at once; the ranks
     stop-checkpoint at the end of their step; the requeued job resumes from that checkpoint and finishes with the
     uninterrupted run's losses. For the limit to come mid-run whatever the machine's speed, the job starts with a
-    limit long enough to reach step 5; the test then SIGSTOPs both ranks (frozen inside the next step) and lowers
+    limit long enough to reach step 6; the test then SIGSTOPs both ranks (frozen inside the next step) and lowers
     the limit to 1 minute, passed by then: slurmctld's next check (every ~30 s) ends the job, and its kill sequence
     sends the SIGCONT that wakes the ranks before the TERM."""
     script = tmp_path / "train_temporal.sbatch"
@@ -664,11 +664,12 @@ def test_a_real_time_limit_without_the_early_warning_stops_at_the_term_requeues_
         pids = wait_until(
             lambda: (p := [rank_pid(run, r) for r in (0, 1)]) and all(p) and p, 600, "no ranks: " + str(log), 1.0
         )
-        wait_until(lambda: len(logged_steps(run)) >= 5, 900, "no step 5: " + str(log))
+        # frozen after step 6: the step they are in (7) is neither periodic (every 2) nor the last
+        wait_until(lambda: len(logged_steps(run)) >= 6, 900, "no step 6: " + str(log))
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         frozen_at = max(logged_steps(run))
-        assert frozen_at < STEPS - 1, frozen_at  # a step to stop after, before the last one
+        assert frozen_at == 6, frozen_at
         subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=1"], timeout=30, check=True)
     except BaseException:
         subprocess.run(["scancel", job], timeout=30)  # its kill sequence continues stopped ranks too
@@ -683,9 +684,10 @@ def test_a_real_time_limit_without_the_early_warning_stops_at_the_term_requeues_
     first = [m["step"] for m in rows if m["restart"] == 0]
     # the step the ranks were frozen in is finished and saved: not one step lost
     assert first[-1] == frozen_at + 1 and f"stopped at step {first[-1]} (signal SIG" in text, (frozen_at, first)
+    assert f"step_{first[-1]:08d} (stop: signal SIG" in text  # its own stop checkpoint, not a periodic one
     assert f"resuming from {run}/checkpoints/step_{first[-1]:08d}" in text, text[-4000:]
     (term,), (requeued,) = log_times(text, "got TERM"), log_times(text, "requeueing job")
-    (saved,) = vldm_times(text, f"step_{first[-1]:08d} (stop")
+    (saved,) = vldm_times(text, f"stopped at step {first[-1]}")
     (restart,) = log_times(text, f"job {job} restart 1")
     print(
         f"\nMEASURED time limit without the warning (KillWait 5 s): stop checkpoint at step {first[-1]} (frozen "
