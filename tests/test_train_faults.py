@@ -694,3 +694,33 @@ def test_a_real_time_limit_without_the_early_warning_stops_at_the_term_requeues_
         f"in it), 0 steps lost; TERM -> requeue {requeued - term} s, TERM -> stop checkpoint saved {saved - term} s, "
         f"requeue -> restart {restart - requeued} s"
     )
+
+
+def test_a_refused_requeue_is_logged_with_the_checkpoint_to_resume_from_and_the_job_exits_75(
+    slurm_cluster, data, tmp_path
+):
+    """`sbatch --no-requeue` (or a cluster with JobRequeue=0): after a stop the ranks' checkpoint is saved but
+    `scontrol requeue` is refused. The log says so and names the checkpoint to resume from, and the job exits 75
+    ("run again"), not 0: it will not come back by itself."""
+    env = train_env(tmp_path)
+    run = tmp_path / "run"
+    job = submit_limited(tmp_path, env, SBATCH, "--no-requeue", *args(data, run, "wandb.mode=disabled"))
+    log = tmp_path / f"slurm-{job}.out"
+    try:
+        wait_until(lambda: len(logged_steps(run)) >= 3, 900, "no step 3: " + str(log))
+        subprocess.run(["scancel", "--signal=TERM", job], check=True, timeout=30)
+        state = wait_until(
+            lambda: (st := job_field(job, "JobState")) in ("FAILED", "CANCELLED", "COMPLETED") and st,
+            300,
+            "the job did not end: " + str(log),
+        )
+    finally:
+        if job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED"):
+            subprocess.run(["scancel", job], timeout=30)
+    text = log.read_text()
+    assert state == "FAILED" and job_field(job, "Restarts") == "0", text[-3000:]
+    assert job_field(job, "ExitCode").startswith("75:"), job_field(job, "ExitCode")
+    stop = complete_checkpoints(run)[-1]
+    assert f"stopped at step {int(stop.name[5:])} (signal SIGTERM)" in text, text[-3000:]
+    assert f"scontrol requeue {job} refused (exit 1: Requested operation is presently disabled" in text, text[-3000:]
+    assert f"resubmit the same command to resume from {stop}" in text, text[-3000:]
