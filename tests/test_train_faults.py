@@ -411,6 +411,8 @@ def rank_pid(run: Path, rank: int) -> int | None:
             ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
+        if Path(cmd[0].decode(errors="replace")).name == "srun":
+            continue  # srun's command line names the run too, and the batch step's env has SLURM_PROCID=0
         if f"run_dir={run}".encode() in cmd and b"vldm.train" in cmd and f"SLURM_PROCID={rank}".encode() in env:
             pids[int(d.name)] = ppid
     top = [p for p, pp in pids.items() if pp not in pids]
@@ -635,6 +637,38 @@ def log_times(text: str, what: str) -> list[float]:
     return out
 
 
+def submit_limited(tmp: Path, env: dict, script: Path, *opts_and_overrides: str) -> str:
+    """`sbatch --parsable [the CPU EDIT options] SBATCH_OPTIONS... SCRIPT REHEARSAL OVERRIDES...`: the job id.
+    Items of `opts_and_overrides` that start with "--" are sbatch's, the others the trainer's."""
+    opts = [a for a in opts_and_overrides if a.startswith("--")]
+    overrides = [a for a in opts_and_overrides if not a.startswith("--")]
+    cmd = ["sbatch", "--parsable", *SBATCH_OPTS, *opts, f"--output={tmp}/slurm-%j.out"]
+    cmd += [str(script), str(REHEARSAL), *overrides]
+    job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    return job.strip().split(";")[0]
+
+
+def finish_after_the_first_requeue(job: str, log: Path) -> None:
+    """Wait for the first requeue, then give the requeued job a long limit so that the rest of the run is one more
+    job (each 1-minute job trains only a few steps on 2 loaded cores), and wait for it to complete."""
+    try:
+        wait_until(lambda: int(job_field(job, "Restarts") or 0) >= 1, 600, "never requeued: " + str(log), 1.0)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=15"], timeout=30, check=True)
+        wait_until(lambda: job_field(job, "JobState") == "COMPLETED", 900, "not completed: " + str(log), 1.0)
+    finally:
+        if job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED"):
+            subprocess.run(["scancel", job], timeout=30)
+
+
+def assert_the_same_trajectory(run: Path, ref_run: Path) -> list[dict]:
+    """Each step once (0 steps lost at every stop), the uninterrupted run's losses and final weights."""
+    rows = [m for m in metrics(run) if "train/loss" in m]
+    assert [m["step"] for m in rows] == list(range(1, STEPS + 1)), [(m["step"], m["restart"]) for m in rows]
+    assert same_losses({m["step"]: m["train/loss"] for m in rows}, losses(ref_run))
+    assert equal(weights(complete_checkpoints(run)[-1]), weights(complete_checkpoints(ref_run)[-1]))
+    return rows
+
+
 def test_a_real_time_limit_with_the_early_warning_stops_requeues_and_resumes_the_same_trajectory(
     slurm_cluster, data, ref, tmp_path
 ):
@@ -644,31 +678,118 @@ def test_a_real_time_limit_with_the_early_warning_stops_requeues_and_resumes_the
     keep the test short) resumes and finishes: the losses are the uninterrupted run's."""
     env = train_env(tmp_path)
     run = tmp_path / "run"
-    cmd = ["sbatch", "--parsable", *SBATCH_OPTS, "--time=1", "--signal=B:USR1@30", f"--output={tmp_path}/slurm-%j.out"]
-    cmd += [str(SBATCH), str(REHEARSAL), *args(data, run, *INJECT, "wandb.mode=disabled")]
-    job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
-    job = job.strip().split(";")[0]
+    job = submit_limited(
+        tmp_path, env, SBATCH, "--time=1", "--signal=B:USR1@30", *args(data, run, *INJECT, "wandb.mode=disabled")
+    )
     log = tmp_path / f"slurm-{job}.out"
-    try:
-        # one real warning -> stop checkpoint -> requeue is the row; after it the job gets a long limit, so that
-        # the rest of the run is one more job (each 1-minute job trains only 1-3 steps on 2 loaded cores)
-        wait_until(lambda: int(job_field(job, "Restarts") or 0) >= 1, 600, "never requeued: " + str(log), 1.0)
-        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=15"], timeout=30, check=True)
-        wait_until(lambda: job_field(job, "JobState") == "COMPLETED", 900, "not completed: " + str(log), 1.0)
-    finally:
-        if job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED"):
-            subprocess.run(["scancel", job], timeout=30)
+    # one real warning -> stop checkpoint -> requeue is the row; after it the job gets a long limit
+    finish_after_the_first_requeue(job, log)
     text = log.read_text()
     assert "Traceback" not in text, text[-4000:]
     restarts = int(job_field(job, "Restarts"))
     assert restarts >= 1, text[-4000:]  # SLURM's own warning stopped at least one job of the run
-    rows = [m for m in metrics(run) if "train/loss" in m]
-    assert [m["step"] for m in rows] == list(range(1, STEPS + 1))  # each step once: 0 steps lost at each stop
-    assert same_losses({m["step"]: m["train/loss"] for m in rows}, losses(ref["run"]))
-    assert equal(weights(complete_checkpoints(run)[-1]), weights(complete_checkpoints(ref["run"])[-1]))
+    assert_the_same_trajectory(run, ref["run"])
     warned, requeued = log_times(text, "got USR1"), log_times(text, "requeueing job")
     assert len(requeued) == restarts and len(warned) >= restarts
     print(
         f"\nMEASURED time limit (--time=1, USR1@30): {restarts} requeue(s), 0 steps lost, "
         f"{[r - w for w, r in zip(warned, requeued)]} s from SLURM's warning to the requeue"
     )
+
+
+def vldm_times(text: str, what: str) -> list[float]:
+    """Seconds of the day of rank 0's log lines that contain `what` (`0: [vldm.train HH:MM:SS] ...`)."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("0: [vldm.train ") and what in line:
+            h, m, s = line[15:23].split(":")
+            out.append(int(h) * 3600 + int(m) * 60 + int(s))
+    return out
+
+
+def test_a_real_time_limit_without_the_early_warning_stops_at_the_term_requeues_and_resumes_the_same_trajectory(
+    slurm_cluster, data, ref, tmp_path
+):
+    """The script as a user who left out `#SBATCH --signal` has it: at the limit SLURM sends SIGCONT and SIGTERM
+    to every process of the job (batch shell, srun, ranks, loader workers) and SIGKILL KillWait s later (5 s on
+    the local cluster). The batch shell sees the limit (squeue's reason TimeLimit) and requeues at once; the ranks
+    stop-checkpoint at the end of their step; the requeued job resumes from that checkpoint and finishes with the
+    uninterrupted run's losses. For the limit to come mid-run whatever the machine's speed, the job starts with a
+    limit long enough to reach step 6; the test then SIGSTOPs both ranks (frozen inside the next step) and lowers
+    the limit to 1 minute, passed by then: slurmctld's next check (every ~30 s) ends the job, and its kill sequence
+    sends the SIGCONT that wakes the ranks before the TERM."""
+    script = tmp_path / "train_temporal.sbatch"
+    lines = SBATCH.read_text().splitlines(keepends=True)
+    script.write_text("".join(ln for ln in lines if not ln.startswith("#SBATCH --signal")))
+    assert len(script.read_text().splitlines()) == len(lines) - 1  # exactly the --signal line is gone
+    env = train_env(tmp_path)
+    run = tmp_path / "run"
+    # deepspeed.timeout_s: the watchdog's clock runs while the ranks are frozen (up to ~30 s); it does not
+    # change the trajectory
+    over = args(data, run, *INJECT, "wandb.mode=disabled", "deepspeed.timeout_s=300")
+    job = submit_limited(tmp_path, env, script, "--time=10", *over)
+    log = tmp_path / f"slurm-{job}.out"
+    try:
+        pids = wait_until(
+            lambda: (p := [rank_pid(run, r) for r in (0, 1)]) and all(p) and p, 600, "no ranks: " + str(log), 1.0
+        )
+        # frozen after step 6: the step they are in (7) is neither periodic (every 2) nor the last
+        wait_until(lambda: len(logged_steps(run)) >= 6, 900, "no step 6: " + str(log))
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        frozen_at = max(logged_steps(run))
+        assert frozen_at == 6, frozen_at
+        subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=1"], timeout=30, check=True)
+    except BaseException:
+        subprocess.run(["scancel", job], timeout=30)  # its kill sequence continues stopped ranks too
+        raise
+    finish_after_the_first_requeue(job, log)
+    text = log.read_text()
+    assert "DUE TO TIME LIMIT" in text and "got USR1" not in text, text[-4000:]  # the limit itself, no warning
+    assert "reached its time limit without an early warning" in text, text[-4000:]
+    assert "Traceback" not in text, text[-4000:]
+    assert int(job_field(job, "Restarts")) >= 1, text[-4000:]
+    rows = assert_the_same_trajectory(run, ref["run"])
+    first = [m["step"] for m in rows if m["restart"] == 0]
+    # the step the ranks were frozen in is finished and saved: not one step lost
+    assert first[-1] == frozen_at + 1 and f"stopped at step {first[-1]} (signal SIG" in text, (frozen_at, first)
+    assert f"step_{first[-1]:08d} (stop: signal SIG" in text  # its own stop checkpoint, not a periodic one
+    assert f"resuming from {run}/checkpoints/step_{first[-1]:08d}" in text, text[-4000:]
+    (term,), (requeued,) = log_times(text, "got TERM"), log_times(text, "requeueing job")
+    (saved,) = vldm_times(text, f"stopped at step {first[-1]}")
+    (restart,) = log_times(text, f"job {job} restart 1")
+    print(
+        f"\nMEASURED time limit without the warning (KillWait 5 s): stop checkpoint at step {first[-1]} (frozen "
+        f"in it), 0 steps lost; TERM -> requeue {requeued - term} s, TERM -> stop checkpoint saved {saved - term} s, "
+        f"requeue -> restart {restart - requeued} s"
+    )
+
+
+def test_a_refused_requeue_is_logged_with_the_checkpoint_to_resume_from_and_the_job_exits_75(
+    slurm_cluster, data, tmp_path
+):
+    """`sbatch --no-requeue` (or a cluster with JobRequeue=0): after a stop the ranks' checkpoint is saved but
+    `scontrol requeue` is refused. The log says so and names the checkpoint to resume from, and the job exits 75
+    ("run again"), not 0: it will not come back by itself."""
+    env = train_env(tmp_path)
+    run = tmp_path / "run"
+    job = submit_limited(tmp_path, env, SBATCH, "--no-requeue", *args(data, run, "wandb.mode=disabled"))
+    log = tmp_path / f"slurm-{job}.out"
+    try:
+        wait_until(lambda: len(logged_steps(run)) >= 3, 900, "no step 3: " + str(log))
+        subprocess.run(["scancel", "--signal=TERM", job], check=True, timeout=30)
+        state = wait_until(
+            lambda: (st := job_field(job, "JobState")) in ("FAILED", "CANCELLED", "COMPLETED") and st,
+            300,
+            "the job did not end: " + str(log),
+        )
+    finally:
+        if job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED"):
+            subprocess.run(["scancel", job], timeout=30)
+    text = log.read_text()
+    assert state == "FAILED" and job_field(job, "Restarts") == "0", text[-3000:]
+    assert job_field(job, "ExitCode").startswith("75:"), job_field(job, "ExitCode")
+    stop = complete_checkpoints(run)[-1]
+    assert f"stopped at step {int(stop.name[5:])} (signal SIGTERM)" in text, text[-3000:]
+    assert f"scontrol requeue {job} refused (exit 1: Requested operation is presently disabled" in text, text[-3000:]
+    assert f"resubmit the same command to resume from {stop}" in text, text[-3000:]
