@@ -1,10 +1,13 @@
 """The paper row's pixel-space x4 upscaler (configs/paper_upsample.yaml) learns to upsample: its image stage,
-overfit on ONE 128 px clip with the trainer's own objective and task (vldm.train.objective, UpsampleTask),
-upsamples that clip back from 32 px through `stages.upsample` (noise level 50, 10 DDIM steps, as the row
-samples) far above noise. Under epsilon-prediction the same run outputs noise (~5 dB): at high noise an
+overfit on ONE 128 px clip with the trainer's own objective, task and EMA (vldm.train.objective,
+UpsampleTask, vldm.train.ema), upsamples that clip back from 32 px through `stages.upsample` from its EMA
+weights (noise level 50, 10 DDIM steps: what the row exports and samples) far above noise.
+
+Under epsilon-prediction the same run outputs noise (~5 dB at a loss of 0.06-0.13): at high noise an
 epsilon error becomes an x0 error sqrt((1 - abar) / abar) times larger (14.6x at t = 999 of this schedule,
-whose last abar is 0.0047), so the first DDIM steps start from garbage; v-prediction (the SD x4 upscaler's)
-has no such factor. docs/paper.md, the upsampler row."""
+whose last abar is 0.0047), so DDIM's first steps start from garbage; v-prediction (the SD x4 upscaler's)
+has no such factor. And at the row's step counts the EMA (decay 0.99) must not keep its random
+initialisation (0.99^150 = 22 %): train.ema_warmup. docs/paper.md, the upsampler row."""
 
 from __future__ import annotations
 
@@ -29,12 +32,13 @@ from vldm.paper.run import Paper
 from vldm.sample import stages
 from vldm.tasks.paper import make_lowres, noise_augment
 from vldm.train.build import build
+from vldm.train.ema import EMA
 from vldm.train.objective import Objective
 
 CONFIG = ROOT / "configs" / "paper_upsample.yaml"
 SIZE = row.SCALE * row.LOW  # the row's 128 px
 FRAMES = 4  # frames of the clip: each is one training image per step (stage=image)
-STEPS = 80
+STEPS = 160
 
 
 def one_clip() -> torch.Tensor:
@@ -54,7 +58,8 @@ def one_clip() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def overfit():
-    """The row's config (stage=image, from scratch) trained STEPS steps on one clip by the trainer's objective."""
+    """The row's config (stage=image, from scratch) trained STEPS steps on one clip by the trainer's objective and
+    EMA; the image UNet with the EMA weights."""
     torch.manual_seed(0)
     clip = one_clip()
     cfg = build_config(Config, [str(CONFIG)], [f"data.size={SIZE}", f"data.num_frames={FRAMES}", "data.batch_size=1"])
@@ -62,7 +67,9 @@ def overfit():
     built = build(cfg)
     objective = Objective(cfg, built, torch.device("cpu"))
     unet = built.model
-    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=cfg.optim.lr)
+    trainable = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.optim.lr)
+    ema = EMA(trainable, cfg.train.ema_decay, warmup=cfg.train.ema_warmup)
     batch = {"pixels": clip, "captions": [""], "meta": [{}]}
     losses = []
     for step in range(STEPS):
@@ -70,7 +77,9 @@ def overfit():
         opt.zero_grad()
         loss.backward()
         opt.step()
+        ema.update()
         losses.append(loss.item())
+    unet.load_state_dict(ema.tensors(), strict=False)
     unet.eval().requires_grad_(False)
     return cfg, built, clip, losses
 
