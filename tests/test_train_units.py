@@ -55,6 +55,28 @@ def test_ema_tracks_trainable_parameters_and_round_trips():
     assert torch.equal(off.tensors()["temporal.w"], p.detach())  # no EMA: the weights themselves
 
 
+def test_ema_warmup_forgets_the_initialisation_and_resumes_the_same_decay():
+    """train.ema_warmup: decay min(d, (1 + n) / (10 + n)) after n updates; after 150 updates at d = 0.99 the
+    initial weights keep prod(decays) ~ 1e-6 of the EMA instead of 0.99^150 = 22 %."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    plain, warm = EMA([("w", p)], decay=0.99), EMA([("w", p)], decay=0.99, warmup=True)
+    with torch.no_grad():
+        p.fill_(1.0)
+    assert warm.current_decay() == 0.1 and plain.current_decay() == 0.99
+    for _ in range(150):
+        plain.update()
+        warm.update()
+    init_share = {name: 1 - e.tensors()["w"].item() for name, e in (("plain", plain), ("warm", warm))}
+    assert abs(init_share["plain"] - 0.99**150) < 1e-5 and init_share["warm"] < 1e-5, init_share
+    # the decay is a function of the update count, which the checkpoint holds: a resume continues it
+    resumed = EMA([("w", p)], decay=0.99, warmup=True)
+    resumed.load_state_dict(warm.state_dict())
+    assert resumed.current_decay() == warm.current_decay() == 151 / 160
+    late = EMA([("w", p)], decay=0.9, warmup=True)
+    late.num_updates = 1000
+    assert late.current_decay() == 0.9  # never above the decay set
+
+
 def test_rank_discovery_from_launchers():
     env_launch = detect_world(
         {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "1234"}

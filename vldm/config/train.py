@@ -81,6 +81,11 @@ class TrainConfig:
         1, "micro-steps per optimizer step (global batch = data.batch_size x grad_accum x world size)"
     )
     ema_decay: float = field_(0.999, "EMA decay of trainable parameters (0 = no EMA)")
+    ema_warmup: bool = field_(
+        False,
+        "EMA decay min(ema_decay, (1 + n) / (10 + n)) after n updates (diffusers' EMAModel): short from-scratch runs "
+        "do not keep their random initialisation in the EMA (0.99^150 = 22 %)",
+    )
     log_every: int = field_(1, "log metrics every n steps")
     max_bad_steps: int = field_(
         5,

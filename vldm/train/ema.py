@@ -36,12 +36,13 @@ class _Slot:
 
 
 class EMA:
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float, engine=None):
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float, engine=None, warmup: bool = False):
         """`engine`: the DeepSpeed engine whose fp32 masters the EMA follows (after deepspeed.initialize,
         before any step or resume); None: the parameters themselves. The shadow starts from the masters
         (DeepSpeed makes them from the cast weights: under bf16, the bf16-rounded initial weights, which is
-        what training continues from)."""
+        what training continues from). `warmup`: see `current_decay`."""
         self.decay = decay
+        self.warmup = warmup
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.slots = [_Slot(0, p.numel(), False) for p in self.params]
@@ -90,12 +91,22 @@ class EMA:
                 out.append(self._masters.get(id(p), p).detach().float())
         return out
 
+    def current_decay(self) -> float:
+        """The decay of the next update: `decay`, or with `warmup` min(decay, (1 + n) / (10 + n)) after n updates
+        (diffusers' EMAModel). A from-scratch run of a few hundred steps at decay 0.99 otherwise keeps 0.99^n of
+        its random initialisation in the EMA (22 % after 150 steps), and the EMA is what is sampled and exported.
+        A function of num_updates alone (saved with the checkpoint): a resumed run continues the same EMA."""
+        if not self.warmup:
+            return self.decay
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
+
     @torch.no_grad()
     def update(self) -> None:
         """shadow <- decay * shadow + (1 - decay) * master, after an optimizer step that was taken."""
         if not self.enabled:
             return
-        torch._foreach_lerp_(self.shadow, self._sources(), 1.0 - self.decay)
+        torch._foreach_lerp_(self.shadow, self._sources(), 1.0 - self.current_decay())
         self.num_updates += 1
 
     def _key(self, name: str, strip_prefix: str) -> str:

@@ -182,7 +182,8 @@ def train(cfg: Config, source=None) -> int:
     # ---------------------------------------------------------------- engine and resume
     plan = plan_resume(cfg, world.world_size)
     engine = parallelize(built.model, cfg, world.world_size, device)
-    ema = EMA(trainable, cfg.train.ema_decay, engine)  # of the fp32 masters: each rank its ZeRO partition
+    # of the fp32 masters: each rank its ZeRO partition
+    ema = EMA(trainable, cfg.train.ema_decay, engine, cfg.train.ema_warmup)
     norm_skip = GradNormSkip(engine, cfg.optim.skip_grad_norm) if cfg.optim.skip_grad_norm else None
     if cfg.stage == "temporal":
         engine.module.unet.eval()  # frozen spatial layers: no dropout
