@@ -130,14 +130,33 @@ def sbatch(tmp: Path, env: dict, *overrides: str) -> str:
     return submit(REHEARSAL, tmp, env, *overrides)
 
 
-def wait_until(pred, timeout: float, what: str, interval: float = 0.25):
+def wait_until(pred, timeout: float, what, interval: float = 0.25, gone=None):
+    """pred()'s first true value within `timeout` s. `what` (a string, or a callable read only on failure, e.g. the
+    job's log as it is then) says what did not happen; `gone()` true means it never will (the job has ended):
+    fail at once instead of waiting out the timeout."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         v = pred()
         if v:
             return v
+        if gone is not None and gone():
+            v = pred()  # it may have happened just before the end
+            if v:
+                return v
+            raise AssertionError(f"it ended first: {what() if callable(what) else what}")
         time.sleep(interval)
-    raise TimeoutError(what)
+    raise TimeoutError(what() if callable(what) else what)
+
+
+def job_over(job: str):
+    """For wait_until(gone=...): the SLURM job has ended and will not run again (an empty answer, e.g. scontrol
+    timing out under load, is not an end)."""
+    return lambda: job_field(job, "JobState") in ("FAILED", "CANCELLED", "COMPLETED", "TIMEOUT", "NODE_FAIL")
+
+
+def tail(log: Path, n: int = 4000):
+    """For wait_until(what=...): the log's end when the wait fails."""
+    return lambda: log.read_text()[-n:] if log.exists() else f"(no {log})"
 
 
 def logged_steps(run: Path) -> list[int]:
@@ -155,13 +174,13 @@ def test_sigterm_to_every_process_with_loader_workers_stops_requeues_and_resumes
     job = sbatch(tmp_path, env, *args(data, run, *INJECT, "wandb.mode=disabled"))
     log = tmp_path / f"slurm-{job}.out"
     try:
-        wait_until(lambda: len(logged_steps(run)) >= 5, 1500, "no step 5: " + (log.read_text() if log.exists() else ""))
+        wait_until(lambda: len(logged_steps(run)) >= 5, 1500, tail(log), gone=job_over(job))
         # what preemption and the time limit do: TERM to every process of the step, loader workers included
         subprocess.run(["scancel", "--signal=TERM", job], check=True, timeout=30)
         t_signal = time.time()
-        wait_until(lambda: job_field(job, "Restarts") == "1", 600, "not requeued: " + log.read_text()[-4000:])
+        wait_until(lambda: job_field(job, "Restarts") == "1", 600, tail(log), gone=job_over(job))
         stop_s = time.time() - t_signal
-        wait_until(lambda: job_field(job, "JobState") == "COMPLETED", 1500, "not completed: " + log.read_text()[-4000:])
+        wait_until(lambda: job_field(job, "JobState") == "COMPLETED", 1500, tail(log), gone=job_over(job))
     finally:
         if job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED"):
             subprocess.run(["scancel", job], timeout=30)
@@ -431,7 +450,7 @@ def test_a_rank_sigkilled_mid_step_ends_the_job_and_the_resubmission_resumes_fro
     )
     log = tmp_path / f"slurm-{job}.out"
     try:
-        wait_until(lambda: len(logged_steps(run)) >= 5, 1500, "no step 5: " + (log.read_text() if log.exists() else ""))
+        wait_until(lambda: len(logged_steps(run)) >= 5, 1500, tail(log), gone=job_over(job))
         pid = wait_until(lambda: rank_pid(run, 1), 60, "rank 1 not found")
         os.kill(pid, signal.SIGKILL)
         t_kill = time.time()
@@ -530,7 +549,7 @@ def test_wandb_service_killed_or_hung_mid_run_falls_back_to_an_offline_run_with_
     cmd = ["bash", "slurm/train_temporal.sbatch", str(REHEARSAL), *args(data, run, *INJECT, *over)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_until(lambda: len(logged_steps(run)) >= 3, 1200, "no step 3")
+        wait_until(lambda: len(logged_steps(run)) >= 3, 1200, "no step 3", gone=lambda: proc.poll() is not None)
         pid = wait_until(lambda: wandb_core_of(run), 30, "no wandb-core process of rank 0")
         os.kill(pid, getattr(signal, sig))
         t_sig, step_at = time.time(), max(logged_steps(run))
@@ -591,7 +610,7 @@ def test_wandb_server_gone_mid_run_finish_is_bounded_and_the_online_run_file_hol
         cmd = ["bash", "slurm/train_temporal.sbatch", str(REHEARSAL), *args(data, run, *INJECT, *over)]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            wait_until(lambda: len(logged_steps(run)) >= 3, 1200, "no step 3")
+            wait_until(lambda: len(logged_steps(run)) >= 3, 1200, "no step 3", gone=lambda: proc.poll() is not None)
             ops = {op for _, _, op in server.requests}
             server.stop()
             t_stop, step_at = time.time(), max(logged_steps(run))
@@ -734,7 +753,7 @@ def test_a_real_time_limit_without_the_early_warning_stops_at_the_term_requeues_
             lambda: (p := [rank_pid(run, r) for r in (0, 1)]) and all(p) and p, 600, "no ranks: " + str(log), 1.0
         )
         # frozen after step 6: the step they are in (7) is neither periodic (every 2) nor the last
-        wait_until(lambda: len(logged_steps(run)) >= 6, 900, "no step 6: " + str(log))
+        wait_until(lambda: len(logged_steps(run)) >= 6, 900, tail(log), gone=job_over(job))
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         frozen_at = max(logged_steps(run))
@@ -776,7 +795,7 @@ def test_a_refused_requeue_is_logged_with_the_checkpoint_to_resume_from_and_the_
     job = submit_limited(tmp_path, env, SBATCH, "--no-requeue", *args(data, run, "wandb.mode=disabled"))
     log = tmp_path / f"slurm-{job}.out"
     try:
-        wait_until(lambda: len(logged_steps(run)) >= 3, 900, "no step 3: " + str(log))
+        wait_until(lambda: len(logged_steps(run)) >= 3, 900, tail(log), gone=job_over(job))
         subprocess.run(["scancel", "--signal=TERM", job], check=True, timeout=30)
         state = wait_until(
             lambda: (st := job_field(job, "JobState")) in ("FAILED", "CANCELLED", "COMPLETED") and st,
