@@ -646,12 +646,13 @@ def test_wandb_server_gone_mid_run_finish_is_bounded_and_the_online_run_file_hol
 
 
 # ----------------------------------------------------------------------------------- the SLURM time limit itself
-def log_times(text: str, what: str) -> list[float]:
-    """Seconds of the day of the sbatch script's log lines that contain `what` ([train_temporal HH:MM:SS] ...)."""
+def log_times(text: str, what: str, prefix: str = "[train_temporal ") -> list[float]:
+    """Seconds of the day of the log lines that start with `prefix` + HH:MM:SS and contain `what`: the sbatch
+    script's (`[train_temporal HH:MM:SS] ...`, the default) or rank 0's (`0: [vldm.train HH:MM:SS] ...`)."""
     out = []
     for line in text.splitlines():
-        if line.startswith("[train_temporal ") and what in line:
-            h, m, s = line[16:24].split(":")
+        if line.startswith(prefix) and what in line:
+            h, m, s = line[len(prefix) : len(prefix) + 8].split(":")
             out.append(int(h) * 3600 + int(m) * 60 + int(s))
     return out
 
@@ -716,16 +717,6 @@ def test_a_real_time_limit_with_the_early_warning_stops_requeues_and_resumes_the
     )
 
 
-def vldm_times(text: str, what: str) -> list[float]:
-    """Seconds of the day of rank 0's log lines that contain `what` (`0: [vldm.train HH:MM:SS] ...`)."""
-    out = []
-    for line in text.splitlines():
-        if line.startswith("0: [vldm.train ") and what in line:
-            h, m, s = line[15:23].split(":")
-            out.append(int(h) * 3600 + int(m) * 60 + int(s))
-    return out
-
-
 def test_a_real_time_limit_without_the_early_warning_stops_at_the_term_requeues_and_resumes_the_same_trajectory(
     slurm_cluster, data, ref, tmp_path
 ):
@@ -775,7 +766,7 @@ def test_a_real_time_limit_without_the_early_warning_stops_at_the_term_requeues_
     assert f"step_{first[-1]:08d} (stop: signal SIG" in text  # its own stop checkpoint, not a periodic one
     assert f"resuming from {run}/checkpoints/step_{first[-1]:08d}" in text, text[-4000:]
     (term,), (requeued,) = log_times(text, "got TERM"), log_times(text, "requeueing job")
-    (saved,) = vldm_times(text, f"stopped at step {first[-1]}")
+    (saved,) = log_times(text, f"stopped at step {first[-1]}", "0: [vldm.train ")
     (restart,) = log_times(text, f"job {job} restart 1")
     print(
         f"\nMEASURED time limit without the warning (KillWait 5 s): stop checkpoint at step {first[-1]} (frozen "
