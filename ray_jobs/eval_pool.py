@@ -145,6 +145,30 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+# a cluster that was just started (slurm/eval_pool.sbatch) can answer slowly while its nodes register: on a busy
+# host the GCS misses ray.init's RPC deadlines for tens of seconds. A few bounded retries, then the real error.
+CONNECT_ATTEMPTS, CONNECT_WAIT_S = 4, 15.0
+
+
+def _connect(ray, address: str | None) -> None:
+    import time
+
+    for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, log_to_driver=True)
+            return
+        except ConnectionError as e:
+            if attempt == CONNECT_ATTEMPTS:
+                raise
+            print(
+                f"[eval] Ray at {address} did not answer ({e}); retry {attempt}/{CONNECT_ATTEMPTS - 1} in "
+                f"{CONNECT_WAIT_S:g} s",
+                flush=True,
+            )
+            ray.shutdown()
+            time.sleep(CONNECT_WAIT_S)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -170,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             import ray
 
-            ray.init(address=args.address, log_to_driver=True)
+            _connect(ray, args.address)
             # ray.init installs a C++ fatal-signal handler that turns SIGTERM into abort() (exit 134, no
             # `finally`): put ours back so scancel / a time limit unwinds cleanly
             signal.signal(signal.SIGTERM, _exit_on_sigterm)
