@@ -531,6 +531,22 @@ def wandb_core_of(run: Path) -> int | None:
     return None
 
 
+def fault_after_step_3(proc: subprocess.Popen, run: Path, fault) -> tuple[str, int, float, float]:
+    """Once the launcher `proc` has logged step 3, `fault()`; then wait for its end (killed if it outlives the
+    wait). -> (its output, the last step logged at the fault, s from the fault to the end, s from the last
+    metrics line to the end)."""
+    try:
+        wait_until(lambda: len(logged_steps(run)) >= 3, 1200, "no step 3", gone=lambda: proc.poll() is not None)
+        fault()
+        t_fault, step_at = time.time(), max(logged_steps(run))
+        out, _ = proc.communicate(timeout=600)
+        after_last_step = time.time() - (run / "logs" / "metrics.jsonl").stat().st_mtime
+        return out, step_at, time.time() - t_fault, after_last_step
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGSTOP"])
 def test_wandb_service_killed_or_hung_mid_run_falls_back_to_an_offline_run_with_every_later_step(
     data, ref, tmp_path, sig
@@ -549,16 +565,12 @@ def test_wandb_service_killed_or_hung_mid_run_falls_back_to_an_offline_run_with_
     cmd = ["bash", "slurm/train_temporal.sbatch", str(REHEARSAL), *args(data, run, *INJECT, *over)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_until(lambda: len(logged_steps(run)) >= 3, 1200, "no step 3", gone=lambda: proc.poll() is not None)
-        pid = wait_until(lambda: wandb_core_of(run), 30, "no wandb-core process of rank 0")
-        os.kill(pid, getattr(signal, sig))
-        t_sig, step_at = time.time(), max(logged_steps(run))
-        out, _ = proc.communicate(timeout=600)
-        after_last_step = time.time() - (run / "logs" / "metrics.jsonl").stat().st_mtime
-        total_s = time.time() - t_sig
+        out, step_at, total_s, after_last_step = fault_after_step_3(
+            proc,
+            run,
+            lambda: os.kill(wait_until(lambda: wandb_core_of(run), 30, "no wandb-core"), getattr(signal, sig)),
+        )
     finally:
-        if proc.poll() is None:
-            proc.kill()
         if sig == "SIGSTOP" and wandb_core_of(run):
             os.kill(wandb_core_of(run), signal.SIGKILL)
     assert proc.returncode == 0, out[-6000:]
@@ -609,17 +621,10 @@ def test_wandb_server_gone_mid_run_finish_is_bounded_and_the_online_run_file_hol
         over = ["wandb.mode=online", "wandb.call_timeout_s=5", "wandb.finish_timeout_s=10"]
         cmd = ["bash", "slurm/train_temporal.sbatch", str(REHEARSAL), *args(data, run, *INJECT, *over)]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            wait_until(lambda: len(logged_steps(run)) >= 3, 1200, "no step 3", gone=lambda: proc.poll() is not None)
-            ops = {op for _, _, op in server.requests}
-            server.stop()
-            t_stop, step_at = time.time(), max(logged_steps(run))
-            out, _ = proc.communicate(timeout=600)
-            after_last_step = time.time() - (run / "logs" / "metrics.jsonl").stat().st_mtime
-            total_s = time.time() - t_stop
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        ops: set = set()
+        out, step_at, total_s, after_last_step = fault_after_step_3(
+            proc, run, lambda: (ops.update(op for _, _, op in server.requests), server.stop())
+        )
     assert proc.returncode == 0, out[-6000:]
     assert "Traceback" not in out, out[-6000:]
     assert "UpsertBucket" in ops, ops  # the init created the run on the stand-in: an online run
