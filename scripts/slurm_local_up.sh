@@ -35,13 +35,21 @@ if [ -n "${SLURM_PORT_BASE:-}" ]; then NODE_PORT_BASE=$((SLURM_PORT_BASE + 10));
 log() { echo "[slurm_local_up] $(date +%T) $*" >&2; }
 
 # ---------------------------------------------------------------- 1. packages
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
-   || ! command -v sbatch >/dev/null || ! command -v munged >/dev/null; then
-  log "installing slurm-wlm + munge"
-  export DEBIAN_FRONTEND=noninteractive
-  # apt-get update only if the lists are missing the package (fresh image)
-  apt-cache show slurm-wlm >/dev/null 2>&1 || apt-get update -qq
-  apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null
+missing() { ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
+  || ! command -v sbatch >/dev/null || ! command -v munged >/dev/null; }
+if missing; then
+  # side-by-side clusters (`pytest -n 2`: one per worker) come up at once: one installs, the other waits
+  exec 8>/tmp/vldm_slurm_install.lock
+  flock 8
+  if missing; then
+    log "installing slurm-wlm + munge"
+    export DEBIAN_FRONTEND=noninteractive
+    # apt-get update only if the lists are missing the package (fresh image)
+    apt-cache show slurm-wlm >/dev/null 2>&1 || apt-get update -qq
+    apt-get install -y -qq -o DPkg::Lock::Timeout=600 --no-install-recommends slurm-wlm munge >/dev/null
+  fi
+  flock -u 8
+  exec 8>&-
 fi
 
 # ---------------------------------------------------------------- 2. munge
@@ -155,7 +163,8 @@ SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0
 MinJobAge=300
-KillWait=5
+# SLURM's default: TERM -> KILL 30 s (a time limit's stop checkpoint needs one step + one save to fit)
+KillWait=30
 FirstJobId=${SLURM_FIRST_JOB_ID:-1}
 Waittime=0
 JobRequeue=1

@@ -233,21 +233,30 @@ def test_ray_job_submit_bad_input_latents_rerun_and_retry(ray_cluster, mixed, tm
     )
 
 
-def _worker_pids(driver: int) -> list[int]:
-    """The shard tasks of this test's job: a worker of this session's Ray (its raylet names the GCS address)
-    or of a private Ray the driver started; never one of another suite's Ray (`pytest -n 2`: one per worker)."""
+def _ray_workers(driver: int) -> list[int]:
+    """Ray worker processes (busy or idle) of this test's job: of this session's Ray (an ancestor names the GCS
+    address) or of a private Ray the driver started; never one of another suite's Ray (`pytest -n 2`: one per
+    worker). A full process scan: slow under load, so done once and cached by the caller."""
     ours = re.compile(re.escape(RAY_GCS) + r"(?![0-9])")
     pids = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if "ray::write_shard" not in " ".join(p.info["cmdline"] or []):
+            if not " ".join(p.info["cmdline"] or []).startswith("ray::"):
                 continue
-            up = p.parents()
-            if any(a.pid == driver or ours.search(" ".join(a.cmdline())) for a in up):
+            if any(a.pid == driver or ours.search(" ".join(a.cmdline())) for a in p.parents()):
                 pids.append(p.pid)
         except psutil.Error:
             pass
     return pids
+
+
+def _running_write_shard(pid: int) -> bool:
+    """Ray retitles a worker `ray::write_shard` while it runs the task (`ray::IDLE` between tasks): one small
+    /proc read, fast enough to catch a task that lasts a fraction of a second."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::write_shard")
+    except OSError:
+        return False
 
 
 def test_kill_9_of_a_worker_and_the_driver_then_rerun_gives_every_clip_once(ray_cluster, tmp_path):
@@ -277,14 +286,22 @@ def test_kill_9_of_a_worker_and_the_driver_then_rerun_gives_every_clip_once(ray_
     )
     done = lambda: len(list(out.glob("*.done.json"))) if out.exists() else 0  # noqa: E731
     killed_worker = False
+    workers: list[int] = []
+    rescan_at = 0.0
     deadline = time.time() + 120
-    # until a shard task was killed mid-way and 4 shards are done (under load the process scan is slow: a task can
-    # end between two scans, so the kill may come later), always before the last shard
+    # until a shard task was killed mid-way and 4 shards are done, always before the last shard. The job's worker
+    # processes are found by a (slow) full scan now and then, and watched cheaply in between (Ray reuses them from
+    # task to task: max_calls)
     while time.time() < deadline and (done() < 4 or not killed_worker) and done() < 9 and driver.poll() is None:
         if not killed_worker and done() >= 2:
-            for pid in _worker_pids(driver.pid):  # a shard task mid-way: Ray retries it
+            if time.time() >= rescan_at:
+                workers, rescan_at = _ray_workers(driver.pid), time.time() + 0.5
+            for pid in [w for w in workers if _running_write_shard(w)]:  # a shard task mid-way: Ray retries it
                 os.kill(pid, signal.SIGKILL)
                 killed_worker = True
+            if not killed_worker:
+                time.sleep(0.005)
+                continue
         time.sleep(0.02)
     assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
     os.kill(driver.pid, signal.SIGKILL)  # the driver, at once

@@ -132,3 +132,42 @@ def test_context_gap_sees_whether_a_prediction_model_reads_its_context():
             p.bias.zero_()
     ignored = context_gap(stage, z, text, s=2, repeats=1)
     assert all(b["context"] == b["no_context"] and b["ratio"] == 1.0 for b in ignored.values())
+
+
+def test_the_preflight_validates_task_options_without_torch_and_knows_every_registered_task():
+    """The sbatch script runs `python -m vldm.train ... --print run_dir` before any rank starts: for the paper's
+    tasks it must not pay torch + diffusers imports (~20 s per job under load), and a bad option still fails there,
+    naming the key."""
+    import subprocess
+    import sys
+
+    from train_helpers import ROOT
+
+    from vldm.config.tasks import TASK_OPTIONS
+    from vldm.tasks import _REGISTRY
+
+    assert set(TASK_OPTIONS) == set(_REGISTRY)  # one list of the built-in tasks and their options
+    for name, cls in _REGISTRY.items():
+        assert TASK_OPTIONS[name] is getattr(cls, "options_cls", None), name
+    probe = (
+        "import sys; from vldm.train.__main__ import main; rc = main(sys.argv[1:]); "
+        "print('IMPORTED', sorted(m for m in ('torch', 'diffusers') if m in sys.modules)); sys.exit(rc)"
+    )
+    for cfg in ("predict_tiny.yaml", "interpolate_tiny.yaml", "upsample_tiny.yaml"):
+        ok = subprocess.run(
+            [sys.executable, "-c", probe, "--config", f"configs/{cfg}", "--print", "run_dir"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert ok.returncode == 0 and "IMPORTED []" in ok.stdout, (cfg, ok.stdout, ok.stderr)
+    bad = subprocess.run(
+        [sys.executable, "-m", "vldm.train", "--config", "configs/predict_tiny.yaml", "task_options.context_frame=[1]"]
+        + ["--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "task_options[predict].context_frame" in bad.stderr, bad.stderr

@@ -226,7 +226,12 @@ def run(cfg: ShardConfig) -> int:
     try:
         with DirLock(out):
             _clean_temps(out)
-            return _run_locked(cfg, out)
+            try:
+                return _run_locked(cfg, out)
+            finally:
+                # a task whose node died mid-write (raylet or host lost) leaves its temp tar behind; Ray ran it
+                # again elsewhere, so once every task has ended the leftover is only an orphan
+                _clean_temps(out)
     except (PlanMismatch, FileNotFoundError, DirLocked) as e:  # the user's to fix: no traceback
         log.error("%s", e)
         return 2

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vldm.config.core import ConfigError
 from vldm.config.schema import Config
+from vldm.config.tasks import TASK_OPTIONS, check_task_options
 
 
 def _has_cuda() -> bool:
@@ -104,7 +105,9 @@ def check(cfg: Config, cuda: bool | None = None) -> list[str]:
         n = m.temporal.num_class_labels if cfg.stage == "temporal" else m.unet.num_class_embeds - 1
         if cfg.diffusion.class_names and len(cfg.diffusion.class_names) != n:
             raise ConfigError(f"diffusion.class_names: {len(cfg.diffusion.class_names)} names for {n} classes")
-    if cfg.task != "generate" or cfg.task_options:
+    if cfg.task in TASK_OPTIONS:
+        check_task_options(cfg.task, cfg.task_options)  # the built-in tasks: torch-free, the sbatch check stays fast
+    else:  # a task registered by user code: build it (imports torch)
         from vldm.tasks import get_task
 
         try:
