@@ -37,7 +37,10 @@ def env() -> dict:
 
 
 def shard_cmd(*args: str) -> list[str]:
-    return [sys.executable, SHARD, *args]
+    """The sharder run directly (not through `ray job submit`), on this session's Ray by its address: left to
+    "auto", Ray picks the cluster recorded in /tmp/ray/ray_current_cluster, under `pytest -n 2` possibly one the
+    other worker started (and may stop mid-run), whose tasks the kill test would neither find nor be allowed to kill."""
+    return [sys.executable, SHARD, *args, "--ray-address", RAY_GCS]
 
 
 def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -287,26 +290,30 @@ def test_kill_9_of_a_worker_and_the_driver_then_rerun_gives_every_clip_once(ray_
     done = lambda: len(list(out.glob("*.done.json"))) if out.exists() else 0  # noqa: E731
     killed_worker = False
     workers: list[int] = []
+    scans: list[tuple[float, int]] = []  # (seconds, workers found): the failure message says what the watch saw
     rescan_at = 0.0
     deadline = time.time() + 120
     # until a shard task was killed mid-way and 4 shards are done, always before the last shard. The job's worker
-    # processes are found by a (slow) full scan now and then, and watched cheaply in between (Ray reuses them from
-    # task to task: max_calls)
+    # processes are found by a full process scan (seconds at load 20) when none is known alive, else every 5 s;
+    # in between their titles are watched cheaply: Ray reuses a worker from task to task (max_calls)
     while time.time() < deadline and (done() < 4 or not killed_worker) and done() < 9 and driver.poll() is None:
         if not killed_worker and done() >= 2:
-            if time.time() >= rescan_at:
-                workers, rescan_at = _ray_workers(driver.pid), time.time() + 0.5
+            workers = [w for w in workers if psutil.pid_exists(w)]
+            if not workers or time.time() >= rescan_at:
+                t_scan = time.time()
+                workers, rescan_at = _ray_workers(driver.pid), time.time() + 5.0
+                scans.append((round(time.time() - t_scan, 2), len(workers)))
             for pid in [w for w in workers if _running_write_shard(w)]:  # a shard task mid-way: Ray retries it
                 os.kill(pid, signal.SIGKILL)
                 killed_worker = True
             if not killed_worker:
-                time.sleep(0.005)
+                time.sleep(0.002)
                 continue
         time.sleep(0.02)
     assert driver.poll() is None, driver.stdout.read().decode()[-3000:]
     os.kill(driver.pid, signal.SIGKILL)  # the driver, at once
     driver.wait()
-    assert 0 < done() < 10 and killed_worker
+    assert 0 < done() < 10 and killed_worker, (done(), scans[-20:])
     time.sleep(1.0)  # let Ray reap the dead job's workers
 
     rerun = run(shard_cmd(str(src), str(out), *opts))
