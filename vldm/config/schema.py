@@ -32,7 +32,7 @@ class Config:
     task_options: dict[str, Any] = field_(
         default_factory=dict,
         help=(
-            "options of the task, e.g. {context_frames: [0, 1, 2]} for predict (vldm.tasks.paper *Options); unknown "
+            "options of the task, e.g. {context_frames: [0, 1, 2]} for predict (vldm.config.tasks *Options); unknown "
             "keys are errors"
         ),
     )
